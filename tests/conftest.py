@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny random 2-layer model (fast logic tests) and the real 135M model (smoke tests)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> str:
+    from cai.models import tiny_checkpoint
+
+    return str(tiny_checkpoint())
+
+
+@pytest.fixture(scope="session")
+def tiny_backend(tiny_path):
+    from cai.backends.hf import HFBackend
+
+    return HFBackend("tiny-random", batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def real_backend():
+    from cai.backends.hf import HFBackend
+
+    return HFBackend("smollm2-135m", batch_size=8)
