@@ -20,11 +20,21 @@ app = typer.Typer(help="cai-lab: Constitutional AI and alignment-robustness expe
 console = Console(stderr=True)
 
 
-def _add_subapps() -> None:
-    """Command groups owned by their feature modules."""
-    from cai.commands import constitution
+# Feature modules under cai.commands that add commands: each defines ``register(app)`` (top-level commands) or
+# ``app`` (a command group named after the module).
+COMMAND_MODULES = ["constitution"]
 
-    app.add_typer(constitution.app, name="constitution")
+
+def _add_subapps() -> None:
+    """Commands owned by their feature modules."""
+    import importlib
+
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"cai.commands.{name}")
+        if hasattr(module, "register"):
+            module.register(app)
+        else:
+            app.add_typer(module.app, name=name)
 
 
 @app.callback()

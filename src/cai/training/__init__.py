@@ -1,0 +1,1 @@
+"""Training helpers shared by stages and experiments (thin wrappers over TRL/PEFT)."""
