@@ -9,60 +9,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from cai.errors import UserError
-
-
-class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class ModelsConfig(Strict):
-    """The two roles. ``feedback`` (critic, reviser, labeler, judge) defaults to ``policy``."""
-
-    policy: str = "smollm2-135m"
-    feedback: str | None = None
-    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
-    batch_size: int = Field(16, ge=1, description="generation batch size for in-process models")
-    concurrency: int = Field(8, ge=1, description="parallel requests for openai: servers")
-
-    @property
-    def feedback_spec(self) -> str:
-        return self.feedback or self.policy
-
-    @property
-    def weak_feedback(self) -> bool:
-        """True when the feedback model is the small embedded default (or the policy itself)."""
-        return self.feedback_spec.lower() in ("smollm2-135m", "smollm2-135m-instruct", "tiny-random") or (
-            self.feedback is None or self.feedback == self.policy
-        )
-
-
-class PromptSourceConfig(Strict):
-    """A prompt set: a bundled name (redteam, benign), a file, or hf:<dataset>."""
-
-    source: str = "redteam"
-    field: str | None = None
-    split: str | None = "train"
-    limit: int | None = Field(None, ge=1)
-
-
-class GenerationConfig(Strict):
-    max_new_tokens: int = Field(128, ge=1)
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    repetition_penalty: float = Field(1.1, gt=0)
-    stop: list[str] = Field(default_factory=list)
-
-    def sampling(self, seed: int | None):
-        from cai.backends import SamplingParams
-
-        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, list(self.stop), seed,
-                              self.repetition_penalty)
+from cai.settings import (  # noqa: F401  (re-exported: the shared sections and helpers)
+    BenignSourceConfig,
+    GenerationConfig,
+    ModelsConfig,
+    PromptSourceConfig,
+    Strict,
+    format_validation_error,
+    load_yaml,
+    parse_override,
+)
+from cai.stages.classify import ClassifyConfig
+from cai.stages.critique import CritiqueConfig
+from cai.stages.sft import SFTStageConfig
+from cai.stages.preferences import PreferencesConfig
+from cai.stages.reward import RewardStageConfig
+from cai.stages.rl import RLConfig
+from cai.stages.dpo import DPOStageConfig
+from cai.stages.eval import EvalConfig
 
 
 class RunConfig(Strict):
@@ -74,8 +41,16 @@ class RunConfig(Strict):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     constitution: str = "harmless"
     prompts: PromptSourceConfig = Field(default_factory=PromptSourceConfig)
-    benign: PromptSourceConfig | None = Field(default_factory=lambda: PromptSourceConfig(source="benign"))
+    benign: BenignSourceConfig | None = Field(default_factory=BenignSourceConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    critique: CritiqueConfig = Field(default_factory=CritiqueConfig)
+    sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
+    preferences: PreferencesConfig = Field(default_factory=PreferencesConfig)
+    reward: RewardStageConfig = Field(default_factory=RewardStageConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     stages: list[str] = Field(default_factory=lambda: ["prompts", "generate"])
 
     @field_validator("stages")
@@ -91,51 +66,17 @@ class RunConfig(Strict):
         return v
 
     def section(self, stage: str) -> dict[str, Any]:
-        """The config a stage's manifest records: its own section plus what every stage depends on."""
+        """The config a stage's manifest records: what every stage depends on, plus the sections of this stage
+        and of every stage before it in ``stages`` (so changing an upstream stage invalidates downstream ones)."""
         base = {"seed": self.seed, "models": self.models.model_dump(), "constitution": self.constitution,
                 "prompts": self.prompts.model_dump(), "benign": self.benign.model_dump() if self.benign else None,
                 "generation": self.generation.model_dump()}
-        own = getattr(self, stage, None)
-        if isinstance(own, BaseModel):
-            base[stage] = own.model_dump()
+        upstream = self.stages[: self.stages.index(stage) + 1] if stage in self.stages else [stage]
+        for name in upstream:
+            own = getattr(self, name, None)
+            if isinstance(own, BaseModel):
+                base[name] = own.model_dump()
         return base
-
-
-def format_validation_error(source: str, exc: ValidationError) -> str:
-    """First pydantic error as 'file: a.b.c: message (and N more)'."""
-    errs = exc.errors()
-    e = errs[0]
-    loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
-    msg = e["msg"]
-    if e["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling; see configs/quickstart.yaml for the keys)"
-    elif e["type"] == "missing":
-        msg = "required key is missing"
-    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
-    return f"{source}: {loc}: {msg}{more}"
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """'a.b=3' -> (['a','b'], 3); the value is parsed as YAML."""
-    if "=" not in item:
-        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set generation.max_new_tokens=64")
-    key, value = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
-
-
-def load_yaml(path: Path) -> Any:
-    """Read a YAML file; malformed YAML or non-UTF-8 text is a one-line error with the line number."""
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "malformed YAML"
-        raise UserError(f"{path}:{where}: {problem}; fix the YAML syntax") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

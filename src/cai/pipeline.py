@@ -18,7 +18,27 @@ log = logging.getLogger(__name__)
 STAGES: dict[str, str] = {
     "prompts": "cai.stages.prompts",
     "generate": "cai.stages.generate",
+    "classify": "cai.stages.classify",
+    "critique": "cai.stages.critique",
+    "sft": "cai.stages.sft",
+    "preferences": "cai.stages.preferences",
+    "reward": "cai.stages.reward",
+    "rl": "cai.stages.rl",
+    "dpo": "cai.stages.dpo",
+    "eval": "cai.stages.eval",
+    "report": "cai.stages.report",
 }
+
+
+def final_model_spec(run: RunDir, config: RunConfig) -> str:
+    """The newest trained policy: rl/ or dpo/ (whichever finished last), else the SL model, else the policy."""
+    done = [(run.stage(s).manifest.get("finished_at", ""), s) for s in ("rl", "dpo")
+            if run.stage(s).complete and (run.root / s / "model" / "config.json").is_file()]
+    if done:
+        return str(run.root / max(done)[1] / "model")
+    from cai.stages.sft import sl_model_spec
+
+    return sl_model_spec(run, config)
 
 
 class ModelPool:

@@ -1,0 +1,42 @@
+"""Stage ``rl``: online RL (TRL GRPO or RLOO) of the SL model against the run's reward model.
+
+Writes steps.csv (reward mean/std, KL, response length, loss per step), samples.csv (prompt, response, reward),
+curves.png (reward and KL against step), adapter/ and model/ (the final policy); resumes from checkpoints/.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from cai.stages.sft import sl_model_spec
+from cai.stages.prompts import read_prompts
+from cai.training.rl import RLSettings
+
+
+class RLConfig(RLSettings):
+    """The ``rl`` section: RL settings plus which prompts the policy practises on."""
+
+    prompt_limit: int | None = Field(16, ge=1, description="red-team train prompts used (null: all)")
+    benign_limit: int | None = Field(8, ge=0, description="benign prompts mixed in so helpfulness is rewarded too")
+
+
+def run(ctx) -> dict[str, Any]:
+    from cai.training.rl import is_main_process, train_rl
+
+    cfg: RLConfig = ctx.config.rl
+    prompts = [p.prompt for p in read_prompts(ctx.run)[: cfg.prompt_limit]]
+    if ctx.config.benign is not None and cfg.benign_limit != 0:
+        prompts += [p.prompt for p in read_prompts(ctx.run, "benign")[: cfg.benign_limit]]
+    reward_model = ctx.run.artifact("reward", "model")
+    base = sl_model_spec(ctx.run, ctx.config)
+    ctx.pool.release()
+    result = train_rl(base, prompts, reward_model, ctx.stage.path, cfg, seed=ctx.config.seed, progress=ctx.progress)
+    if not is_main_process():
+        return {}
+    t = result.metrics["reward_trend"]
+    counts = {"prompts": len(prompts), "steps": result.metrics["steps"], "reward_first": t.get("first"),
+              "reward_last": t.get("last"), "reward_delta_halves": t.get("delta"), "kl_last": result.metrics["kl_last"]}
+    ctx.stage.finish(counts, base_model=base)
+    return counts

@@ -1,0 +1,40 @@
+"""Stage ``sft``: fine-tune the policy on the critique stage's ``sft.jsonl`` (revisions + helpfulness records).
+
+Writes ``sft/adapter/``, ``sft/merged/`` (the SL-CAI model, a plain HF folder), checkpoints, the loss curve and
+metrics. A kill resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from cai.runs import read_jsonl
+from cai.training.sft import SFTSettings, train_sft
+
+
+class SFTStageConfig(SFTSettings):
+    """Config section ``sft``: the training settings plus which model to start from."""
+
+    base: str | None = Field(None, description="model spec to fine-tune (null: models.policy)")
+
+
+def sl_model_spec(run, config) -> str:
+    """The SL-CAI model of a run (``sft/merged``) if the sft stage completed, else the config's policy."""
+    stage = run.stage("sft")
+    merged = run.root / "sft" / "merged"
+    return str(merged) if stage.complete and merged.is_dir() else config.models.policy
+
+
+def run(ctx) -> dict[str, Any]:
+    cfg = ctx.config
+    section: SFTStageConfig = cfg.sft
+    records = read_jsonl(ctx.run.artifact("critique", "sft.jsonl"))
+    ctx.pool.release()  # free the generation models before training
+    settings = SFTSettings(**section.model_dump(exclude={"base"}))
+    result = train_sft(section.base or cfg.models.policy, records, ctx.stage.path, settings, seed=cfg.seed,
+                       progress=ctx.progress)
+    ctx.stage.finish({"records": len(records), **result.metrics}, merged_dir=str(result.merged_dir),
+                     adapter_dir=str(result.adapter_dir) if result.adapter_dir else None)
+    return {k: v for k, v in result.metrics.items() if k in ("steps", "train_loss", "eval_loss", "method", "loss_on")}

@@ -1,0 +1,104 @@
+"""Offline preference optimisation with TRL ``DPOTrainer`` on AI-labelled pairs.
+
+DPO takes hard pairs. Soft labels are used in two ways: pairs whose label is within ``min_confidence`` of 0.5
+are dropped (the labeller could not tell them apart), and ``label_smoothing`` (conservative DPO, cDPO) lets the
+loss assume a fraction of labels are flipped; ``auto`` sets it to the mean uncertainty 1 - p_chosen of the kept
+pairs, so the loss matches the soft labels on average.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Sequence
+
+from pydantic import Field
+
+from cai.settings import Strict
+from cai.errors import UserError
+from cai.training.rl import PolicyResult, last_checkpoint, lora_config, plot_curves, save_merged, step_logger
+
+
+class DPOSettings(Strict):
+    """DPO settings (LoRA on the SL model)."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: run all epochs)")
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL to the SL model")
+    max_length: int = Field(512, ge=16)
+    min_confidence: float = Field(0.05, ge=0, lt=0.5, description="drop pairs with |p_chosen - 0.5| below this")
+    label_smoothing: float | Literal["auto"] = Field("auto", description="cDPO smoothing; auto = mean(1 - p_chosen)")
+    lora: bool = True
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+
+
+def confident_pairs(pairs: Sequence[dict], min_confidence: float) -> tuple[list[dict], int]:
+    """Orient every pair so chosen is preferred and drop near-0.5 ones; returns (kept, dropped)."""
+    kept = []
+    for r in pairs:
+        p = float(r.get("p_chosen", 1.0))
+        if abs(p - 0.5) < min_confidence:
+            continue
+        if p < 0.5:
+            r = {**r, "chosen": r["rejected"], "rejected": r["chosen"], "p_chosen": 1 - p}
+        kept.append(r)
+    return kept, len(pairs) - len(kept)
+
+
+def train_dpo(base_spec: str, pairs: Sequence[dict], output_dir: Path, settings: DPOSettings, *, seed: int = 0,
+              progress: bool = True) -> PolicyResult:
+    """DPO on ``pairs`` (prompt, chosen, rejected[, p_chosen]); writes steps.csv, curves.png, adapter/, model/."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from cai.models import load_tokenizer, resolve_local
+
+    kept, dropped = confident_pairs(pairs, settings.min_confidence)
+    if not kept:
+        raise UserError(f"dpo: all {len(pairs)} pairs have labels within {settings.min_confidence} of 0.5; lower "
+                        "dpo.min_confidence or use a stronger feedback model")
+    smoothing = settings.label_smoothing
+    if smoothing == "auto":
+        smoothing = min(0.49, sum(1 - float(r.get("p_chosen", 1.0)) for r in kept) / len(kept))
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(base_spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(resolve_local(base_spec), dtype=torch.float32)
+    data = Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": r["prompt"]}] for r in kept],
+        "chosen": [[{"role": "assistant", "content": r["chosen"]}] for r in kept],
+        "rejected": [[{"role": "assistant", "content": r["rejected"]}] for r in kept],
+    })
+    args = DPOConfig(
+        output_dir=str(output_dir / "checkpoints"), num_train_epochs=settings.epochs, max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate, per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum, beta=settings.beta, label_smoothing=smoothing,
+        max_length=settings.max_length, seed=seed, logging_steps=1, save_strategy="epoch", save_total_limit=1,
+        report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=torch.cuda.is_available(),
+    )
+    steps_csv = output_dir / "steps.csv"
+    logger = step_logger(steps_csv, {"loss": "loss", "reward_margin": "rewards/margins",
+                                     "reward_accuracy": "rewards/accuracies", "reward_chosen": "rewards/chosen",
+                                     "reward_rejected": "rewards/rejected"})
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[logger],
+                         peft_config=lora_config(settings) if settings.lora else None)
+    trainer.train(resume_from_checkpoint=last_checkpoint(output_dir / "checkpoints"))
+    adapter = output_dir / "adapter" if settings.lora else None
+    if trainer.accelerator.is_main_process:
+        save_merged(trainer.model, tok, output_dir / "model", adapter)
+        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        plot_curves(steps_csv, ["loss", "reward_margin", "reward_accuracy"], output_dir / "curves.png",
+                    "DPO on AI-feedback pairs (implicit reward = beta * log-ratio to the SL model)")
+    trainer.accelerator.wait_for_everyone()
+    metrics = {"pairs": len(kept), "dropped_uncertain": dropped, "label_smoothing": smoothing,
+               "steps": trainer.state.global_step}
+    return PolicyResult(output_dir, adapter, output_dir / "model", metrics)

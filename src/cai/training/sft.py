@@ -1,0 +1,332 @@
+"""Supervised fine-tuning on chat records with TRL's ``SFTTrainer`` (LoRA by default, full or 4-bit QLoRA as
+options), shared by SL-CAI and every experiment that fine-tunes a model on conversations.
+
+Records are ``{"id", "messages"}``; each becomes a conversational prompt/completion pair (everything before the
+last assistant turn / that turn). SmolLM2's chat template has no ``{% generation %}`` markers, so TRL's
+``assistant_only_loss`` cannot mask it; the completion mask of the prompt/completion format can, for any template.
+``loss_on: assistant`` trains on the final assistant turn (with its end-of-turn token); ``all`` on every token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cai.settings import Strict
+from cai.errors import UserError
+from cai.runs import write_json
+
+log = logging.getLogger(__name__)
+
+
+class SFTSettings(Strict):
+    """How to fine-tune. ``max_steps`` (when set) overrides ``epochs``."""
+
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(4, ge=1, description="per-device train batch size")
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(384, ge=16, description="tokens per example; longer ones are truncated")
+    lora: bool = True
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    full_finetune: bool = Field(False, description="train every weight (no adapter); overrides lora")
+    qlora: bool = Field(False, description="4-bit base + LoRA; needs a CUDA GPU and bitsandbytes")
+    loss_on: Literal["assistant", "all"] = "assistant"
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share of records for eval loss")
+    max_steps: int | None = Field(None, ge=1)
+    save_steps: int = Field(25, ge=1, description="checkpoint (and eval) every N optimizer steps")
+    save_merged: bool = Field(True, description="also save base+adapter merged into a plain HF folder")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SFTSettings":
+        if self.qlora and self.full_finetune:
+            raise ValueError("qlora and full_finetune exclude each other (QLoRA trains a LoRA adapter)")
+        return self
+
+    @property
+    def uses_adapter(self) -> bool:
+        return not self.full_finetune and (self.lora or self.qlora)
+
+
+@dataclass
+class SFTResult:
+    """Where training wrote its outputs. ``merged_dir`` is a plain HF model folder usable as a model spec."""
+
+    output_dir: Path
+    adapter_dir: Path | None
+    merged_dir: Path
+    metrics: dict = field(default_factory=dict)
+
+
+def to_prompt_completion(record: dict) -> dict:
+    """``{"id", "messages"}`` → TRL's conversational ``{"prompt": [...], "completion": [last assistant turn]}``."""
+    msgs = record.get("messages")
+    rid = record.get("id", "?")
+    if not isinstance(msgs, list) or not msgs:
+        raise UserError(f"SFT record {rid!r}: 'messages' must be a non-empty list of {{role, content}}")
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(
+                m.get("content"), str):
+            raise UserError(f"SFT record {rid!r}: every message needs role system|user|assistant and text content")
+    if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+        raise UserError(f"SFT record {rid!r}: the last message must be the assistant's answer, after a user turn")
+    return {"prompt": [dict(role=m["role"], content=m["content"]) for m in msgs[:-1]],
+            "completion": [dict(role="assistant", content=msgs[-1]["content"])]}
+
+
+def split_records(records: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Deterministic train/eval split by a hash of each id (stable when records are added or reordered)."""
+    if eval_fraction <= 0 or len(records) < 4:
+        return list(records), []
+
+    def bucket(r: dict) -> float:
+        return int(hashlib.sha1(str(r["id"]).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+    held = [r for r in records if bucket(r) < eval_fraction] or [min(records, key=bucket)]
+    held_ids = {id(r) for r in held}
+    return [r for r in records if id(r) not in held_ids], held
+
+
+def _load_model(base_spec: str, settings: SFTSettings):
+    """(model, tokenizer) ready for training; QLoRA loads the base in 4 bits on the local GPU."""
+    import torch
+
+    from cai.models import load_causal_lm, load_tokenizer, parse_spec, resolve_local
+
+    spec = parse_spec(base_spec)
+    if not spec.in_process:
+        raise UserError(f"cannot fine-tune {base_spec!r}: it is served over HTTP; set the model to a local "
+                        "folder, a hub id or smollm2-135m")
+    if not settings.qlora:
+        model, tok = load_causal_lm(spec)
+        return model, tok
+    if not torch.cuda.is_available():
+        raise UserError("sft.qlora needs a CUDA GPU (4-bit bitsandbytes); set sft.qlora: false on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("sft.qlora needs bitsandbytes: pip install bitsandbytes (or set sft.qlora: false)") from None
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    model = AutoModelForCausalLM.from_pretrained(resolve_local(spec), quantization_config=quant,
+                                                 device_map={"": local_rank}, dtype=torch.bfloat16)
+    return prepare_model_for_kbit_training(model), load_tokenizer(spec)
+
+
+def _sft_config(settings: SFTSettings, ckpt_dir: Path, seed: int, has_eval: bool, progress: bool):
+    import torch
+    from trl import SFTConfig
+
+    cuda = torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=str(ckpt_dir),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps or -1,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        max_length=settings.max_length,
+        completion_only_loss=settings.loss_on == "assistant",
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=settings.save_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        logging_steps=1,
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        activation_checkpointing=settings.qlora,
+    )
+
+
+def _lora_config(settings: SFTSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=settings.target_modules, task_type="CAUSAL_LM")
+
+
+def plot_loss(log_history: list[dict], path: Path, title: str = "SFT loss") -> None:
+    """Train loss per step and eval loss points, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="held-out eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _merged_dir(output_dir: Path, adapter_dir: Path | None, settings: SFTSettings) -> Path:
+    """The loadable result: merged/ when saved, else the adapter folder (model specs accept both)."""
+    return output_dir / "merged" if settings.save_merged or adapter_dir is None else adapter_dir
+
+
+def build_trainer(base_spec: str, train_recs: list[dict], eval_recs: list[dict], output_dir: Path,
+                  settings: SFTSettings, *, seed: int = 0, progress: bool = True):
+    """(SFTTrainer, tokenizer) over prompt/completion datasets; checkpoints go to ``output_dir/checkpoints``."""
+    from datasets import Dataset
+    from transformers import PrinterCallback, set_seed
+    from trl import SFTTrainer
+
+    set_seed(seed)
+    model, tok = _load_model(base_spec, settings)
+    tok.padding_side = "right"
+    trainer = SFTTrainer(
+        model=model,
+        args=_sft_config(settings, Path(output_dir) / "checkpoints", seed, bool(eval_recs), progress),
+        train_dataset=Dataset.from_list([to_prompt_completion(r) for r in train_recs]),
+        eval_dataset=Dataset.from_list([to_prompt_completion(r) for r in eval_recs]) if eval_recs else None,
+        processing_class=tok,
+        peft_config=_lora_config(settings) if settings.uses_adapter else None,
+    )
+    if not progress:
+        trainer.remove_callback(PrinterCallback)
+    return trainer, tok
+
+
+def train_sft(base_spec: str, records: list[dict], output_dir: Path, settings: SFTSettings, *, seed: int = 0,
+              progress: bool = True) -> SFTResult:
+    """Fine-tune ``base_spec`` on chat ``records`` into ``output_dir`` (checkpoints/, adapter/, merged/,
+    metrics.json, log_history.json, loss_curve.png). Resumes from the newest checkpoint; a finished output
+    folder is returned as is."""
+    output_dir = Path(output_dir)
+    adapter_dir = output_dir / "adapter" if settings.uses_adapter else None
+    if (output_dir / "metrics.json").is_file():  # written last: the folder is complete
+        metrics = json.loads((output_dir / "metrics.json").read_text())
+        return SFTResult(output_dir, adapter_dir, _merged_dir(output_dir, adapter_dir, settings), metrics)
+    if not records:
+        raise UserError("no SFT records to train on; check the critique stage's sft.jsonl")
+    from transformers.trainer_utils import get_last_checkpoint
+
+    train_recs, eval_recs = split_records(records, settings.eval_fraction)
+    trainer, tok = build_trainer(base_spec, train_recs, eval_recs, output_dir, settings, seed=seed, progress=progress)
+    ckpt_dir = output_dir / "checkpoints"
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if last:
+        log.info("resuming SFT from %s", last)
+    out = trainer.train(resume_from_checkpoint=last)
+    metrics = {"train_loss": round(out.training_loss, 4), "steps": trainer.state.global_step,
+               "train_runtime_s": round(out.metrics.get("train_runtime", 0.0), 1), "resumed_from": last,
+               "n_train": len(train_recs), "n_eval": len(eval_recs), "loss_on": settings.loss_on,
+               "method": "qlora" if settings.qlora else ("lora" if settings.uses_adapter else "full"),
+               "base": base_spec}
+    if eval_recs:
+        metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 4)
+    if trainer.is_world_process_zero():
+        _save_outputs(trainer, tok, output_dir, adapter_dir, settings, metrics)
+    trainer.accelerator.wait_for_everyone()
+    return SFTResult(output_dir, adapter_dir, _merged_dir(output_dir, adapter_dir, settings), metrics)
+
+
+def _save_outputs(trainer, tok, output_dir: Path, adapter_dir: Path | None, settings: SFTSettings,
+                  metrics: dict) -> None:
+    """Adapter, merged model (written to a temp folder then renamed), logs, loss curve, metrics (last)."""
+    model = trainer.model
+    history = trainer.state.log_history
+    write_json(output_dir / "log_history.json", history)
+    plot_loss(history, output_dir / "loss_curve.png",
+              f"SFT loss ({metrics['method']}, loss on {settings.loss_on} tokens)")
+    if adapter_dir is not None:
+        model.save_pretrained(adapter_dir)
+        tok.save_pretrained(adapter_dir)
+    merged = output_dir / "merged"
+    if settings.save_merged or adapter_dir is None:
+        tmp = output_dir / "merged.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if settings.qlora:  # a 4-bit base cannot be merged in place; reload it in bf16 and merge the adapter
+            full = _merge_qlora(adapter_dir)
+        else:
+            full = model.merge_and_unload() if adapter_dir is not None else model
+        tok.padding_side = "left"
+        full.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(merged, ignore_errors=True)
+        os.replace(tmp, merged)
+    write_json(output_dir / "metrics.json", metrics)
+
+
+def _merge_qlora(adapter_dir: Path):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+
+    return AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.bfloat16).merge_and_unload()
+
+
+def heldout_nll(spec: str, records: list[dict]) -> dict[str, float]:
+    """Mean per-token negative log-likelihood on ``records`` of the assistant's answer (given the chat) and of
+    the user's prompt (given the template's header), with the model under ``spec``."""
+    from cai.backends.hf import HFBackend
+
+    backend = HFBackend(spec, batch_size=8)
+    pcs = [to_prompt_completion(r) for r in records]
+    end = backend.tokenizer.eos_token or ""
+    answers = [pc["completion"][0]["content"] + end for pc in pcs]
+    before_user = backend.render([{"role": "user", "content": "\x00"}]).split("\x00")[0]
+    users = [next(m["content"] for m in reversed(pc["prompt"]) if m["role"] == "user") for pc in pcs]
+    ans = backend.logprobs([pc["prompt"] for pc in pcs], [[a] for a in answers])
+    usr = backend.logprobs([before_user] * len(users), [[u] for u in users])
+
+    def per_token(lps: list[list[float]], texts: list[str]) -> float:
+        n = sum(len(backend._encode(t)) for t in texts)
+        return round(-sum(x[0] for x in lps) / max(1, n), 4)
+
+    out = {"answer_nll": per_token(ans, answers), "prompt_nll": per_token(usr, users)}
+    backend.close()
+    return out
+
+
+def compare_loss_on(base_spec: str, records: list[dict], out_dir: Path, settings: SFTSettings, *, seed: int = 0,
+                    progress: bool = True) -> dict:
+    """Train ``base_spec`` twice on the same records, with the loss on the assistant's tokens and on the whole
+    sequence, and measure both (and the base) on the same held-out records. Writes ``out_dir/compare.json``."""
+    import time
+
+    _, held = split_records(records, settings.eval_fraction)
+    if not held:
+        raise UserError("compare-loss needs held-out records: use more records or a larger --eval-fraction")
+    results: dict = {"base": base_spec, "n_records": len(records), "n_heldout": len(held),
+                     "settings": settings.model_dump(), "models": {"base": heldout_nll(base_spec, held)}}
+    for mode in ("assistant", "all"):
+        t0 = time.time()
+        res = train_sft(base_spec, records, Path(out_dir) / mode, settings.model_copy(update={"loss_on": mode}),
+                        seed=seed, progress=progress)
+        results["models"][mode] = {**heldout_nll(str(res.merged_dir), held), "train_loss": res.metrics["train_loss"],
+                                   "steps": res.metrics["steps"], "seconds": round(time.time() - t0, 1)}
+    write_json(Path(out_dir) / "compare.json", results)
+    return results

@@ -1,0 +1,182 @@
+"""RL-CAI stages on the tiny random model: preferences -> reward -> rl / dpo, resume, pair sources, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cai.config import load_config
+from cai.errors import UserError
+from cai.pipeline import final_model_spec, run_pipeline
+from cai.runs import RunDir, read_jsonl, write_json
+from cai.training.dpo import confident_pairs
+
+TINY = [
+    "models.policy=tiny-random", "models.batch_size=8", "prompts.limit=4", "benign.limit=2",
+    "preferences.limit=4", "preferences.max_new_tokens=8", "preferences.principles_per_pair=1",
+    "reward.batch_size=2", "reward.max_length=192", "reward.max_steps=2",
+    "rl.steps=2", "rl.num_generations=2", "rl.prompts_per_step=1", "rl.max_completion_length=6",
+    "rl.prompt_limit=2", "rl.benign_limit=1", "rl.samples_per_step=2",
+    "dpo.max_steps=2", "dpo.batch_size=2", "dpo.min_confidence=0.0",
+]
+
+
+def _config(tmp_path, name, stages, *extra):
+    return load_config(None, [f"runs_dir={tmp_path}", f"name={name}", f"stages={stages}", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_path):
+    tmp = tmp_path_factory.mktemp("rl")
+    cfg = _config(tmp, "chain", "[prompts, preferences, reward, rl, dpo]")
+    summaries = run_pipeline(cfg, progress=False)
+    return cfg, RunDir(tmp / "chain"), summaries
+
+
+def test_preferences_have_soft_labels_and_swap_consistency(chain):
+    _, run, summaries = chain
+    rows = read_jsonl(run.root / "preferences" / "data.jsonl")
+    assert len(rows) + summaries["preferences"]["skipped"] == 4
+    for r in rows:
+        assert 0.5 <= r["p_chosen"] <= 1.0 and isinstance(r["swap_consistent"], bool)
+        assert r["source"] == "judge" and len(r["principles"]) == 1 and r["chosen"] != r["rejected"]
+    with open(run.root / "preferences" / "data.csv", encoding="utf-8") as f:
+        assert [r["id"] for r in csv.DictReader(f)] == [r["id"] for r in rows]
+    diag = json.loads((run.root / "preferences" / "diagnostics.json").read_text())
+    assert 0 <= diag["swap_consistency"]["rate"] <= 1 and 0 <= diag["label_entropy_bits"] <= 1
+    assert summaries["preferences"]["pairs_per_s"] > 0
+
+
+def test_reward_model_scores_in_unit_interval_and_reports_heldout(chain):
+    from cai.training.reward import load_reward_model
+
+    _, run, _ = chain
+    metrics = json.loads((run.root / "reward" / "metrics.json").read_text())
+    assert metrics["heldout_pairs"] >= 1 and 0 <= metrics["heldout_accuracy"]["rate"] <= 1
+    assert "heldout_ece" in metrics and metrics["reliability"]
+    scores = load_reward_model(run.root).score(["hi", "hello"], ["hello!", "go away"])
+    assert len(scores) == 2 and all(0 < s < 1 for s in scores)
+
+
+def test_rl_writes_step_csv_samples_curves_and_model(chain):
+    _, run, summaries = chain
+    with open(run.root / "rl" / "steps.csv", encoding="utf-8") as f:
+        steps = list(csv.DictReader(f))
+    assert [s["step"] for s in steps] == ["1", "2"]
+    assert all(s["reward_mean"] and s["kl"] != "" and s["response_length"] for s in steps)
+    with open(run.root / "rl" / "samples.csv", encoding="utf-8") as f:
+        samples = list(csv.DictReader(f))
+    assert samples and all(0 <= float(s["reward"]) <= 1 for s in samples)
+    assert (run.root / "rl" / "curves.png").stat().st_size > 1000
+    assert (run.root / "rl" / "model" / "config.json").is_file() and summaries["rl"]["steps"] == 2
+
+
+def test_dpo_and_final_model_spec(chain):
+    cfg, run, summaries = chain
+    assert (run.root / "dpo" / "model" / "config.json").is_file() and (run.root / "dpo" / "steps.csv").is_file()
+    assert summaries["dpo"]["steps"] == 2
+    assert final_model_spec(run, cfg) == str(run.root / "dpo" / "model")  # dpo finished after rl
+
+
+def test_preferences_resume_after_kill_relabels_only_missing(chain, tmp_path):
+    cfg, run, _ = chain
+    for stage in ("prompts", "preferences"):
+        shutil.copytree(run.root / stage, tmp_path / "resume" / stage)
+    pref = tmp_path / "resume" / "preferences"
+    rows = read_jsonl(pref / "data.jsonl")
+    lines = (pref / "data.jsonl").read_text().splitlines(keepends=True)
+    (pref / "data.jsonl").write_text("".join(lines[:1]) + lines[1][:20])  # one whole line, then a torn one
+    manifest = json.loads((pref / "manifest.json").read_text())
+    write_json(pref / "manifest.json", {**manifest, "status": "running"})
+    responses = (pref / "responses.jsonl").read_text()
+    run_pipeline(_config(tmp_path, "resume", "[prompts, preferences, reward, rl, dpo]"), only=["preferences"],
+                 progress=False)
+    again = read_jsonl(pref / "data.jsonl")
+    assert [r["id"] for r in again] == [r["id"] for r in rows] and again[0] == rows[0]
+    assert (pref / "responses.jsonl").read_text() == responses  # nothing regenerated
+
+
+def _fake_critique(run: RunDir, rows):
+    st = run.stage("critique")
+    st.path.mkdir(parents=True)
+    (st.path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_json(st.manifest_path, {"status": "complete"})
+
+
+def test_revision_source_skips_identical_and_empty(tmp_path):
+    cfg = _config(tmp_path, "rev", "[preferences]", "preferences.source=revision")
+    run = RunDir.create(tmp_path, "rev")
+    _fake_critique(run, [
+        {"id": "1", "prompt": "q1", "initial": "bad", "final": "good", "changed": True},
+        {"id": "2", "prompt": "q2", "initial": "same", "final": "same", "changed": True},
+        {"id": "3", "prompt": "q3", "initial": "", "final": "x", "changed": True},
+        {"id": "4", "prompt": "q4", "initial": "a", "final": "a", "changed": False},
+    ])
+    summary = run_pipeline(cfg, progress=False)["preferences"]
+    rows = read_jsonl(run.root / "preferences" / "data.jsonl")
+    got = [(r["chosen"], r["rejected"], r["p_chosen"], r["source"]) for r in rows]
+    assert got == [("good", "bad", 1.0, "revision")]
+    reasons = {s["id"]: s["reason"] for s in run.stage("preferences").manifest["skipped"]}
+    assert reasons == {"2": "identical responses", "3": "empty response", "4": "revision did not change the answer"}
+    assert summary["skipped"] == 3
+
+
+def test_contrastive_source_needs_no_judge(tmp_path, tiny_path):
+    cfg = _config(tmp_path, "con", "[prompts, preferences]", "preferences.source=contrastive", "prompts.limit=2",
+                  "preferences.limit=2")
+    run_pipeline(cfg, progress=False)
+    rows = read_jsonl(tmp_path / "con" / "preferences" / "data.jsonl")
+    responses = read_jsonl(tmp_path / "con" / "preferences" / "responses.jsonl")
+    assert {r["tag"] for r in responses} == {"c", "x"}
+    assert all(r["source"] == "contrastive" and r["p_chosen"] == 1.0 for r in rows)
+
+
+def test_feedback_server_without_logprobs_is_a_clear_error(tmp_path, tiny_backend):
+    from tests.fake_openai_server import ServerThread, make_app
+
+    with ServerThread(make_app(tiny_backend, with_tokenize=False)) as srv:
+        cfg = _config(tmp_path, "nolp", "[prompts, preferences]", f"models.feedback=openai:tiny@{srv.url}")
+        with pytest.raises(UserError, match="revision, contrastive"):
+            run_pipeline(cfg, progress=False)
+    assert not (tmp_path / "nolp" / "preferences" / "responses.jsonl").exists()  # failed before generating
+
+
+def test_soft_label_loss_matches_trl_for_hard_labels_and_is_flat_at_half():
+    import torch
+
+    from cai.training.reward import soft_preference_loss
+
+    r_c, r_r = torch.tensor([1.5, -0.3]), torch.tensor([0.2, 0.4])
+    hard = -torch.nn.functional.logsigmoid(r_c - r_r).mean()
+    assert torch.isclose(soft_preference_loss(r_c, r_r, torch.ones(2)), hard)
+    d = torch.zeros(2, requires_grad=True)
+    soft_preference_loss(d, torch.zeros(2), torch.full((2,), 0.5)).backward()
+    assert torch.allclose(d.grad, torch.zeros(2))  # an undecided label pulls the rewards nowhere
+    d = torch.zeros(2, requires_grad=True)
+    soft_preference_loss(d, torch.zeros(2), torch.full((2,), 0.8)).backward()
+    assert (d.grad < 0).all()  # p > 0.5 pushes r_chosen up
+
+
+def test_dpo_drops_uncertain_pairs_and_orients_the_rest():
+    kept, dropped = confident_pairs([{"chosen": "a", "rejected": "b", "p_chosen": 0.52},
+                                     {"chosen": "a", "rejected": "b", "p_chosen": 0.2},
+                                     {"chosen": "c", "rejected": "d", "p_chosen": 0.9}], 0.05)
+    assert dropped == 1 and [(k["chosen"], k["p_chosen"]) for k in kept] == [("b", 0.8), ("c", 0.9)]
+
+
+def test_cli_score_and_bad_batch_file(chain, tmp_path):
+    _, run, _ = chain
+    cai = [sys.executable, "-m", "cai.cli"]
+    ok = subprocess.run([*cai, "score", "--reward", str(run.root), "--prompt", "hi", "--response", "hello"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and 0 < float(ok.stdout.strip()) < 1
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    err = subprocess.run([*cai, "score", "--reward", str(run.root), "--file", str(bad)],
+                         capture_output=True, text=True, timeout=120)
+    assert err.returncode == 2 and "missing response" in err.stderr and "Traceback" not in err.stderr
