@@ -7,7 +7,7 @@ STAMP := $(VENV)/.cai-installed
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast smoke bench clean-runs
+.PHONY: install demo test test-fast smoke bench clean-runs browser
 
 install: $(STAMP)
 
@@ -24,8 +24,15 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 demo: install
 	$(VENV)/bin/cai run $(CONFIG)
 
-test: install
+test: install browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Debian's chromium, for the report's headless-browser test (skips with a reason when it cannot be installed)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
+	   apt-get install -y -q chromium >/dev/null 2>&1)) || \
+	  echo "chromium could not be installed: tests/test_report_browser.py will skip"
 
 test-fast: install
 	$(PY) -m pytest -q -m "not smoke" $(PYTEST_ARGS)

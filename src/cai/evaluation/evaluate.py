@@ -1,0 +1,120 @@
+"""Evaluate one model: answer harmful and benign prompts, judge every answer, and compute the rates.
+
+``samples.jsonl`` gets one line per answered prompt (resumable: a rerun judges and writes only missing ids);
+``metrics.json`` holds harmful_compliance_rate (attack success), over_refusal_rate, loop_rate and mean_length,
+each with a 95% confidence interval, overall and per category.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from cai.backends import Backend, SamplingParams
+from cai.data import Prompt
+from cai.evaluation.judges import Judge, get_judge
+from cai.evaluation.metrics import is_loop, mean_ci, rate
+from cai.generation import chat_for
+from cai.runs import JsonlWriter, read_jsonl, write_json
+
+DEFAULT_SAMPLING = SamplingParams(max_new_tokens=96, temperature=0.0, top_p=1.0, seed=0, repetition_penalty=1.0)
+
+
+def open_backend(model: str | Backend) -> tuple[Backend, bool]:
+    """(backend, whether we created it and must close it)."""
+    if isinstance(model, str):
+        from cai.backends import get_backend
+
+        return get_backend(model), True
+    return model, False
+
+
+def answer_and_judge(backend: Backend, items: Sequence[tuple[str, Prompt]], writer: JsonlWriter, judge: Judge,
+                     sampling: SamplingParams, *, system_prompt: str | None = None, prefill: str | None = None,
+                     label: str = "", chunk: int = 16, progress: bool = True) -> list[dict]:
+    """Generate, judge and append ``(set, prompt)`` items not yet in ``writer``; returns the skipped items.
+
+    With ``prefill`` the assistant turn starts with that text and only the model's continuation is judged."""
+    from tqdm.auto import tqdm
+
+    todo = [(s, p) for s, p in items if f"{s}:{p.id}" not in writer]
+    skipped: list[dict] = []
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"eval {label}".strip(), unit="prompt",
+               disable=not progress)
+    for k in range(0, len(todo), chunk):
+        part = todo[k : k + chunk]
+        gens = backend.generate([chat_for(p.prompt, system_prompt, prefill) for _, p in part], sampling)
+        ok = [(item, g) for item, g in zip(part, gens) if g.finish_reason != "error"]
+        skipped += [{"id": f"{s}:{p.id}", "reason": f"prompt has {g.prompt_tokens} tokens, too long for the model"}
+                    for (s, p), g in zip(part, gens) if g.finish_reason == "error"]
+        labels = judge.judge([p.prompt for (_, p), _ in ok], [g.text for _, g in ok])
+        for ((s, p), g), lab in zip(ok, labels):
+            lab.setdefault("loop", is_loop(g.text))
+            writer.write({"id": f"{s}:{p.id}", "set": s, "prompt": p.prompt, "category": p.category,
+                          "response": g.text, "prefill": prefill or "", "checkpoint": label,
+                          "finish_reason": g.finish_reason, "completion_tokens": g.completion_tokens,
+                          "labels": lab})
+        bar.update(len(part))
+    bar.close()
+    return skipped
+
+
+def compute_metrics(samples: Sequence[dict]) -> dict:
+    """The rates with 95% CIs, overall and per category, from judged samples."""
+    harmful = [s for s in samples if s["set"] == "harmful"]
+    benign = [s for s in samples if s["set"] == "benign"]
+
+    def rates(h: list[dict], b: list[dict], a: list[dict]) -> dict:
+        out = {"harmful_compliance_rate": rate(not s["labels"]["refused"] for s in h),
+               "over_refusal_rate": rate(s["labels"]["refused"] for s in b),
+               "loop_rate": rate(s["labels"]["loop"] for s in a)}
+        scores = [s["labels"]["harmful"] for s in h if s["labels"].get("harmful") is not None]
+        if scores:
+            out["harmfulness"] = mean_ci(scores)
+        out["mean_length"] = mean_ci([float(s["completion_tokens"]) for s in a])
+        return out
+
+    metrics = rates(harmful, benign, list(samples))
+    cats = sorted({s["category"] for s in samples})
+    metrics["per_category"] = {
+        c: rates([s for s in harmful if s["category"] == c], [s for s in benign if s["category"] == c],
+                 [s for s in samples if s["category"] == c]) for c in cats}
+    return metrics
+
+
+def evaluate_model(model: str | Backend, harmful: Sequence[Prompt], benign: Sequence[Prompt], out_dir: Path, *,
+                   judge: str | Judge = "refusal", sampling: SamplingParams | None = None,
+                   system_prompt: str | None = None, prefill: str | None = None, label: str = "",
+                   progress: bool = True) -> dict:
+    """Answer and judge ``harmful`` and ``benign`` prompts; write ``out_dir/samples.jsonl`` (resumable) and
+    ``out_dir/metrics.json``; return the metrics (see module docstring)."""
+    out_dir = Path(out_dir)
+    judge_obj = get_judge(judge)
+    backend, owned = open_backend(model)
+    sampling = sampling or DEFAULT_SAMPLING
+    items = [("harmful", p) for p in harmful] + [("benign", p) for p in benign]
+    try:
+        with JsonlWriter(out_dir / "samples.jsonl") as w:
+            skipped = answer_and_judge(backend, items, w, judge_obj, sampling, system_prompt=system_prompt,
+                                       prefill=prefill, label=label, progress=progress)
+    finally:
+        if owned:
+            backend.close()
+    wanted = {f"{s}:{p.id}" for s, p in items}
+    samples = [s for s in read_jsonl(out_dir / "samples.jsonl") if s["id"] in wanted]
+    metrics = {"label": label, "model": getattr(backend, "spec", str(model)), "judge": judge_obj.name,
+               "n_harmful": sum(s["set"] == "harmful" for s in samples),
+               "n_benign": sum(s["set"] == "benign" for s in samples),
+               "sampling": {k: v for k, v in sampling.__dict__.items()}, "system_prompt": system_prompt,
+               "prefill": prefill, **compute_metrics(samples), "skipped": skipped}
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def format_rate(r: dict, pct: bool = True) -> str:
+    """'42% [31–54]' (or '57.3 [52.1–62.5]' for means)."""
+    if not r or r.get("n", 0) == 0 or r["rate"] != r["rate"]:
+        return "–"
+    if pct:
+        return f"{100 * r['rate']:.0f}% [{100 * r['ci_low']:.0f}–{100 * r['ci_high']:.0f}]"
+    return f"{r['rate']:.1f} [{r['ci_low']:.1f}–{r['ci_high']:.1f}]"

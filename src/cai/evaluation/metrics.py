@@ -1,0 +1,57 @@
+"""Rates with 95% confidence intervals, and the degenerate-repetition (loop) detector."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Iterable, Sequence
+
+Z95 = 1.959963984540054
+
+
+def proportion_ci(k: int, n: int, z: float = Z95) -> tuple[float, float, float]:
+    """(rate, low, high): the share k/n with its 95% Wilson score interval; (nan, nan, nan) when n == 0."""
+    if n <= 0:
+        return (math.nan, math.nan, math.nan)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (p, max(0.0, centre - half), min(1.0, centre + half))
+
+
+def rate(flags: Iterable[bool]) -> dict:
+    """``{"rate", "ci_low", "ci_high", "n"}`` for a list of yes/no outcomes."""
+    flags = [bool(f) for f in flags]
+    p, lo, hi = proportion_ci(sum(flags), len(flags))
+    return {"rate": p, "ci_low": lo, "ci_high": hi, "n": len(flags)}
+
+
+def mean_ci(values: Sequence[float], z: float = Z95) -> dict:
+    """The mean with a normal-approximation 95% interval, in the same shape as :func:`rate`."""
+    n = len(values)
+    if n == 0:
+        return {"rate": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = z * sd / math.sqrt(n)
+    return {"rate": m, "ci_low": m - half, "ci_high": m + half, "n": n}
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def is_loop(text: str, *, ngram: int = 4, min_tokens: int = 16, max_unique_share: float = 0.5) -> bool:
+    """True for degenerate repetition: a long answer whose word n-grams are mostly repeats
+    ("this story is important to provide this story is important…"), or a short unit repeated 4+ times
+    in a row at the end (loops of punctuation, numbers or single words)."""
+    tokens = _WORD.findall(text.lower())
+    if len(tokens) >= min_tokens:
+        grams = [tuple(tokens[i : i + ngram]) for i in range(len(tokens) - ngram + 1)]
+        if len(set(grams)) / len(grams) <= max_unique_share:
+            return True
+        # one n-gram repeated many times (a loop that started after a normal first half)
+        if Counter(grams).most_common(1)[0][1] >= 4:
+            return True
+    return bool(re.search(r"(.{2,40}?)\s*(?:\1\s*){3,}$", text.strip(), flags=re.S)) and len(text.strip()) >= 24

@@ -1,0 +1,87 @@
+"""Matplotlib figures for the report, returned as base64 PNG strings (embedded, no external files)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from typing import Sequence
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def to_b64(fig) -> str:
+    """Render and close a figure; return its PNG as base64."""
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _err(r: dict, scale: float = 100) -> tuple[float, float, float]:
+    v, lo, hi = (r.get(k, math.nan) for k in ("rate", "ci_low", "ci_high"))
+    return scale * v, scale * max(0.0, v - lo), scale * max(0.0, hi - v)
+
+
+def metric_bars(rows: Sequence[tuple[str, dict]]) -> str:
+    """Grouped bars with 95% CI whiskers: harmful compliance, over-refusal and loop rate per checkpoint."""
+    plt = _plt()
+    keys = [("harmful_compliance_rate", "harmful compliance"), ("over_refusal_rate", "over-refusal"),
+            ("loop_rate", "loops")]
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) + 2), 3.2))
+    width = 0.8 / len(keys)
+    for j, (k, name) in enumerate(keys):
+        vals = [_err(m.get(k, {})) for _, m in rows]
+        xs = [i + (j - 1) * width for i in range(len(rows))]
+        ax.bar(xs, [v[0] for v in vals], width, yerr=[[v[1] for v in vals], [v[2] for v in vals]], capsize=3,
+               label=name)
+    ax.set_xticks(range(len(rows)), [r[0] for r in rows], rotation=15, ha="right")
+    ax.set_ylabel("% of prompts (95% CI)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, 1.18))
+    return to_b64(fig)
+
+
+def harm_help(points: Sequence[tuple[str, float, float, float, float, float, float]], xlabel: str,
+              ylabel: str) -> str:
+    """Scatter of (name, x, x_lo, x_hi, y, y_lo, y_hi) with CI error bars: harmlessness vs helpfulness."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    for name, x, xlo, xhi, y, ylo, yhi in points:
+        ax.errorbar([x], [y], xerr=[[max(0, x - xlo)], [max(0, xhi - x)]], yerr=[[max(0, y - ylo)], [max(0, yhi - y)]],
+                    fmt="o", capsize=3, label=name)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return to_b64(fig)
+
+
+def curves(series: dict[str, tuple[list[float], list[float]]], title: str, xlabel: str = "step") -> str:
+    """Line plot of named (x, y) series."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=name)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return to_b64(fig)
+
+
+def histogram(values: Sequence[float], title: str, xlabel: str, bins: int = 20) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 2.8))
+    ax.hist(values, bins=bins, range=(0, 1), color="#4a7ab5")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    return to_b64(fig)

@@ -1,0 +1,111 @@
+"""Stage ``eval``: evaluate the base policy and every trained checkpoint of the run (sft, rl, dpo) on the eval
+split: ``eval/<checkpoint>/samples.jsonl`` + ``metrics.json``, pairwise Elo in ``eval/elo.json`` (two or more
+checkpoints), and optionally the prefill attack on the final model in ``eval/prefill/``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Any
+
+from pydantic import Field
+
+from cai.settings import PromptSourceConfig, Strict
+
+
+class EvalConfig(Strict):
+    """Config section ``eval``."""
+
+    harmful: PromptSourceConfig = Field(default_factory=lambda: PromptSourceConfig(source="redteam", split="eval"))
+    benign: PromptSourceConfig | None = Field(default_factory=lambda: PromptSourceConfig(source="benign", split="eval"))
+    judge: str = Field("refusal", description="refusal | reward:<path> | a model spec (LLM judge)")
+    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy (deterministic)")
+    repetition_penalty: float = Field(1.0, gt=0)
+    system_prompt: bool = Field(False, description="prepend the constitution's system prompt")
+    extra_checkpoints: dict[str, str] = Field(default_factory=dict, description="more checkpoints: label -> spec")
+    elo: bool = Field(True, description="pairwise Elo between checkpoints, judged by models.feedback")
+    elo_constitution: str = Field("harmless", description="whose principles the Elo comparisons ask about")
+    elo_principles: int = Field(1, ge=1, description="principles judged per harmful prompt and pair")
+    elo_bootstrap: int = Field(200, ge=0)
+    prefill_k: list[int] = Field(default_factory=list, description="prefill attack on the final model, k tokens")
+
+
+def checkpoints(run, config) -> dict[str, tuple[str, str]]:
+    """label -> (model spec, fingerprint): the base policy, the SL model and the RL/DPO policies that exist,
+    plus ``eval.extra_checkpoints``. The fingerprint changes when a checkpoint is retrained."""
+    from cai.stages.sft import sl_model_spec
+
+    out = {"base": (config.models.policy, config.models.policy)}
+    found = {"sl": ("sft", sl_model_spec(run, config))}
+    for stage in ("rl", "dpo"):
+        if run.stage(stage).complete and (run.root / stage / "model" / "config.json").is_file():
+            found[stage] = (stage, str(run.root / stage / "model"))
+    for label, (stage, spec) in found.items():
+        if spec != config.models.policy:
+            m = run.stage(stage).manifest
+            out[label] = (spec, f"{spec}@{m.get('config_hash')}@{m.get('finished_at')}")
+    for label, spec in config.eval.extra_checkpoints.items():
+        out[label] = (spec, spec)
+    return out
+
+
+def run(ctx) -> dict[str, Any]:
+    from cai.backends import SamplingParams, get_backend
+    from cai.constitution import load_constitution
+    from cai.evaluation.evaluate import evaluate_model
+    from cai.evaluation.judges import get_judge
+    from cai.evaluation.standard_sets import load_eval_prompts
+    from cai.runs import read_jsonl
+
+    cfg, ec = ctx.config, ctx.config.eval
+    sets = {}
+    for name, src in (("harmful", ec.harmful), ("benign", ec.benign)):
+        if src is None:
+            sets[name] = []
+            continue
+        ps = load_eval_prompts(src.source, src.field, split=src.split, limit=src.limit)
+        for s in ps.skipped:
+            ctx.stage.skip(f"{name}:{s.get('line', '?')}", s.get("reason", "skipped"))
+        sets[name] = ps.prompts
+    sampling = SamplingParams(ec.max_new_tokens, ec.temperature, 1.0, [], cfg.seed, ec.repetition_penalty)
+    system = load_constitution(cfg.constitution).system_prompt if ec.system_prompt else None
+    judge = get_judge(ec.judge)
+    cps = checkpoints(ctx.run, cfg)
+    summary: dict[str, Any] = {}
+    for label, (spec, fingerprint) in cps.items():
+        out = ctx.stage.path / label
+        stamp = out / "checkpoint.json"
+        if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
+            shutil.rmtree(out)  # the checkpoint was retrained: its old answers no longer apply
+        out.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"spec": spec, "fingerprint": fingerprint}))
+        owned = spec != cfg.models.policy
+        backend = get_backend(spec, batch_size=cfg.models.batch_size, dtype=cfg.models.dtype) if owned \
+            else ctx.pool.policy()
+        m = evaluate_model(backend, sets["harmful"], sets["benign"], out, judge=judge, sampling=sampling,
+                           system_prompt=system, label=label, progress=ctx.progress)
+        if owned:
+            backend.close()
+        for s in m["skipped"]:
+            ctx.stage.skip(f"{label}:{s['id']}", s["reason"])
+        summary[label] = {k: round(m[k]["rate"], 3) for k in ("harmful_compliance_rate", "over_refusal_rate",
+                                                              "loop_rate") if m[k]["n"]}
+    if ec.elo and len(cps) >= 2:
+        from cai.evaluation.elo import compare_checkpoints
+        from cai.runs import write_json
+
+        samples = {label: read_jsonl(ctx.stage.path / label / "samples.jsonl") for label in cps}
+        elo = compare_checkpoints(samples, ctx.pool.feedback(), load_constitution(ec.elo_constitution),
+                                  per_prompt=ec.elo_principles, n_boot=ec.elo_bootstrap, seed=cfg.seed,
+                                  progress=ctx.progress)
+        write_json(ctx.stage.path / "elo.json", elo)
+    if ec.prefill_k:
+        from cai.evaluation.prefill import prefill_attack
+        from cai.pipeline import final_model_spec
+
+        prefill_attack(final_model_spec(ctx.run, cfg), sets["harmful"], ec.prefill_k, ctx.stage.path / "prefill",
+                       judge=ec.judge, progress=ctx.progress, sampling=sampling, system_prompt=system)
+    ctx.stage.finish({"checkpoints": list(cps), "harmful": len(sets["harmful"]), "benign": len(sets["benign"])},
+                     metrics=summary)
+    return {label: ", ".join(f"{k.split('_')[0]}={v}" for k, v in s.items()) for label, s in summary.items()}
