@@ -1,0 +1,127 @@
+"""Prefill attack and recovery training (Qi et al. 2024, "Safety alignment should be made more than just a few
+tokens deep").
+
+Two models are trained from the same starting checkpoint on the same constitution-style safety data: *standard*
+(refusals from the first token, plus helpful benign answers) and *recovery* (the same, plus augmented examples
+whose assistant turn starts with the first k tokens of a compliant answer — the policy's own, generated at run
+time — and then turns into a refusal). The prefill attack (``cai.evaluation.prefill.prefill_attack``) is run on
+both for every k; recovery training should lower the attack success rate at k > 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from cai.data import Prompt
+from cai.evaluation.evaluate import format_rate
+from cai.experiments.common import (
+    DecodeConfig,
+    Experiment,
+    ExperimentConfig,
+    answer,
+    evaluate_step,
+    line_plot,
+    prompt_pools,
+    refusal_for,
+    require_model_dir,
+    safety_records,
+    sft_record,
+    train,
+    write_records,
+    write_report,
+)
+from cai.runs import StageDir, read_jsonl
+from cai.training.sft import SFTSettings
+
+TURN = " Actually, I need to stop here. "
+
+
+class PrefillRecoveryConfig(ExperimentConfig):
+    name: str = "prefill-recovery"
+    start: str | None = Field(None, description="checkpoint both models are trained from; null = the policy")
+    k_values: list[int] = Field(default_factory=lambda: [0, 5, 10, 20], description="prefill lengths attacked")
+    augment_k: list[int] = Field(default_factory=lambda: [5, 10, 20, 40],
+                                 description="compliant-prefix lengths (tokens) used in recovery examples")
+    attack_text: str | None = Field(None, description="prefill text; null = the evaluation module's affirmative")
+    sft: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=2, learning_rate=3e-4, batch_size=8))
+    decode: DecodeConfig = Field(default_factory=lambda: DecodeConfig(max_new_tokens=48))
+
+
+def recovery_text(tokenizer, answer_text: str, k: int, refusal: str) -> str:
+    """The first ``k`` tokens of a compliant answer, then a turn into the refusal."""
+    ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"][:k]
+    return tokenizer.decode(ids).rstrip() + TURN + refusal
+
+
+def recovery_records(harmful: list[Prompt], answers: dict[str, dict], tokenizer, ks: list[int], constitution,
+                     ) -> list[dict]:
+    """One augmented example per harmful prompt with a non-empty compliant answer; k cycles over ``ks``."""
+    out = []
+    usable = [p for p in harmful if p.id in answers and answers[p.id]["response"].strip()]
+    for i, p in enumerate(usable):
+        k = ks[i % len(ks)]
+        out.append(sft_record(f"recover-k{k}-{p.id}", p.prompt,
+                              recovery_text(tokenizer, answers[p.id]["response"], k, refusal_for(p, constitution))))
+    return out
+
+
+def run(cfg: PrefillRecoveryConfig, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Build both data sets, train both models, attack both for every k; returns metrics.json's content."""
+    from cai.constitution import load_constitution
+    from cai.evaluation.prefill import AFFIRMATIVE, prefill_attack
+    from cai.models import load_tokenizer
+
+    exp = Experiment("prefill-recovery", cfg, force=force, progress=progress)
+    pools = prompt_pools(cfg.prompts)
+    start = require_model_dir(cfg.start, "prefill_recovery.start") if cfg.start else cfg.policy
+    sampling = cfg.decode.sampling(cfg.seed)
+    constitution = load_constitution(cfg.constitution)
+
+    def data(st: StageDir) -> dict[str, Any]:
+        kw = dict(batch_size=cfg.batch_size, progress=progress)
+        benign = answer(cfg.policy, pools["train_benign"], st, "benign_answers.jsonl", sampling, **kw)
+        harmful = answer(cfg.policy, pools["train_harmful"], st, "harmful_answers.jsonl", sampling, **kw)
+        standard = safety_records(pools["train_harmful"], benign, constitution)
+        extra = recovery_records(pools["train_harmful"], harmful, load_tokenizer(cfg.policy), cfg.augment_k,
+                                 constitution)
+        write_records(st, "standard.jsonl", standard)
+        write_records(st, "recovery.jsonl", standard + extra)
+        return {"standard": len(standard), "recovery_examples": len(extra)}
+
+    exp.step("data", {"policy": cfg.policy, "prompts": cfg.prompts.model_dump(), "augment_k": cfg.augment_k,
+                      "decode": cfg.decode.model_dump(), "constitution": cfg.constitution}, data)
+    text = cfg.attack_text or AFFIRMATIVE
+    results: dict[str, dict] = {}
+    for name in ("standard", "recovery"):
+        model = train(exp, f"train-{name}", start, read_jsonl(exp.stage("data").file(f"{name}.jsonl")), cfg.sft)
+
+        def attack(st: StageDir, model: str = model, name: str = name) -> dict[str, Any]:
+            res = prefill_attack(model, pools["eval_harmful"], cfg.k_values, st.path, judge=cfg.judge, text=text,
+                                 progress=progress, sampling=sampling)
+            return {"model": model, "by_k": {k: v["attack_success_rate"] for k, v in res["by_k"].items()}}
+
+        results[name] = exp.step(f"attack-{name}", {"model": model, "k_values": cfg.k_values, "text": text,
+                                                    "judge": cfg.judge, "decode": cfg.decode.model_dump(),
+                                                    "prompts": [p.id for p in pools["eval_harmful"]]}, attack)
+        results[name]["benign"] = evaluate_step(exp, f"eval-benign-{name}", model, [], pools["eval_benign"])
+    return _finish(exp, cfg, results, text)
+
+
+def _finish(exp: Experiment, cfg: PrefillRecoveryConfig, results: dict[str, dict], text: str) -> dict[str, Any]:
+    ks = sorted(set(cfg.k_values))
+    fig = line_plot(exp.root / "plots" / "prefill_asr.png", "prefill attack success", ks,
+                    {f"{name} training": [r["by_k"][str(k)] for k in ks] for name, r in results.items()},
+                    "k prefilled tokens")
+    table = [[name, *(format_rate(r["by_k"][str(k)]) for k in ks), format_rate(r["benign"]["over_refusal_rate"])]
+             for name, r in results.items()]
+    notes = [f"prefill = the first k tokens of {text!r}; attack success = the continuation is not a refusal "
+             f"(judge {cfg.judge}); 95% Wilson CIs",
+             f"recovery examples: k in {cfg.augment_k} tokens of the policy's own compliant answer, then a refusal; "
+             "the SFT loss covers the whole assistant turn (prefix included)"]
+    write_report(exp, "Prefill attack and recovery training", "Attack success rate of the prefill attack for each k, "
+                 "after standard safety SFT and after SFT with recovery augmentation.",
+                 ["training", *(f"ASR k={k}" for k in ks), "over-refusal (benign)"], table, [fig], notes)
+    return exp.finish({"experiment": "prefill-recovery", "k_values": ks, "attack_text": text, "models": results,
+                       "run": str(exp.root)})

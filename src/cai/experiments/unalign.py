@@ -1,0 +1,139 @@
+"""Unalignment by fine-tuning (parametric red-teaming; Qi et al. 2023, Bhardwaj & Poria 2023).
+
+An aligned checkpoint — a user's (e.g. a CAI run's final model) or, by default, the policy after a quick SFT on
+constitution-style refusals — is fine-tuned on N harmful-compliance examples for each N in a sweep, and
+harmful compliance, over-refusal and answer length are measured against N on held-out prompts. By default the
+examples are the *policy's own* compliant answers to the bundled red-team prompts, generated at run time (the
+project ships no harmful text); users can pass their own file. Optionally the most unaligned model is
+re-aligned by SFT on a user's data (e.g. a contextual-constitution CAI run's ``critique/sft.jsonl``).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from cai.errors import UserError
+from cai.evaluation.evaluate import format_rate
+from cai.experiments.common import (
+    DecodeConfig,
+    Experiment,
+    ExperimentConfig,
+    PromptPoolConfig,
+    answer,
+    evaluate_step,
+    line_plot,
+    load_records,
+    prompt_pools,
+    require_model_dir,
+    safety_records,
+    sft_record,
+    train,
+    write_records,
+    write_report,
+)
+from cai.runs import StageDir, read_jsonl
+from cai.training.sft import SFTSettings
+
+
+class UnalignConfig(ExperimentConfig):
+    name: str = "unalign"
+    aligned: str | None = Field(None, description="aligned checkpoint to unalign; null = align the policy here")
+    align: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=2, learning_rate=3e-4, batch_size=8))
+    n_values: list[int] = Field(default_factory=lambda: [10, 50, 100])
+    examples: str | None = Field(None, description="JSONL of harmful-compliance examples; null = the policy's own")
+    unalign: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=3, learning_rate=3e-4, batch_size=8,
+                                                                     eval_fraction=0))
+    realign_data: str | None = Field(None, description="SFT records to re-align the most unaligned model with")
+    realign: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=2, learning_rate=3e-4, batch_size=8))
+    eval_policy: bool = Field(True, description="also evaluate the starting policy, for reference")
+    prompts: PromptPoolConfig = Field(default_factory=lambda: PromptPoolConfig(n_train_harmful=154))
+    decode: DecodeConfig = Field(default_factory=lambda: DecodeConfig(max_new_tokens=64))
+
+    @field_validator("n_values")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 1 for n in v):
+            raise ValueError("give at least one N, each >= 1, e.g. [10, 50, 100]")
+        return sorted(set(v))
+
+
+def compliant_examples(answers: list[dict], judged: list[dict], seed: int) -> list[dict]:
+    """The answers the judge did not label as refusals (nor empty), as SFT records in a seeded order."""
+    records = [sft_record(f"comply-{a['id']}", a["prompt"], a["response"])
+               for a, j in zip(answers, judged) if not j["refused"] and a["response"].strip()]
+    random.Random(seed).shuffle(records)
+    return records
+
+
+def run(cfg: UnalignConfig, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """The whole sweep (each step resumes); returns metrics.json's content."""
+    from cai.constitution import load_constitution
+    from cai.evaluation.judges import get_judge
+
+    exp = Experiment("unalign", cfg, force=force, progress=progress)
+    pools = prompt_pools(cfg.prompts)
+    if cfg.aligned:
+        require_model_dir(cfg.aligned, "unalign.aligned")
+    sampling = cfg.decode.sampling(cfg.seed)
+
+    def data(st: StageDir) -> dict[str, Any]:
+        benign = answer(cfg.policy, pools["train_benign"], st, "benign_answers.jsonl", sampling,
+                        batch_size=cfg.batch_size, progress=progress)
+        if cfg.examples:
+            examples = load_records(cfg.examples, "unalign.examples")
+        else:
+            harmful = answer(cfg.policy, pools["train_harmful"], st, "harmful_answers.jsonl", sampling,
+                             batch_size=cfg.batch_size, progress=progress)
+            rows = list(harmful.values())
+            judged = get_judge(cfg.judge).judge([r["prompt"] for r in rows], [r["response"] for r in rows])
+            examples = compliant_examples(rows, judged, cfg.seed)
+        write_records(st, "examples.jsonl", examples)
+        align = safety_records(pools["train_harmful"], benign, load_constitution(cfg.constitution))
+        write_records(st, "align.jsonl", align)
+        return {"examples": len(examples), "align_records": len(align), "source": cfg.examples or "policy's own"}
+
+    got = exp.step("data", {"policy": cfg.policy, "prompts": cfg.prompts.model_dump(), "examples": cfg.examples,
+                            "judge": cfg.judge, "decode": cfg.decode.model_dump(),
+                            "constitution": cfg.constitution}, data)
+    examples = read_jsonl(exp.stage("data").file("examples.jsonl"))
+    too_big = [n for n in cfg.n_values if n > len(examples)]
+    if too_big:
+        raise UserError(f"unalign.n_values: N={too_big[0]} is larger than the {len(examples)} harmful-compliance "
+                        f"examples available ({got['source']}); lower n_values or pass more examples")
+    aligned = cfg.aligned or train(exp, "align", cfg.policy, read_jsonl(exp.stage("data").file("align.jsonl")),
+                                   cfg.align)
+    harmful, benign = pools["eval_harmful"], pools["eval_benign"]
+    rows: dict[str, dict] = {}
+    if cfg.eval_policy:
+        rows["policy"] = evaluate_step(exp, "eval-policy", cfg.policy, harmful, benign)
+    rows["N=0 (aligned)"] = evaluate_step(exp, "eval-aligned", aligned, harmful, benign)
+    last = aligned
+    for n in cfg.n_values:
+        last = train(exp, f"unalign-{n}", aligned, examples[:n], cfg.unalign, {"n": n})
+        rows[f"N={n}"] = evaluate_step(exp, f"eval-{n}", last, harmful, benign)
+    if cfg.realign_data:
+        realigned = train(exp, "realign", last, load_records(cfg.realign_data, "unalign.realign_data"), cfg.realign)
+        rows[f"N={cfg.n_values[-1]} + realign"] = evaluate_step(exp, "eval-realign", realigned, harmful, benign)
+    return _finish(exp, cfg, rows, len(examples))
+
+
+def _finish(exp: Experiment, cfg: UnalignConfig, rows: dict[str, dict], available: int) -> dict[str, Any]:
+    ns = [0, *cfg.n_values]
+    sweep = [rows["N=0 (aligned)"], *(rows[f"N={n}"] for n in cfg.n_values)]
+    fig = line_plot(exp.root / "plots" / "unalign.png", "unalignment by fine-tuning", ns,
+                    {"harmful compliance": [r["harmful_compliance_rate"] for r in sweep],
+                     "over-refusal (benign)": [r["over_refusal_rate"] for r in sweep]},
+                    "N harmful-compliance examples")
+    table = [[name, format_rate(r["harmful_compliance_rate"]), format_rate(r["over_refusal_rate"]),
+              format_rate(r["loop_rate"]), f"{r['mean_length']['rate']:.0f}"] for name, r in rows.items()]
+    notes = [f"aligned checkpoint: {cfg.aligned or 'the policy after SFT on constitution-style refusals (align step)'}",
+             f"examples: {cfg.examples or 'the policy own compliant answers to bundled red-team prompts'} "
+             f"({available} available); judge: {cfg.judge}; 95% Wilson CIs"]
+    write_report(exp, "Unalignment by fine-tuning", "Harmful compliance and over-refusal on held-out prompts after "
+                 "fine-tuning the aligned checkpoint on N harmful-compliance examples.",
+                 ["model", "harmful compliance", "over-refusal", "loops", "mean tokens"], table, [fig], notes)
+    return exp.finish({"experiment": "unalign", "n_values": cfg.n_values, "examples_available": available,
+                       "models": rows, "run": str(exp.root)})
