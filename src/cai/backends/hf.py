@@ -9,6 +9,9 @@ from cai.backends.base import Chat, Generation, Prefix, SamplingParams, truncate
 
 log = logging.getLogger(__name__)
 
+MIN_SHARED_PREFIX = 32  # tokens: a shorter common prefix is cheaper to recompute than to copy per batch
+LOGIT_BUDGET = 2**25  # floats of logits per scoring forward (128 MB in fp32)
+
 # Used when a model ships no chat template (base models such as GPT-2).
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
@@ -22,7 +25,7 @@ class HFBackend:
     """A transformers causal LM in this process. ``model`` and ``tokenizer`` are public so trainers can reuse them."""
 
     def __init__(self, spec: str, *, model=None, tokenizer=None, batch_size: int = 16, dtype: str = "auto",
-                 device: str | None = None, score_batch_size: int | None = None):
+                 device: str | None = None, score_batch_size: int | None = None, reuse_prefix: bool = True):
         from cai.models import load_causal_lm
 
         self.spec = spec
@@ -35,22 +38,20 @@ class HFBackend:
         self.score_batch_size = max(1, score_batch_size or batch_size)
         self.device = next(self.model.parameters()).device
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        self.reuse_prefix = reuse_prefix  # encode a prefix shared by a whole generate() call once
 
     # ---- rendering -------------------------------------------------------------------------------------
     def render(self, prefix: Prefix) -> str:
         """Render a chat with the model's template, ready for the assistant's (continued) turn."""
-        if isinstance(prefix, str):
-            return prefix
-        cont = bool(prefix) and prefix[-1].get("role") == "assistant"
-        return self.tokenizer.apply_chat_template(
-            list(prefix), tokenize=False, add_generation_prompt=not cont, continue_final_message=cont
-        )
+        return render_prefix(self.tokenizer, prefix)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ---- generation ------------------------------------------------------------------------------------
     def generate(self, chats: Sequence[Chat], sampling: SamplingParams, *, progress: bool = False) -> list[Generation]:
+        """Length-sorted batches; a token prefix shared by every prompt (few-shot turns, a system prompt) is
+        encoded once and its KV cache copied into every batch."""
         import torch
 
         encoded = [self._encode(self.render(c)) for c in chats]
@@ -61,12 +62,13 @@ class HFBackend:
             if len(encoded[i]) > limit:
                 results[i] = Generation("", "error", len(encoded[i]), 0)
         todo = [i for i in order if results[i] is None]
+        shared = self._shared_prefix([encoded[i] for i in todo]) if len(todo) > 1 else None
         batches = [todo[k : k + self.batch_size] for k in range(0, len(todo), self.batch_size)]
         bar = _progress(len(todo), "generating", progress)
         for b, batch in enumerate(batches):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed + b)
-            texts, counts = self._generate_batch([encoded[i] for i in batch], sampling)
+            texts, counts = self._generate_batch([encoded[i] for i in batch], sampling, shared)
             for i, text, n in zip(batch, texts, counts):
                 cut, stopped = truncate_at_stop(text, sampling.stop)
                 finish = "stop" if stopped or n < sampling.max_new_tokens else "length"
@@ -80,14 +82,35 @@ class HFBackend:
                             i, r.prompt_tokens, limit)
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, ids: list[list[int]], sampling: SamplingParams) -> tuple[list[str], list[int]]:
+    def _shared_prefix(self, seqs: list[list[int]]) -> tuple[tuple[int, ...], object] | None:
+        """(prefix ids, KV cache) of the token prefix all ``seqs`` share, or None when it is too short to pay.
+        Computed per call, never kept: trainers may update the weights between calls."""
+        import torch
+
+        n = min(common_prefix_len(seqs), min(len(s) for s in seqs) - 1)  # every row keeps a token to feed
+        if not self.reuse_prefix or n < MIN_SHARED_PREFIX:
+            return None
+        key = tuple(seqs[0][:n])
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([key], device=self.device), use_cache=True, logits_to_keep=1)
+        return key, out.past_key_values
+
+    def _generate_batch(self, ids: list[list[int]], sampling: SamplingParams,
+                        shared: tuple[tuple[int, ...], object] | None = None) -> tuple[list[str], list[int]]:
+        """One ``model.generate`` call. Rows are left-padded; with a shared prefix the pads sit between the
+        cached prefix and each row's own tokens (positions come from the attention mask, so they stay exact)."""
+        import copy
+
         import torch
 
         tok = self.tokenizer
-        width = max(len(x) for x in ids)
+        head = list(shared[0]) if shared else []
+        tails = [x[len(head) :] for x in ids]
+        width = max(len(x) for x in tails)
         pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        input_ids = torch.tensor([head + [pad] * (width - len(x)) + x for x in tails], device=self.device)
+        mask = torch.tensor([[1] * len(head) + [0] * (width - len(x)) + [1] * len(x) for x in tails],
+                            device=self.device)
         kwargs = dict(
             max_new_tokens=sampling.max_new_tokens,
             do_sample=not sampling.greedy,
@@ -95,6 +118,10 @@ class HFBackend:
             eos_token_id=tok.eos_token_id,
             repetition_penalty=sampling.repetition_penalty,
         )
+        if shared:
+            cache = copy.deepcopy(shared[1])
+            cache.batch_repeat_interleave(len(ids))
+            kwargs["past_key_values"] = cache
         if not sampling.greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
         else:
@@ -103,7 +130,7 @@ class HFBackend:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=tok)
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-        new = out[:, width:]
+        new = out[:, input_ids.shape[1] :]
         texts, counts = [], []
         special = set(tok.all_special_ids)
         for row in new.tolist():
@@ -119,46 +146,111 @@ class HFBackend:
 
     # ---- scoring ---------------------------------------------------------------------------------------
     def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]]) -> list[list[float]]:
-        """Summed log-probability of each continuation after its prefix, batched over all (prefix, cont) pairs.
+        """Summed log-probability of each continuation after its prefix.
 
-        Sequences are left-padded so every continuation ends at the right edge; only the last positions'
-        logits are computed (``logits_to_keep``), which keeps memory small for large vocabularies.
+        Each distinct prefix is encoded once (left-padded batches, sorted by length); its last position scores
+        every continuation's first token, and longer continuations are fed on top of the prefix's KV cache, so
+        k answer options cost one prefix pass instead of k.
         """
-        import torch
-
         if len(prefixes) != len(continuations):
             raise ValueError("prefixes and continuations must have the same length")
-        items: list[tuple[int, int, list[int], int]] = []  # (prefix idx, cont idx, ids, n_cont)
+        groups: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
+        out = [[0.0] * len(c) for c in continuations]
         for i, (p, conts) in enumerate(zip(prefixes, continuations)):
             pids = self._encode(self.render(p))
             for j, c in enumerate(conts):
                 cids = self._encode(c)
                 if not cids:
                     raise ValueError(f"empty continuation {c!r}")
-                items.append((i, j, (pids + cids)[-self.max_context :], len(cids)))
-        out = [[0.0] * len(c) for c in continuations]
-        order = sorted(range(len(items)), key=lambda k: len(items[k][2]))
+                key = pids[-max(1, self.max_context - len(cids)) :] if pids else []
+                if not key:  # no prefix token: the first token of the continuation cannot be scored
+                    key, cids = cids[:1], cids[1:]
+                if cids:
+                    groups.setdefault(tuple(key), []).append((i, j, cids))
+        keys = sorted(groups, key=len)
+        for k in range(0, len(keys), self.score_batch_size):
+            batch = keys[k : k + self.score_batch_size]
+            for i, j, lp in self._score_group(batch, [groups[key] for key in batch]):
+                out[i][j] = lp
+        return out
+
+    def _score_group(self, prefixes: list[tuple[int, ...]], items: list[list[tuple[int, int, list[int]]]]):
+        """Yield (i, j, logprob) for the continuations ``items[b]`` of each prefix ``prefixes[b]``."""
+        import torch
+
         pad = self.tokenizer.pad_token_id
-        for k in range(0, len(order), self.score_batch_size):
-            batch = [items[o] for o in order[k : k + self.score_batch_size]]
-            width = max(len(x[2]) for x in batch)
-            keep = min(max(x[3] for x in batch) + 1, width)
-            ids = torch.tensor([[pad] * (width - len(x[2])) + x[2] for x in batch], device=self.device)
-            mask = torch.tensor([[0] * (width - len(x[2])) + [1] * len(x[2]) for x in batch], device=self.device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            with torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
-            logp = torch.log_softmax(logits.float(), dim=-1)  # [B, keep, V]; position t predicts token t+1
-            for row, (i, j, seq, n) in enumerate(batch):
-                targets = torch.tensor(seq[-n:], device=self.device)
-                n = min(n, keep - 1)  # a continuation with no prefix token cannot score its first token
-                targets = targets[-n:] if n else targets[:0]
-                preds = logp[row, keep - n - 1 : keep - 1]
-                out[i][j] = float(preds.gather(-1, targets[:, None]).sum())
+        width = max(len(p) for p in prefixes)
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prefixes], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        rows = [(b, i, j, c) for b, group in enumerate(items) for i, j, c in group]
+        longer = [r for r in rows if len(r[3]) > 1]
+        with torch.inference_mode():
+            res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=bool(longer),
+                             logits_to_keep=1)
+            first = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # [B, V]
+            rest = self._score_rest(res.past_key_values, mask, longer) if longer else {}
+        for b, i, j, c in rows:
+            yield i, j, float(first[b, c[0]]) + rest.get((i, j), 0.0)
+
+    def _score_rest(self, cache, mask, rows) -> dict[tuple[int, int], float]:
+        """Log-prob of tokens 2..n of each continuation, fed on top of its prefix's KV cache in row chunks that
+        keep the logits under ``LOGIT_BUDGET`` floats."""
+        import copy
+
+        import torch
+
+        pad = self.tokenizer.pad_token_id
+        vocab = int(self.model.config.vocab_size)
+        rows = sorted(rows, key=lambda r: len(r[3]))
+        out: dict[tuple[int, int], float] = {}
+        start = 0
+        while start < len(rows):
+            stop = start + 1
+            while stop < len(rows) and (stop - start + 1) * (len(rows[stop][3]) - 1) * vocab <= LOGIT_BUDGET:
+                stop += 1
+            chunk = rows[start:stop]
+            t = max(len(r[3]) - 1 for r in chunk)
+            sel = torch.tensor([r[0] for r in chunk], device=self.device)
+            part = cache if stop == len(rows) else copy.deepcopy(cache)  # selecting rows mutates the cache
+            part.batch_select_indices(sel)
+            feed = torch.tensor([r[3][:-1] + [pad] * (t + 1 - len(r[3])) for r in chunk], device=self.device)
+            cmask = torch.tensor([[1] * (len(r[3]) - 1) + [0] * (t + 1 - len(r[3])) for r in chunk],
+                                 device=self.device)
+            full = torch.cat([mask[sel], cmask], dim=1)
+            pos = mask[sel].sum(-1, keepdim=True) + torch.arange(t, device=self.device)
+            logits = self.model(input_ids=feed, attention_mask=full, position_ids=pos, past_key_values=part).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            for r, row in zip(chunk, logp):
+                targets = torch.tensor(r[3][1:], device=self.device)
+                out[(r[1], r[2])] = float(row[: len(targets)].gather(-1, targets[:, None]).sum())
+            start = stop
         return out
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
+
+
+def render_prefix(tokenizer, prefix: Prefix) -> str:
+    """A raw string as is; a chat rendered with the tokenizer's template, ready for the assistant's turn (or
+    continuing it, when the last message is the assistant's: prefill)."""
+    if isinstance(prefix, str):
+        return prefix
+    cont = bool(prefix) and prefix[-1].get("role") == "assistant"
+    return tokenizer.apply_chat_template(list(prefix), tokenize=False, add_generation_prompt=not cont,
+                                         continue_final_message=cont)
+
+
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by all ``seqs``."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return n
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -1,0 +1,105 @@
+"""Shared pieces of the benchmarks: the machine's matmul limit, timing, prompts, the table rows."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cai.backends import SamplingParams
+
+
+@dataclass
+class BenchContext:
+    """What every benchmark gets: the model spec, its loaded backend, sizes, and the machine's FLOP/s."""
+
+    spec: str
+    backend: Any  # cai.backends.hf.HFBackend
+    quick: bool
+    matmul_flops: float
+    progress: bool = False
+    sizes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        return count_params(self.backend.model)
+
+
+def count_params(model) -> int:
+    """Distinct parameters (tied embedding/lm_head counted once): forward FLOPs/token ≈ 2 × this."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            n += p.numel()
+    return n
+
+
+def matmul_flops(n: int = 1024, seconds: float = 2.0) -> float:
+    """Best fp32 FLOP/s of ``torch.matmul`` on n×n matrices, in this process: the machine's practical limit."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            torch.matmul(a, b)
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def machine() -> dict[str, Any]:
+    """A description of the machine the figures were taken on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
+    from cai.runs import package_versions
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "ram_gb": round(mem, 1), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "platform": platform.platform(), "versions": package_versions()}
+
+
+class Timer:
+    """``with Timer() as t: ...`` then ``t.seconds``."""
+
+    def __enter__(self) -> "Timer":
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.t0
+
+
+def greedy(max_new_tokens: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0, seed=0)
+
+
+def redteam_prompts(n: int) -> list[str]:
+    """The first ``n`` bundled red-team prompts (the same prompts for every variant)."""
+    from cai.data import load_prompts
+
+    prompts = [p.prompt for p in load_prompts("redteam", None).prompts]
+    return (prompts * (n // len(prompts) + 1))[:n]
+
+
+def row(metric: str, value: float, unit: str = "", target: float | None = None, note: str = "") -> dict[str, Any]:
+    """One line of the results table; ``met`` is None when there is no target."""
+    return {"metric": metric, "value": round(value, 4), "unit": unit, "target": target,
+            "met": None if target is None else bool(value >= target), "note": note}
+
+
+def rate(n: float, seconds: float) -> float:
+    return n / seconds if seconds > 0 else 0.0

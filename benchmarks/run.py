@@ -1,0 +1,114 @@
+"""Run the benchmarks side by side on one model and write JSON + a Markdown report."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks.common import BenchContext, machine, matmul_flops
+
+BENCHMARKS = ("generation", "labels", "critique", "sft")
+
+# Sizes per mode. "quick" keeps `cai bench --quick` under 3 minutes on a 2-core CPU with the 135M model.
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {"generation": {"prompts": 32, "naive_prompts": 8, "max_new_tokens": 64, "batch_sizes": [8, 32]},
+             "labels": {"pairs": 16, "parse_max_new_tokens": 24},
+             "critique": {"items": 8, "few_shot": 2, "max_new_tokens": 32},
+             "sft": {"records": 32, "batch_size": 8}},
+    "quick": {"generation": {"prompts": 8, "naive_prompts": 2, "max_new_tokens": 16, "batch_sizes": [8]},
+              "labels": {"pairs": 4, "parse_max_new_tokens": 12},
+              "critique": {"items": 4, "few_shot": 1, "max_new_tokens": 12},
+              "sft": {"records": 8, "batch_size": 4}},
+}
+
+
+def run_benchmarks(spec: str = "smollm2-135m", *, quick: bool = False, only: list[str] | None = None,
+                   progress: bool = False, on_result: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+    """Run the selected benchmarks (all by default) and return the results document; ``on_result(name, doc)``
+    is called after each benchmark with the document so far."""
+    from cai.backends.hf import HFBackend
+
+    load_start = os.getloadavg()
+    t0 = time.time()
+    flops = matmul_flops(seconds=1.0 if quick else 3.0)
+    backend = HFBackend(spec, batch_size=16, dtype="float32")
+    mode = "quick" if quick else "full"
+    doc: dict[str, Any] = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": spec, "quick": quick,
+                           "machine": machine(), "matmul_gflops": round(flops / 1e9, 2),
+                           "loadavg_start": [round(x, 2) for x in load_start], "benchmarks": {}}
+    for name in only or BENCHMARKS:
+        module = importlib.import_module(f"benchmarks.{name}")
+        ctx = BenchContext(spec, backend, quick, flops, progress, SIZES[mode][name])
+        doc["params"] = ctx.params
+        t = time.time()
+        result = module.run(ctx)
+        result["seconds_total"] = round(time.time() - t, 1)
+        result["note"] = module.NOTE
+        doc["benchmarks"][name] = result
+        doc["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        if on_result:
+            on_result(name, doc)
+    doc["seconds"] = round(time.time() - t0, 1)
+    backend.close()
+    return doc
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "–"
+    return f"{x:,.3g}" if isinstance(x, float) and abs(x) < 100 else (f"{x:,.0f}" if isinstance(x, float) else str(x))
+
+
+def table_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """[benchmark, metric, value, unit, target, met, note] for every row of every benchmark."""
+    out = []
+    for name, res in doc["benchmarks"].items():
+        for r in res["rows"]:
+            met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+            target = "" if r["target"] is None else f"≥ {_fmt(r['target'])}"
+            out.append([name, r["metric"], _fmt(r["value"]), r["unit"], target, met, r["note"]])
+    return out
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """docs/performance.md: machine, load, the table, and what each figure means."""
+    m = doc["machine"]
+    v = m["versions"]
+    lines = [
+        "# Performance",
+        "",
+        f"Written by `cai bench{' --quick' if doc['quick'] else ''}` on {doc['created_at']} "
+        f"(model `{doc['model']}`, {doc.get('params', 0) / 1e6:.1f} M parameters, fp32). Re-run it with "
+        "`make bench`; every figure below comes from that one run, side by side on the same model, prompts and "
+        "token budget.",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['ram_gb']} GB RAM"
+        f"{', GPU ' + m['gpu'] if m['gpu'] else ', no GPU'}; torch {v.get('torch')}, transformers "
+        f"{v.get('transformers')}, trl {v.get('trl')}.",
+        f"- Measured fp32 matmul limit: **{doc['matmul_gflops']} GFLOP/s** (`torch.matmul`, 1024² fp32, best of "
+        "several repeats, same process).",
+        f"- Load average (1/5/15 min) at start {doc['loadavg_start']}, at end {doc['loadavg_end']}: a load above "
+        f"the core count means other jobs shared the CPU and absolute figures are low; ratios are taken "
+        "back to back and suffer less.",
+        "",
+        "| benchmark | metric | value | unit | target | met | note |",
+        "|---|---|---:|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(doc)]
+    lines += ["", "## What the figures mean", ""]
+    for name, res in doc["benchmarks"].items():
+        module = importlib.import_module(f"benchmarks.{name}")
+        lines += [f"**{name}** ({res['seconds_total']} s). {(module.__doc__ or '').strip()}", "", res["note"], ""]
+    return "\n".join(lines) + "\n"
+
+
+def write(doc: dict[str, Any], json_path: Path, md_path: Path | None) -> None:
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if md_path is not None:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(markdown(doc), encoding="utf-8")

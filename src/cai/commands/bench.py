@@ -1,0 +1,79 @@
+"""`cai bench`: throughput benchmarks (code in the checkout's benchmarks/), printed as a table and written as
+JSON + docs/performance.md."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cai.errors import UserError
+
+
+def _checkout_root() -> Path:
+    """The source checkout that holds benchmarks/ (cai is installed editable from its src/)."""
+    import cai
+
+    root = Path(cai.__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "run.py").is_file():
+        raise UserError(f"cai bench needs a source checkout with benchmarks/ (looked in {root}); run it from a "
+                        "git clone installed with `make install`")
+    return root
+
+
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="Small sizes (about 3 minutes on a 2-core CPU)."),
+    only: list[str] = typer.Option([], "--only", help="Run only this benchmark (repeatable): generation, labels, "
+                                                      "critique, sft."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="In-process model spec to measure."),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON results (default benchmarks/results[-quick].json)."),
+    doc: Optional[Path] = typer.Option(None, "--doc", help="Markdown report (default docs/performance.md for a "
+                                                           "full run; a quick run writes none unless given)."),
+) -> None:
+    """Measure generation, AI-feedback labelling, critique→revision and SFT throughput side by side."""
+    root = _checkout_root()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.run import BENCHMARKS, run_benchmarks, table_rows, write
+
+    unknown = [o for o in only if o not in BENCHMARKS]
+    if unknown:
+        raise UserError(f"--only {unknown[0]!r}: unknown benchmark; choose from {', '.join(BENCHMARKS)}")
+    from cai.models import parse_spec
+
+    if not parse_spec(model).in_process:
+        raise UserError(f"--model {model!r}: cai bench measures in-process models; pass a local folder or alias")
+    out = out or root / "benchmarks" / ("results-quick.json" if quick else "results.json")
+    doc = doc or (None if quick else root / "docs" / "performance.md")
+    console = Console(stderr=True)
+
+    earlier: dict = {}
+    if only and out.is_file():  # a partial run updates its benchmarks in the earlier results, keeps the others
+        old = json.loads(out.read_text(encoding="utf-8"))
+        if old.get("model") == model and old.get("quick") == quick:
+            earlier = old.get("benchmarks", {})
+
+    def save(name: str, partial: dict) -> None:  # after every benchmark, so a killed run keeps what it measured
+        console.print(f"  [green]✓[/green] {name} ({partial['benchmarks'][name]['seconds_total']} s)")
+        write({**partial, "benchmarks": {**earlier, **partial["benchmarks"]}}, out, doc)
+
+    results = run_benchmarks(model, quick=quick, only=list(only) or None, progress=True, on_result=save)
+    results["benchmarks"] = {**earlier, **results["benchmarks"]}
+    write(results, out, doc)
+    table = Table(title=f"cai bench ({model}, matmul {results['matmul_gflops']} GFLOP/s, "
+                        f"load {results['loadavg_start'][0]}→{results['loadavg_end'][0]})")
+    for col in ("benchmark", "metric", "value", "unit", "target", "met", "note"):
+        table.add_column(col)
+    for r in table_rows(results):
+        table.add_row(*[c.replace("**", "") for c in r])
+    Console().print(table)
+    Console().print(f"wrote {out}" + (f" and {doc}" if doc else ""))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)

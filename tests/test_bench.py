@@ -1,0 +1,116 @@
+"""`cai bench --quick` on the tiny model (JSON schema, table, report) and the HF backend's speed-ups
+(shared-prefix KV reuse in generation, prefix-grouped log-prob scoring) giving the same results."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cai.backends import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+CAI = [sys.executable, "-m", "cai.cli"]
+SYSTEM = ("You are a careful assistant. Answer briefly, kindly and truthfully, name your limits, and never "
+          "lecture the user about ethics. " * 3)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_path):
+    from cai.backends.hf import HFBackend
+
+    return HFBackend("tiny-random", batch_size=2)
+
+
+def _chats(n: int) -> list[list[dict]]:
+    words = ["Hi", "What is the capital of France?", "Tell me a story about a cat and a dog.", "Why?", "Count to 3"]
+    return [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": words[i % len(words)]}]
+            for i in range(n)]
+
+
+def test_shared_prefix_reuse_gives_the_same_generations(backend, monkeypatch):
+    from cai.backends.hf import MIN_SHARED_PREFIX
+
+    chats = _chats(5)
+    shared = []
+    real = backend._shared_prefix
+    monkeypatch.setattr(backend, "_shared_prefix", lambda seqs: shared.append(real(seqs)) or shared[-1])
+    for sp in (SamplingParams(max_new_tokens=6, temperature=0), SamplingParams(max_new_tokens=6, seed=1)):
+        backend.reuse_prefix = False
+        plain = backend.generate(chats, sp)
+        backend.reuse_prefix = True
+        reused = backend.generate(chats, sp)
+        assert shared[-2] is None and len(shared[-1][0]) >= MIN_SHARED_PREFIX  # off, then on
+        assert [g.text for g in reused] == [g.text for g in plain]
+        assert [g.prompt_tokens for g in reused] == [g.prompt_tokens for g in plain]
+
+
+def test_logprobs_chunked_and_empty_prefix_agree(backend, monkeypatch):
+    import cai.backends.hf as hf
+
+    prefixes = [_chats(1)[0], _chats(1)[0], "", "Paris is"]
+    conts = [[" (A)", " (B)", " a much longer continuation with many tokens"], ["x"], ["Hello world"],
+             [" the capital", " big"]]
+    whole = backend.logprobs(prefixes, conts)
+    monkeypatch.setattr(hf, "LOGIT_BUDGET", 1)  # forces one row per continuation chunk
+    flat = [v for row in backend.logprobs(prefixes, conts) for v in row]
+    assert flat == pytest.approx([v for row in whole for v in row], abs=1e-4)
+    assert whole[0][0] == pytest.approx(backend.logprobs([prefixes[0]], [[" (A)"]])[0][0], abs=1e-4)
+    assert whole[2][0] < 0 and all(v < 0 for row in whole for v in row)
+
+
+def test_parse_option_for_generate_and_parse():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.labels import parse_option
+
+    assert parse_option("I pick OPTION 2 because") == 2
+    assert parse_option("option1") == 1
+    assert parse_option("Both answers are fine.") is None
+
+
+def test_cai_bench_quick_writes_json_table_and_report(tmp_path, tiny_path):
+    out, doc = tmp_path / "bench.json", tmp_path / "performance.md"
+    res = subprocess.run([*CAI, "bench", "--quick", "--model", "tiny-random", "--out", str(out), "--doc", str(doc)],
+                         capture_output=True, text=True, timeout=540, cwd=ROOT,
+                         env={**os.environ, "COLUMNS": "250"})  # a wide table, so cells are not wrapped
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["quick"] is True and data["model"] == "tiny-random" and data["params"] > 0
+    assert data["matmul_gflops"] > 0 and len(data["loadavg_start"]) == 3 and len(data["loadavg_end"]) == 3
+    assert set(data["benchmarks"]) == {"generation", "labels", "critique", "sft"}
+    for result in data["benchmarks"].values():
+        assert result["rows"] and result["note"]
+        for r in result["rows"]:
+            assert set(r) == {"metric", "value", "unit", "target", "met", "note"}
+            assert r["met"] is None or r["met"] == (r["value"] >= r["target"])
+    gen = data["benchmarks"]["generation"]
+    assert gen["naive"]["tokens"] > 0 and gen["ratio"] > 0 and 0 < gen["utilisation"] < 1
+    assert 0 <= data["benchmarks"]["labels"]["unparseable_share"] <= 1
+    sft = data["benchmarks"]["sft"]
+    assert sft["padded"]["tokens"] == sft["padding_free"]["tokens"] > 0
+    assert "batched ÷ naive" in res.stdout and "padding-free ÷ padded" in res.stdout
+    text = doc.read_text()
+    assert "| benchmark | metric |" in text and "GFLOP/s" in text and "Load average" in text
+
+
+def test_cai_bench_rejects_unknown_benchmark():
+    res = subprocess.run([*CAI, "bench", "--only", "nope"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 2 and "unknown benchmark" in res.stderr
+
+
+def test_vllm_backend_matches_hf_logprobs(backend, tiny_path):
+    pytest.importorskip("vllm")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a CUDA GPU")
+    from cai.backends import get_backend
+
+    vb = get_backend(f"vllm:{tiny_path}")
+    chats = _chats(2)
+    assert all(g.completion_tokens > 0 for g in vb.generate(chats, SamplingParams(max_new_tokens=4, temperature=0)))
+    got = vb.logprobs(chats, [[" (A)", " (B)"]] * 2)
+    assert got == pytest.approx(backend.logprobs(chats, [[" (A)", " (B)"]] * 2), abs=5e-2)
+    vb.close()
