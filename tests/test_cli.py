@@ -1,7 +1,6 @@
 """The CLI end to end in subprocesses: generate, kill-and-resume, and one-line errors for bad input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 
-from cai.errors import UserError
 from cai.settings import (  # noqa: F401  (re-exported: the shared sections and helpers)
     BenignSourceConfig,
     GenerationConfig,
@@ -21,6 +20,7 @@ from cai.settings import (  # noqa: F401  (re-exported: the shared sections and 
     format_validation_error,
     load_yaml,
     parse_override,
+    validate_yaml,
 )
 from cai.stages.classify import ClassifyConfig
 from cai.stages.critique import CritiqueConfig
@@ -81,26 +81,4 @@ class RunConfig(Strict):
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a run config from YAML (or defaults when ``path`` is None), applying ``--set`` overrides."""
-    data: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        loaded = load_yaml(p)
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"{p}: expected a mapping of config keys at the top level, got {type(loaded).__name__}")
-        data = loaded
-    for item in overrides or []:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise UserError(f"--set {item!r}: {k} is not a section")
-        node[keys[-1]] = value
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(format_validation_error(source, exc)) from None
+    return validate_yaml(RunConfig, path, overrides or [])

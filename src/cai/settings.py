@@ -4,7 +4,7 @@ helpers. Stage modules import from here; ``cai.config`` assembles them into ``Ru
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -103,3 +103,33 @@ def load_yaml(path: Path) -> Any:
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "malformed YAML"
         raise UserError(f"{path}:{where}: {problem}; fix the YAML syntax") from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_yaml(cls: type[M], path: str | Path | None, overrides: Sequence[str] = ()) -> M:
+    """Read a YAML file (or nothing, when ``path`` is None) into ``cls``, applying ``--set key.sub=value``
+    overrides; every problem is a one-line UserError naming the file and the key."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        loaded = load_yaml(Path(path))
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: expected a mapping of config keys at the top level, got {type(loaded).__name__}")
+        data = loaded
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(source, exc)) from None

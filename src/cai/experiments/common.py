@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from cai.backends import SamplingParams
-from cai.settings import PromptSourceConfig, Strict, format_validation_error, load_yaml, parse_override
+from cai.settings import PromptSourceConfig, Strict, validate_yaml
 from cai.data import Prompt, load_prompts
 from cai.errors import UserError
 from cai.runs import RunDir, StageDir, config_hash, package_versions, read_jsonl, write_json
@@ -72,21 +72,7 @@ class ExperimentConfig(Strict):
 
 def load_experiment_config(cls: type[C], path: str | Path, overrides: Sequence[str] = ()) -> C:
     """Read an experiment YAML into ``cls``, applying ``--set key.sub=value`` overrides; errors name the key."""
-    data = load_yaml(Path(path)) or {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of config keys at the top level")
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise UserError(f"--set {item!r}: {k} is not a section")
-        node[keys[-1]] = value
-    try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(format_validation_error(str(path), exc)) from None
+    return validate_yaml(cls, path, overrides)
 
 
 # ---- prompt pools ----------------------------------------------------------------------------------------------
