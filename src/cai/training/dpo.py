@@ -84,6 +84,8 @@ def train_dpo(base_spec: str, pairs: Sequence[dict], output_dir: Path, settings:
         max_length=settings.max_length, seed=seed, logging_steps=1, save_strategy="epoch", save_total_limit=1,
         report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=torch.cuda.is_available(),
+        gradient_checkpointing=torch.cuda.is_available(),  # TRL defaults it on; on CPU it only costs time
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # TRL's default autocasts CPUs to bf16: ~20x slower
     )
     steps_csv = output_dir / "steps.csv"
     logger = step_logger(steps_csv, {"loss": "loss", "reward_margin": "rewards/margins",

@@ -129,6 +129,8 @@ def train_reward(base_spec: str, records: Sequence[dict], output_dir: Path, sett
         gradient_accumulation_steps=settings.grad_accum, max_length=settings.max_length, seed=seed,
         logging_steps=1, save_strategy="epoch", save_total_limit=1, report_to=[], disable_tqdm=not progress,
         use_cpu=not torch.cuda.is_available(), activation_checkpointing=torch.cuda.is_available(),
+        gradient_checkpointing=torch.cuda.is_available(),  # TRL defaults it on; on CPU it only costs time
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # TRL's default autocasts CPUs to bf16: ~20x slower
     )
     trainer_cls, collator_cls = _soft_trainer_cls()
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_dict(cols(train)), processing_class=tok,
