@@ -8,7 +8,6 @@ pairs, so the loss matches the soft labels on average.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -16,7 +15,7 @@ from pydantic import Field
 
 from cai.settings import Strict
 from cai.errors import UserError
-from cai.training.rl import PolicyResult, last_checkpoint, lora_config, plot_curves, save_merged, step_logger
+from cai.training.rl import PolicyResult, last_checkpoint, lora_config, save_training_outputs, step_logger
 
 
 class DPOSettings(Strict):
@@ -94,13 +93,9 @@ def train_dpo(base_spec: str, pairs: Sequence[dict], output_dir: Path, settings:
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[logger],
                          peft_config=lora_config(settings) if settings.lora else None)
     trainer.train(resume_from_checkpoint=last_checkpoint(output_dir / "checkpoints"))
-    adapter = output_dir / "adapter" if settings.lora else None
-    if trainer.accelerator.is_main_process:
-        save_merged(trainer.model, tok, output_dir / "model", adapter)
-        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-        plot_curves(steps_csv, ["loss", "reward_margin", "reward_accuracy"], output_dir / "curves.png",
-                    "DPO on AI-feedback pairs (implicit reward = beta * log-ratio to the SL model)")
-    trainer.accelerator.wait_for_everyone()
+    adapter = save_training_outputs(trainer, tok, output_dir, settings.lora, steps_csv,
+                                    ["loss", "reward_margin", "reward_accuracy"],
+                                    "DPO on AI-feedback pairs (implicit reward = beta * log-ratio to the SL model)")
     metrics = {"pairs": len(kept), "dropped_uncertain": dropped, "label_smoothing": smoothing,
                "steps": trainer.state.global_step}
     return PolicyResult(output_dir, adapter, output_dir / "model", metrics)

@@ -58,6 +58,19 @@ def lora_config(settings, task_type: str = "CAUSAL_LM"):
                       target_modules="all-linear", task_type=task_type)
 
 
+
+def save_training_outputs(trainer, tok, output_dir: Path, lora: bool, steps_csv: Path, columns: list[str],
+                          title: str) -> Path | None:
+    """On the main process: the merged model (and adapter), the log history and the curves PNG; then sync.
+    Returns the adapter folder (None without LoRA)."""
+    adapter = output_dir / "adapter" if lora else None
+    if trainer.accelerator.is_main_process:
+        save_merged(trainer.model, tok, output_dir / "model", adapter)
+        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        plot_curves(steps_csv, columns, output_dir / "curves.png", title)
+    trainer.accelerator.wait_for_everyone()
+    return adapter
+
 def is_main_process() -> bool:
     """False in the non-main processes of ``accelerate launch`` (which must not write run artifacts)."""
     from accelerate import PartialState
@@ -229,13 +242,9 @@ def train_rl(base_spec: str, prompts: Sequence[str], reward_model: str | Path, o
                       args=args, train_dataset=dataset, processing_class=tok, callbacks=[logger],
                       peft_config=lora_config(settings) if settings.lora else None)
     trainer.train(resume_from_checkpoint=last_checkpoint(output_dir / "checkpoints"))
-    adapter = output_dir / "adapter" if settings.lora else None
-    if trainer.accelerator.is_main_process:
-        save_merged(trainer.model, tok, output_dir / "model", adapter)
-        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-        plot_curves(steps_csv, ["reward_mean", "kl", "response_length"], output_dir / "curves.png",
-                    f"{settings.algorithm.upper()} against the reward model")
-    trainer.accelerator.wait_for_everyone()
+    adapter = save_training_outputs(trainer, tok, output_dir, settings.lora, steps_csv,
+                                    ["reward_mean", "kl", "response_length"],
+                                    f"{settings.algorithm.upper()} against the reward model")
     metrics = {"steps": trainer.state.global_step, "reward_trend": trend(steps_csv, "reward_mean"),
                "kl_last": trend(steps_csv, "kl").get("last")}
     return PolicyResult(output_dir, adapter, output_dir / "model", metrics)
