@@ -288,14 +288,7 @@ def bar_plot(path: Path, title: str, groups: Sequence[str], series: dict[str, Se
         ax.bar(xs, [100 * r["rate"] for r in rates], width, yerr=_yerr(rates), capsize=3, label=label)
     ax.set_xticks(range(len(groups)), groups, rotation=15, ha="right")
     ax.set_ylim(0, 105)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, ax, path, title, ylabel)
 
 
 def line_plot(path: Path, title: str, xs: Sequence[float], series: dict[str, Sequence[dict]], xlabel: str,
@@ -311,6 +304,11 @@ def line_plot(path: Path, title: str, xs: Sequence[float], series: dict[str, Seq
     ax.set_xticks(list(xs))
     ax.set_ylim(0, 105)
     ax.set_xlabel(xlabel)
+    return _save_figure(plt, fig, ax, path, title, ylabel)
+
+
+def _save_figure(plt, fig, ax, path: Path, title: str, ylabel: str) -> Path:
+    """Label, lay out and save a plot (shared tail of bar_plot and line_plot)."""
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
