@@ -61,6 +61,21 @@ def test_loss_mask_follows_loss_on(tiny_path, tmp_path, loss_on):
         assert trained.startswith("<|im_start|>system") and "What is 0 plus 0?" in trained
 
 
+def test_prefill_is_context_not_target(tiny_path, tmp_path):
+    recs = _records(2)
+    recs[0]["messages"][1]["content"] = "Sure, step one is Actually, I can't help with that."
+    recs[0]["prefill"] = "Sure, step one is"
+    trainer, tok = build_trainer("tiny-random", recs, [], tmp_path, SFTSettings(), progress=False)
+    rows = {"Sure" in tok.decode(ex["input_ids"]): ex for ex in trainer.train_dataset}
+    masked = tok.decode([t for t in rows[True]["labels"] if t != -100])
+    assert masked == " Actually, I can't help with that.<|im_end|>"  # the prefill is seen, not trained on
+    assert "Sure, step one is" in tok.decode(rows[True]["input_ids"])
+    assert tok.decode([t for t in rows[False]["labels"] if t != -100]) in ("1 plus 1 is 2.<|im_end|>",
+                                                                          "0 plus 0 is 0.<|im_end|>")
+    with pytest.raises(UserError, match="'prefill' must be text that starts"):
+        to_prompt_completion({**recs[1], "prefill": "not the start"})
+
+
 def test_lora_training_writes_everything_and_resumes(tiny_path, tmp_path):
     from cai.models import load_causal_lm
 

@@ -5,6 +5,9 @@ Records are ``{"id", "messages"}``; each becomes a conversational prompt/complet
 last assistant turn / that turn). SmolLM2's chat template has no ``{% generation %}`` markers, so TRL's
 ``assistant_only_loss`` cannot mask it; the completion mask of the prompt/completion format can, for any template.
 ``loss_on: assistant`` trains on the final assistant turn (with its end-of-turn token); ``all`` on every token.
+A record may also carry ``prefill``: the start of its final assistant turn, given to the model as context and not
+trained on (the compliant prefix of a prefill-recovery example); such sets are rendered with the chat template
+into text prompt/completion pairs, so the mask can end inside the assistant turn.
 """
 
 from __future__ import annotations
@@ -81,8 +84,29 @@ def to_prompt_completion(record: dict) -> dict:
             raise UserError(f"SFT record {rid!r}: every message needs role system|user|assistant and text content")
     if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
         raise UserError(f"SFT record {rid!r}: the last message must be the assistant's answer, after a user turn")
+    prefill = record.get("prefill")
+    if prefill is not None and not (isinstance(prefill, str) and msgs[-1]["content"].startswith(prefill)):
+        raise UserError(f"SFT record {rid!r}: 'prefill' must be text that starts the last assistant message")
     return {"prompt": [dict(role=m["role"], content=m["content"]) for m in msgs[:-1]],
             "completion": [dict(role="assistant", content=msgs[-1]["content"])]}
+
+
+def to_text_prompt_completion(record: dict, tok) -> dict:
+    """``{"id", "messages", "prefill"?}`` → a text ``{"prompt", "completion"}`` rendered with ``tok``'s chat
+    template; the prompt ends after ``prefill`` (if any), so the loss covers only the rest of the assistant turn and
+    its end-of-turn token."""
+    pc = to_prompt_completion(record)
+    head = tok.apply_chat_template(pc["prompt"], tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(pc["prompt"] + pc["completion"], tokenize=False)
+    prompt = head + (record.get("prefill") or "")
+    if not full.startswith(prompt):
+        raise UserError(f"SFT record {record.get('id', '?')!r}: the chat template does not render the assistant "
+                        "turn verbatim, so its 'prefill' cannot be masked; drop 'prefill' from the records")
+    completion = full[len(prompt):]
+    eos = tok.eos_token or ""
+    if eos and completion.rstrip().endswith(eos):
+        completion = completion.rstrip()  # TRL appends the EOS to a text completion that does not end with it
+    return {"prompt": prompt, "completion": completion}
 
 
 def split_records(records: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
@@ -208,11 +232,16 @@ def build_trainer(base_spec: str, train_recs: list[dict], eval_recs: list[dict],
     set_seed(seed)
     model, tok = _load_model(base_spec, settings)
     tok.padding_side = "right"
+    if any(r.get("prefill") for r in [*train_recs, *eval_recs]):
+        def convert(r: dict) -> dict:
+            return to_text_prompt_completion(r, tok)
+    else:
+        convert = to_prompt_completion
     trainer = SFTTrainer(
         model=model,
         args=_sft_config(settings, Path(output_dir) / "checkpoints", seed, bool(eval_recs), progress),
-        train_dataset=Dataset.from_list([to_prompt_completion(r) for r in train_recs]),
-        eval_dataset=Dataset.from_list([to_prompt_completion(r) for r in eval_recs]) if eval_recs else None,
+        train_dataset=Dataset.from_list([convert(r) for r in train_recs]),
+        eval_dataset=Dataset.from_list([convert(r) for r in eval_recs]) if eval_recs else None,
         processing_class=tok,
         peft_config=_lora_config(settings) if settings.uses_adapter else None,
     )
