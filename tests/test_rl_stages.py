@@ -180,3 +180,26 @@ def test_cli_score_and_bad_batch_file(chain, tmp_path):
     err = subprocess.run([*cai, "score", "--reward", str(run.root), "--file", str(bad)],
                          capture_output=True, text=True, timeout=120)
     assert err.returncode == 2 and "missing response" in err.stderr and "Traceback" not in err.stderr
+
+
+def test_reward_samples_are_not_logged_twice_after_a_resume(tmp_path):
+    from types import SimpleNamespace
+
+    from cai.training.rl import RewardFunction
+
+    class Scorer:
+        def score(self, prompts, responses):
+            return [0.5] * len(prompts)
+
+    def call(fn, step):
+        state = SimpleNamespace(global_step=step, is_world_process_zero=True)
+        return fn(["p1", "p2"], ["r1", "r2"], trainer_state=state)
+
+    path = tmp_path / "samples.csv"
+    first = RewardFunction(Scorer(), path, per_step=2)
+    assert [call(first, s) for s in (0, 1, 2)][0] == [0.5, 0.5]
+    resumed = RewardFunction(Scorer(), path, per_step=2)  # a resume from a checkpoint at step 1
+    for s in (1, 2, 3):
+        call(resumed, s)
+    steps = [int(r["step"]) for r in csv.DictReader(path.open())]
+    assert steps == [1, 1, 2, 2, 3, 3, 4, 4]

@@ -179,24 +179,27 @@ def trend(csv_path: Path, column: str) -> dict:
 
 # ---- GRPO / RLOO -------------------------------------------------------------------------------------------
 class RewardFunction:
-    """The reward model as a TRL reward function; logs sampled (prompt, response, reward) rows to CSV."""
+    """The reward model as a TRL reward function; logs sampled (prompt, response, reward) rows to CSV. After a
+    resume, steps already in the CSV are not logged again."""
 
     def __init__(self, scorer, samples_csv: Path, per_step: int):
         self.scorer, self.samples_csv, self.per_step = scorer, Path(samples_csv), per_step
+        self.logged_until = max((int(r["step"]) for r in read_steps(self.samples_csv)), default=0)
         self.__name__ = "reward_model"
 
     def __call__(self, prompts, completions, trainer_state=None, **_) -> list[float]:
         user = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
         text = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         rewards = self.scorer.score(user, text)
-        if self.per_step and trainer_state is not None and trainer_state.is_world_process_zero:
+        step = trainer_state.global_step + 1 if trainer_state is not None else 0
+        if self.per_step and step > self.logged_until and trainer_state.is_world_process_zero:
             new = not self.samples_csv.exists()
             with open(self.samples_csv, "a", newline="", encoding="utf-8") as f:
                 w = csv.writer(f)
                 if new:
                     w.writerow(["step", "prompt", "response", "reward"])
                 for u, t, r in list(zip(user, text, rewards))[: self.per_step]:
-                    w.writerow([trainer_state.global_step + 1, u, t, round(r, 4)])
+                    w.writerow([step, u, t, round(r, 4)])
         return rewards
 
 
