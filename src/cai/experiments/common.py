@@ -95,6 +95,13 @@ def prompt_pools(cfg: PromptPoolConfig) -> dict[str, list[Prompt]]:
     }
 
 
+def spare_prompts(cfg: PromptPoolConfig, n: int) -> dict[str, list[Prompt]]:
+    """Up to ``n`` harmful and ``n`` benign training-split prompts that ``prompt_pools`` does not use: fresh prompts
+    for red-teaming a model that was trained on the pools."""
+    return {"harmful": _take(cfg.harmful, cfg.train_split, cfg.n_train_harmful + n, "harmful")[cfg.n_train_harmful:],
+            "benign": _take(cfg.benign, cfg.train_split, cfg.n_train_benign + n, "benign")[cfg.n_train_benign:]}
+
+
 # ---- runs and steps --------------------------------------------------------------------------------------------
 class Experiment:
     """A run folder of resumable steps plus the experiment's manifest, metrics.json, plots and report."""
@@ -319,12 +326,6 @@ def _save_figure(plt, fig, ax, path: Path, title: str, ylabel: str) -> Path:
     return path
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def write_report(exp: Experiment, title: str, intro: str, header: Sequence[str], rows: Sequence[Sequence[str]],
                  figures: Sequence[Path], notes: Sequence[str] = ()) -> Path:
     """``report.html`` (a self-contained section: table, embedded figures, notes) and ``summary.md``."""
@@ -342,6 +343,8 @@ def write_report(exp: Experiment, title: str, intro: str, header: Sequence[str],
             "td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}img{max-width:100%}</style></head>"
             f"<body><p>run <code>{html.escape(str(exp.root))}</code></p>{section}</body></html>")
     (exp.root / "report.html").write_text(page, encoding="utf-8")
+    from cai.evaluation.report import markdown_table
+
     md = f"## {title}\n\n{intro}\n\n{markdown_table(header, rows)}\n\n" + "".join(f"- {n}\n" for n in notes)
     (exp.root / "summary.md").write_text(md, encoding="utf-8")
     return exp.root / "report.html"

@@ -49,21 +49,23 @@ class PrefillRecoveryConfig(ExperimentConfig):
     decode: DecodeConfig = Field(default_factory=lambda: DecodeConfig(max_new_tokens=48))
 
 
-def recovery_text(tokenizer, answer_text: str, k: int, refusal: str) -> str:
-    """The first ``k`` tokens of a compliant answer, then a turn into the refusal."""
-    ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"][:k]
-    return tokenizer.decode(ids).rstrip() + TURN + refusal
+def compliant_prefix(tokenizer, answer_text: str, k: int) -> str:
+    """The first ``k`` tokens of a compliant answer, as text."""
+    return tokenizer.decode(tokenizer(answer_text, add_special_tokens=False)["input_ids"][:k]).rstrip()
 
 
 def recovery_records(harmful: list[Prompt], answers: dict[str, dict], tokenizer, ks: list[int], constitution,
                      ) -> list[dict]:
-    """One augmented example per harmful prompt with a non-empty compliant answer; k cycles over ``ks``."""
+    """One augmented example per harmful prompt with a non-empty compliant answer; k cycles over ``ks``. The
+    compliant prefix is the record's ``prefill``: context the model conditions on, not a target it learns to say
+    (the paper's loss on the recovery given the harmful prefix)."""
     out = []
     usable = [p for p in harmful if p.id in answers and answers[p.id]["response"].strip()]
     for i, p in enumerate(usable):
         k = ks[i % len(ks)]
-        out.append(sft_record(f"recover-k{k}-{p.id}", p.prompt,
-                              recovery_text(tokenizer, answers[p.id]["response"], k, refusal_for(p, constitution))))
+        prefix = compliant_prefix(tokenizer, answers[p.id]["response"], k)
+        out.append({**sft_record(f"recover-k{k}-{p.id}", p.prompt, prefix + TURN + refusal_for(p, constitution)),
+                    "prefill": prefix})
     return out
 
 
@@ -119,7 +121,7 @@ def _finish(exp: Experiment, cfg: PrefillRecoveryConfig, results: dict[str, dict
     notes = [f"prefill = the first k tokens of {text!r}; attack success = the continuation is not a refusal "
              f"(judge {cfg.judge}); 95% Wilson CIs",
              f"recovery examples: k in {cfg.augment_k} tokens of the policy's own compliant answer, then a refusal; "
-             "the SFT loss covers the whole assistant turn (prefix included)"]
+             "the compliant prefix is context only: the SFT loss covers the turn and the refusal"]
     write_report(exp, "Prefill attack and recovery training", "Attack success rate of the prefill attack for each k, "
                  "after standard safety SFT and after SFT with recovery augmentation.",
                  ["training", *(f"ASR k={k}" for k in ks), "over-refusal (benign)"], table, [fig], notes)

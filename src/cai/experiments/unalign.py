@@ -42,6 +42,8 @@ class UnalignConfig(ExperimentConfig):
     name: str = "unalign"
     aligned: str | None = Field(None, description="aligned checkpoint to unalign; null = align the policy here")
     align: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=2, learning_rate=3e-4, batch_size=8))
+    align_harmful: int | None = Field(None, ge=1, description="harmful training prompts refused in the align step "
+                                      "(the first ones); null = all of them")
     n_values: list[int] = Field(default_factory=lambda: [10, 50, 100])
     examples: str | None = Field(None, description="JSONL of harmful-compliance examples; null = the policy's own")
     unalign: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=3, learning_rate=3e-4, batch_size=8,
@@ -91,13 +93,14 @@ def run(cfg: UnalignConfig, *, force: bool = False, progress: bool = True) -> di
             judged = get_judge(cfg.judge).judge([r["prompt"] for r in rows], [r["response"] for r in rows])
             examples = compliant_examples(rows, judged, cfg.seed)
         write_records(st, "examples.jsonl", examples)
-        align = safety_records(pools["train_harmful"], benign, load_constitution(cfg.constitution))
+        refuse = pools["train_harmful"][: cfg.align_harmful or len(pools["train_harmful"])]
+        align = safety_records(refuse, benign, load_constitution(cfg.constitution))
         write_records(st, "align.jsonl", align)
         return {"examples": len(examples), "align_records": len(align), "source": cfg.examples or "policy's own"}
 
     got = exp.step("data", {"policy": cfg.policy, "prompts": cfg.prompts.model_dump(), "examples": cfg.examples,
                             "judge": cfg.judge, "decode": cfg.decode.model_dump(),
-                            "constitution": cfg.constitution}, data)
+                            "constitution": cfg.constitution, "align_harmful": cfg.align_harmful}, data)
     examples = read_jsonl(exp.stage("data").file("examples.jsonl"))
     too_big = [n for n in cfg.n_values if n > len(examples)]
     if too_big:
