@@ -16,6 +16,7 @@ from typing import Literal, Sequence
 
 from pydantic import Field
 
+from cai.errors import UserError
 from cai.settings import Strict
 
 STEP_FIELDS = ("step", "reward_mean", "reward_std", "kl", "response_length", "loss")
@@ -37,6 +38,11 @@ class RLSettings(Strict):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     samples_per_step: int = Field(4, ge=0, description="(prompt, response, reward) rows logged per step")
+    use_vllm: bool = Field(False, description="generate the RL samples with vLLM inside TRL (CUDA GPU + vllm)")
+    vllm_mode: Literal["colocate", "server"] = Field("colocate", description="colocate: vLLM shares the training "
+                                                     "GPU; server: a separate `trl vllm-serve` process")
+    vllm_server_base_url: str | None = Field(None, description="server mode: the `trl vllm-serve` URL")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="colocate mode: vLLM's GPU share")
 
 
 @dataclass
@@ -203,6 +209,24 @@ class RewardFunction:
         return rewards
 
 
+def vllm_args(settings: RLSettings) -> dict:
+    """TRL's vLLM generation arguments, or a UserError when this machine cannot run vLLM."""
+    if not settings.use_vllm:
+        return {}
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("rl.use_vllm needs a CUDA GPU; set rl.use_vllm: false on this machine")
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("rl.use_vllm needs vllm: pip install vllm (or set rl.use_vllm: false)")
+    if settings.vllm_mode == "server":
+        return {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": settings.vllm_server_base_url}
+    return {"use_vllm": True, "vllm_mode": "colocate",
+            "vllm_gpu_memory_utilization": settings.vllm_gpu_memory_utilization}
+
+
 def train_rl(base_spec: str, prompts: Sequence[str], reward_model: str | Path, output_dir: Path,
              settings: RLSettings, *, seed: int = 0, progress: bool = True) -> PolicyResult:
     """Optimise the policy ``base_spec`` on ``prompts`` against the reward model; writes steps.csv,
@@ -219,6 +243,7 @@ def train_rl(base_spec: str, prompts: Sequence[str], reward_model: str | Path, o
     else:
         from trl import RLOOConfig as Config, RLOOTrainer as Trainer
 
+    generation = vllm_args(settings)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(base_spec)
@@ -235,6 +260,7 @@ def train_rl(base_spec: str, prompts: Sequence[str], reward_model: str | Path, o
         activation_checkpointing=torch.cuda.is_available(),
         gradient_checkpointing=torch.cuda.is_available(),  # TRL defaults it on; on CPU it only costs time
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # TRL's default autocasts CPUs to bf16: ~20x slower
+        **generation,
     )
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
     steps_csv = output_dir / "steps.csv"
