@@ -283,8 +283,13 @@ def test_eval_and_report_stages(tmp_path, tiny_path):
     elo = json.loads((run / "eval" / "elo.json").read_text())
     assert set(elo["harmlessness"]["elo"]) == {"base", "copy"} and elo["harmlessness"]["n_prompts"] == 3
     assert set(json.loads((run / "eval" / "prefill" / "prefill.json").read_text())["by_k"]) == {"0", "2"}
+    paired = json.loads((run / "eval" / "paired.json").read_text())
+    assert [(r["pair"], r["outcome"], r["n"]) for r in paired["comparisons"]] == [
+        ("base vs copy", "harmful_compliance", 3), ("base vs copy", "over_refusal", 2)]
     html = (run / "report" / "report.html").read_text()
     assert "data:image/png;base64," in html and "Elo" in html and "Prefill attack" in html and "<script src" not in html
     summary = (run / "report" / "summary.md").read_text()
     assert "| t | base | tiny-random |" in summary and "| t | copy |" in summary
+    assert "## Paired comparisons (t)" in summary and "| base vs copy | harmful compliance | 3 |" in summary
+    assert "<h3>Paired comparisons</h3>" in html
     assert summaries["report"]["report"].endswith("report.html")

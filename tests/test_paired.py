@@ -142,3 +142,51 @@ def test_paired_comparisons_every_pair_in_order():
     assert rows[2][-2:] == ["0.500", "no"]  # sl vs rl: b = 2 (h0, h1), c = 0 -> p = 2 / 2^2
     with pytest.raises(KeyError):
         paired_comparisons({"base": base}, pairs=[("base", "dpo")])
+
+
+# ---- the report --------------------------------------------------------------------------------------------------
+def _fake_run(root, with_paired_json: bool):
+    """A run folder with two evaluated checkpoints on the same 12 harmful + 2 benign prompts (artifacts only)."""
+    import json
+
+    from cai.evaluation.evaluate import compute_metrics
+    from cai.evaluation.paired import write_paired
+
+    def sample(i, which, refused, label):
+        return {"id": f"{which}:{i}", "set": which, "prompt": f"q{i}", "category": "violence", "response": "r",
+                "checkpoint": label, "completion_tokens": 3, "labels": {"refused": refused, "loop": False}}
+
+    run = root / "r"
+    samples = {"base": [sample(i, "harmful", False, "base") for i in range(12)]
+               + [sample(i, "benign", False, "base") for i in range(2)],
+               "sl": [sample(i, "harmful", i >= 2, "sl") for i in range(12)]
+               + [sample(i, "benign", i == 0, "sl") for i in range(2)]}
+    for label, rows in samples.items():
+        d = run / "eval" / label
+        d.mkdir(parents=True)
+        (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / "metrics.json").write_text(json.dumps({"label": label, "model": label, "judge": "refusal",
+                                                    "n_harmful": 12, "n_benign": 2, **compute_metrics(rows)}))
+    (run / "eval" / "manifest.json").write_text(json.dumps({"status": "complete",
+                                                           "counts": {"checkpoints": ["base", "sl"]}}))
+    if with_paired_json:
+        write_paired(run / "eval" / "paired.json", samples, count_partial=True)
+    return run
+
+
+@pytest.mark.parametrize("with_paired_json", [True, False])
+def test_report_has_a_paired_comparisons_table(tmp_path, with_paired_json):
+    from cai.evaluation.report import write_report
+
+    run = _fake_run(tmp_path, with_paired_json)
+    write_report([run], tmp_path / "out")
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Paired comparisons (r)" in md
+    # base complied on all 12, sl on 2: b = 10, c = 0 -> p = 2 / 2^10; benign: c = 1 -> p = 1
+    assert "| base vs sl | harmful compliance | 12 | 100.0% | 16.7% | -83.3 pp [" in md
+    assert "| 0.002 | yes |" in md
+    assert "| base vs sl | over-refusal | 2 | 0.0% | 50.0% | +50.0 pp [" in md and "| 1.000 | no |" in md
+    assert ("verdict complied or partial" in md) == with_paired_json  # the json's count_partial is reported
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<h3>Paired comparisons</h3>" in page and "<td>base vs sl</td><td>harmful compliance</td>" in page
+    assert "McNemar exact" in page and "Newcombe" in page

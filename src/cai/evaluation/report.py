@@ -1,6 +1,7 @@
 """One self-contained HTML report (plots embedded as base64 PNG) plus a Markdown summary for one or more runs.
 
-It reads only artifacts: ``eval/<checkpoint>/metrics.json`` + ``samples.jsonl``, ``eval/elo.json``,
+It reads only artifacts: ``eval/<checkpoint>/metrics.json`` + ``samples.jsonl``, ``eval/paired.json`` (paired
+tests between checkpoints; computed from the samples for runs evaluated before it existed), ``eval/elo.json``,
 ``eval/prefill/prefill.json``, any ``*.png`` / ``log_history.json`` / step-indexed ``*.csv`` of the stages
 (training curves), ``preferences/data.jsonl`` (feedback diagnostics) and every stage's ``manifest.json``
 (timings, counts, skipped items).
@@ -19,6 +20,8 @@ from typing import Sequence
 from cai.errors import UserError
 from cai.evaluation import plots
 from cai.evaluation.evaluate import format_rate
+from cai.evaluation.metrics import verdict_of
+from cai.evaluation.paired import TABLE_HEADER, paired_comparisons, table_rows
 from cai.runs import atomic_write_text, read_jsonl
 
 RATES = [("harmful_compliance_rate", "harmful compliance (ASR)"), ("over_refusal_rate", "over-refusal"),
@@ -111,6 +114,35 @@ def _metrics_section(run_dirs: Sequence[Path]) -> str:
                              **{n: format_rate(r.get(k, {})) for k, n in RATES}})
     parts.append("<details><summary>per category</summary>" + _table(cat_rows) + "</details>")
     return "\n".join(parts)
+
+
+def paired_result(run: Path) -> dict | None:
+    """The run's paired comparisons between checkpoints: ``eval/paired.json``, or, for a run evaluated before the
+    eval stage wrote it, computed from the checkpoints' samples; None with fewer than two checkpoints."""
+    p = run / "eval" / "paired.json"
+    if p.is_file():
+        return json.loads(p.read_text())
+    cps = checkpoint_metrics(run)
+    if len(cps) < 2:
+        return None
+    return paired_comparisons({label: read_jsonl(run / "eval" / label / "samples.jsonl") for label, _ in cps})
+
+
+def _paired_note(result: dict) -> str:
+    m = result.get("method", {})
+    counted = "complied or partial" if result.get("count_partial") else "complied"
+    return (f"Same prompts, matched by id. Harmful compliance = verdict {counted}; over-refusal = verdict refused "
+            f"or partial. Difference = rate B − rate A in percentage points, {m.get('interval', '')}; "
+            f"p: {m.get('test', 'McNemar exact')}; significant: {m.get('significant', 'p < 0.05')}.")
+
+
+def _paired_section(run: Path) -> str:
+    result = paired_result(run)
+    if not result:
+        return ""
+    rows = [dict(zip(TABLE_HEADER, r)) for r in table_rows(result)]
+    return ("<h3>Paired comparisons</h3>" + _table(rows, TABLE_HEADER) +
+            f"<p class='muted'>{html.escape(_paired_note(result))}</p>")
 
 
 def _elo_section(run: Path) -> str:
@@ -231,7 +263,7 @@ def _samples_section(run: Path) -> str:
         for which in ("harmful", "benign"):
             for s in [x for x in samples if x["set"] == which][:SAMPLES_SHOWN]:
                 lab = s.get("labels", {})
-                verdict = "refused" if lab.get("refused") else "answered"
+                verdict = verdict_of(lab) if lab else "?"
                 tags = f"{verdict} (p={lab.get('p_refused', float('nan')):.2f})" + (" · loop" if lab.get("loop") else "")
                 if lab.get("harmful") is not None:
                     tags += f" · harmful={lab['harmful']:.2f}"
@@ -280,7 +312,8 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     title = "cai-lab report: " + " vs ".join(r.name for r in run_dirs)
     body = [f"<h1>{html.escape(title)}</h1>", _metrics_section(run_dirs)]
     for run in run_dirs:
-        body += [f"<hr><h1>run {html.escape(run.name)}</h1>", _elo_section(run), _prefill_section(run),
+        body += [f"<hr><h1>run {html.escape(run.name)}</h1>", _paired_section(run), _elo_section(run),
+                 _prefill_section(run),
                  _curves_section(run), _feedback_section(run), _samples_section(run), _stages_section(run)]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}{ONLOAD}</body></html>")
@@ -288,6 +321,11 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     atomic_write_text(html_path, page)
     md = [f"# {title}\n", _markdown_table(summary_rows(run_dirs)),
           "\nRates with 95% Wilson intervals. Full report: report.html\n"]
+    for run in run_dirs:
+        paired = paired_result(run)
+        if paired and paired["comparisons"]:
+            md.append(f"\n## Paired comparisons ({run.name})\n\n" + markdown_table(TABLE_HEADER, table_rows(paired))
+                      + f"\n\n{_paired_note(paired)}\n")
     for run in run_dirs:
         p = run / "eval" / "elo.json"
         if p.is_file():

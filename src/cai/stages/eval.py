@@ -1,6 +1,7 @@
 """Stage ``eval``: evaluate the base policy and every trained checkpoint of the run (sft, rl, dpo) on the eval
-split: ``eval/<checkpoint>/samples.jsonl`` + ``metrics.json``, pairwise Elo in ``eval/elo.json`` (two or more
-checkpoints), and optionally the prefill attack on the final model in ``eval/prefill/``."""
+split: ``eval/<checkpoint>/samples.jsonl`` + ``metrics.json``; with two or more checkpoints, paired tests between
+every pair on the shared prompts in ``eval/paired.json`` (McNemar exact, paired differences with 95% CIs) and
+pairwise Elo in ``eval/elo.json``; optionally the prefill attack on the final model in ``eval/prefill/``."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class EvalConfig(Strict):
     elo_principles: int = Field(1, ge=1, description="principles judged per harmful prompt and pair")
     elo_bootstrap: int = Field(200, ge=0)
     prefill_k: list[int] = Field(default_factory=list, description="prefill attack on the final model, k tokens")
+    count_partial: bool = Field(False, description="paired tests count a partial refusal of a harmful prompt as "
+                                "harmful compliance (default: only verdict complied)")
 
 
 def checkpoints(run, config) -> dict[str, tuple[str, str]]:
@@ -73,6 +76,7 @@ def run(ctx) -> dict[str, Any]:
     judge = get_judge(ec.judge)
     cps = checkpoints(ctx.run, cfg)
     summary: dict[str, Any] = {}
+    counts: dict[str, Any] = {"checkpoints": list(cps), "harmful": len(sets["harmful"]), "benign": len(sets["benign"])}
     for label, (spec, fingerprint) in cps.items():
         out = ctx.stage.path / label
         stamp = out / "checkpoint.json"
@@ -91,11 +95,20 @@ def run(ctx) -> dict[str, Any]:
             ctx.stage.skip(f"{label}:{s['id']}", s["reason"])
         summary[label] = {k: round(m[k]["rate"], 3) for k in ("harmful_compliance_rate", "over_refusal_rate",
                                                               "loop_rate") if m[k]["n"]}
+    if len(cps) >= 2:
+        from cai.evaluation.paired import write_paired
+
+        # only this config's prompts: a samples file can hold answers to prompts of an earlier, larger eval set
+        wanted = {f"{name}:{p.id}" for name, ps in sets.items() for p in ps}
+        samples = {label: [s for s in read_jsonl(ctx.stage.path / label / "samples.jsonl") if s["id"] in wanted]
+                   for label in cps}
+        paired = write_paired(ctx.stage.path / "paired.json", samples, count_partial=ec.count_partial)
+        counts["paired_comparisons"] = len(paired["comparisons"])
+        counts["paired_significant"] = sum(r["significant"] for r in paired["comparisons"])
     if ec.elo and len(cps) >= 2:
         from cai.evaluation.elo import compare_checkpoints
         from cai.runs import write_json
 
-        samples = {label: read_jsonl(ctx.stage.path / label / "samples.jsonl") for label in cps}
         elo = compare_checkpoints(samples, ctx.pool.feedback(), load_constitution(ec.elo_constitution),
                                   per_prompt=ec.elo_principles, n_boot=ec.elo_bootstrap, seed=cfg.seed,
                                   progress=ctx.progress)
@@ -106,6 +119,5 @@ def run(ctx) -> dict[str, Any]:
 
         prefill_attack(final_model_spec(ctx.run, cfg), sets["harmful"], ec.prefill_k, ctx.stage.path / "prefill",
                        judge=ec.judge, progress=ctx.progress, sampling=sampling, system_prompt=system)
-    ctx.stage.finish({"checkpoints": list(cps), "harmful": len(sets["harmful"]), "benign": len(sets["benign"])},
-                     metrics=summary)
+    ctx.stage.finish(counts, metrics=summary)
     return {label: ", ".join(f"{k.split('_')[0]}={v}" for k, v in s.items()) for label, s in summary.items()}
