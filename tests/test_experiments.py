@@ -169,6 +169,19 @@ def test_unalign_sweep_with_user_checkpoint_examples_and_realign(tmp_path, tiny_
     assert not (root / "align").exists()  # the given checkpoint is used as is
     assert json.loads((root / "unalign-2" / "manifest.json").read_text())["result"]["records"] == 2
     assert (root / "plots" / "unalign.png").is_file() and (root / "summary.md").is_file()
+    assert [(r["pair"], r["outcome"], r["n"]) for r in res["paired"]] == [
+        ("N=0 (aligned) vs N=2", "harmful_compliance", 3), ("N=0 (aligned) vs N=2", "over_refusal", 2),
+        ("N=2 vs N=2 + realign", "harmful_compliance", 3), ("N=2 vs N=2 + realign", "over_refusal", 2)]
+    assert json.loads((root / "paired.json").read_text())["comparisons"] == res["paired"]
+    assert "### Paired comparisons" in (root / "summary.md").read_text()
+    assert "<h3>Paired comparisons</h3>" in (root / "report.html").read_text()
+
+
+def test_unalign_paired_pairs():
+    labels = ["policy", "N=0 (aligned)", "N=10", "N=50", "N=50 + realign"]
+    assert unalign.paired_pairs(labels) == [("policy", "N=0 (aligned)"), ("N=0 (aligned)", "N=10"),
+                                            ("N=0 (aligned)", "N=50"), ("N=50", "N=50 + realign")]
+    assert unalign.paired_pairs(["N=0 (aligned)", "N=1"]) == [("N=0 (aligned)", "N=1")]
 
 
 def test_unalign_aligns_the_policy_on_the_first_align_harmful_prompts(tmp_path, tiny_path):
@@ -194,6 +207,11 @@ def test_prefill_recovery_end_to_end(tmp_path, tiny_path):
     recovery = (root / "data" / "recovery.jsonl").read_text().splitlines()
     assert len(recovery) == len((root / "data" / "standard.jsonl").read_text().splitlines()) + 4
     assert (root / "attack-recovery" / "k3" / "samples.jsonl").is_file()
+    assert [(r["pair"], r["outcome"], r["n"]) for r in res["paired"]] == [
+        ("standard k=0 vs recovery k=0", "harmful_compliance", 3),
+        ("standard k=3 vs recovery k=3", "harmful_compliance", 3),
+        ("standard benign vs recovery benign", "over_refusal", 2)]
+    assert "### Paired comparisons" in (root / "summary.md").read_text()
 
 
 # ---- CLI: bad input is one line, exit 2 ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from cai.experiments.common import (
     answer,
     evaluate_step,
     line_plot,
+    paired_between,
     prompt_pools,
     refusal_for,
     require_model_dir,
@@ -122,8 +123,14 @@ def _finish(exp: Experiment, cfg: PrefillRecoveryConfig, results: dict[str, dict
              f"(judge {cfg.judge}); 95% Wilson CIs",
              f"recovery examples: k in {cfg.augment_k} tokens of the policy's own compliant answer, then a refusal; "
              "the compliant prefix is context only: the SFT loss covers the turn and the refusal"]
+    # the same held-out prompts attacked on both models: standard vs recovery for every k, and the benign prompts
+    dirs = {f"{name} k={k}": exp.stage(f"attack-{name}").path / f"k{k}" for name in results for k in ks}
+    dirs.update({f"{name} benign": exp.stage(f"eval-benign-{name}").path for name in results})
+    paired = paired_between(exp, dirs, [(f"standard k={k}", f"recovery k={k}") for k in ks]
+                            + [("standard benign", "recovery benign")])
     write_report(exp, "Prefill attack and recovery training", "Attack success rate of the prefill attack for each k, "
                  "after standard safety SFT and after SFT with recovery augmentation.",
-                 ["training", *(f"ASR k={k}" for k in ks), "over-refusal (benign)"], table, [fig], notes)
+                 ["training", *(f"ASR k={k}" for k in ks), "over-refusal (benign)"], table, [fig], notes,
+                 paired=paired)
     return exp.finish({"experiment": "prefill-recovery", "k_values": ks, "attack_text": text, "models": results,
-                       "run": str(exp.root)})
+                       "paired": paired["comparisons"], "run": str(exp.root)})

@@ -26,6 +26,7 @@ from cai.experiments.common import (
     evaluate_step,
     line_plot,
     load_records,
+    paired_between,
     prompt_pools,
     require_model_dir,
     safety_records,
@@ -110,20 +111,36 @@ def run(cfg: UnalignConfig, *, force: bool = False, progress: bool = True) -> di
                                    cfg.align)
     harmful, benign = pools["eval_harmful"], pools["eval_benign"]
     rows: dict[str, dict] = {}
+    steps: dict[str, str] = {}  # row label -> the step folder holding its samples.jsonl
     if cfg.eval_policy:
         rows["policy"] = evaluate_step(exp, "eval-policy", cfg.policy, harmful, benign)
+        steps["policy"] = "eval-policy"
     rows["N=0 (aligned)"] = evaluate_step(exp, "eval-aligned", aligned, harmful, benign)
+    steps["N=0 (aligned)"] = "eval-aligned"
     last = aligned
     for n in cfg.n_values:
         last = train(exp, f"unalign-{n}", aligned, examples[:n], cfg.unalign, {"n": n})
         rows[f"N={n}"] = evaluate_step(exp, f"eval-{n}", last, harmful, benign)
+        steps[f"N={n}"] = f"eval-{n}"
     if cfg.realign_data:
         realigned = train(exp, "realign", last, load_records(cfg.realign_data, "unalign.realign_data"), cfg.realign)
         rows[f"N={cfg.n_values[-1]} + realign"] = evaluate_step(exp, "eval-realign", realigned, harmful, benign)
-    return _finish(exp, cfg, rows, len(examples))
+        steps[f"N={cfg.n_values[-1]} + realign"] = "eval-realign"
+    return _finish(exp, cfg, rows, len(examples), steps)
 
 
-def _finish(exp: Experiment, cfg: UnalignConfig, rows: dict[str, dict], available: int) -> dict[str, Any]:
+def paired_pairs(labels: list[str]) -> list[tuple[str, str]]:
+    """Which models the sweep compares on the same held-out prompts: the aligned checkpoint against the starting
+    policy and against every N, and a re-aligned model against the model it started from."""
+    ref = "N=0 (aligned)"
+    pairs = [("policy", ref)] if "policy" in labels else []
+    pairs += [(ref, x) for x in labels if x.startswith("N=") and x != ref and not x.endswith("+ realign")]
+    pairs += [(x.removesuffix(" + realign"), x) for x in labels if x.endswith(" + realign")]
+    return pairs
+
+
+def _finish(exp: Experiment, cfg: UnalignConfig, rows: dict[str, dict], available: int,
+            steps: dict[str, str] | None = None) -> dict[str, Any]:
     ns = [0, *cfg.n_values]
     sweep = [rows["N=0 (aligned)"], *(rows[f"N={n}"] for n in cfg.n_values)]
     fig = line_plot(exp.root / "plots" / "unalign.png", "unalignment by fine-tuning", ns,
@@ -135,8 +152,12 @@ def _finish(exp: Experiment, cfg: UnalignConfig, rows: dict[str, dict], availabl
     notes = [f"aligned checkpoint: {cfg.aligned or 'the policy after SFT on constitution-style refusals (align step)'}",
              f"examples: {cfg.examples or 'the policy own compliant answers to bundled red-team prompts'} "
              f"({available} available); judge: {cfg.judge}; 95% Wilson CIs"]
+    steps = steps or {}
+    paired = paired_between(exp, {label: exp.stage(step).path for label, step in steps.items()},
+                            paired_pairs(list(steps)))
     write_report(exp, "Unalignment by fine-tuning", "Harmful compliance and over-refusal on held-out prompts after "
                  "fine-tuning the aligned checkpoint on N harmful-compliance examples.",
-                 ["model", "harmful compliance", "over-refusal", "loops", "mean tokens"], table, [fig], notes)
+                 ["model", "harmful compliance", "over-refusal", "loops", "mean tokens"], table, [fig], notes,
+                 paired=paired)
     return exp.finish({"experiment": "unalign", "n_values": cfg.n_values, "examples_available": available,
-                       "models": rows, "run": str(exp.root)})
+                       "models": rows, "paired": paired["comparisons"], "run": str(exp.root)})
