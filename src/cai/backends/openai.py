@@ -124,11 +124,22 @@ class OpenAIBackend:
         )
 
     def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]]) -> list[list[float]]:
-        jobs = [(p, c) for p, conts in zip(prefixes, continuations) for c in conts]
+        """Each distinct prefix and each distinct continuation is tokenized once (k answer options over n
+        prompts cost n + k /tokenize calls, not 2nk); then one /completions request (echo) scores each pair."""
+        import json
 
-        def one(job: tuple[Prefix, str]) -> float:
-            prefix, cont = job
-            pids, cids = self._tokenize(prefix), self._tokenize(text=cont)
+        def key(prefix: Prefix) -> str:
+            return json.dumps(prefix, sort_keys=True) if isinstance(prefix, list) else "\0" + prefix
+
+        distinct = {key(p): p for p in prefixes}
+        pkeys = list(distinct)
+        ptoks = dict(zip(pkeys, self._map(lambda k: self._tokenize(distinct[k]), pkeys)))
+        texts = sorted({c for conts in continuations for c in conts})
+        ctoks = dict(zip(texts, self._map(lambda t: self._tokenize(text=t), texts)))
+        jobs = [(ptoks[key(p)], ctoks[c]) for p, conts in zip(prefixes, continuations) for c in conts]
+
+        def one(job: tuple[list[int], list[int]]) -> float:
+            pids, cids = job
             payload = {"model": self.model, "prompt": pids + cids, "max_tokens": 1, "echo": True,
                        "logprobs": 0, "temperature": 0}
             try:
