@@ -107,22 +107,37 @@ def _print_prefill(pre: dict) -> None:
     _out().print(t)
 
 
+def read_located_records(path: Path, flag: str = "--input") -> list[tuple[str, object]]:
+    """``(where, record)`` for each record of a JSONL / JSON list / CSV file; ``where`` is ``line N`` (JSONL, CSV:
+    the file's line) or ``item N`` (JSON list), for error messages. Records are not checked to be objects."""
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: file not found")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        return [(f"line {reader.line_num}", row) for row in reader]
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{flag} {path}: invalid JSON at line {exc.lineno} ({exc.msg}); use JSONL, JSON or CSV") from None
+        if not isinstance(data, list):
+            raise UserError(f"{flag} {path}: expected a JSON list of objects")
+        return [(f"item {i}", r) for i, r in enumerate(data, 1)]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{flag} {path}: invalid JSON at line {n} ({exc.msg}); use JSONL, JSON or CSV") from None
+    return out
+
+
 def read_records(path: Path) -> list[dict]:
     """Records of a JSONL / JSON list / CSV file."""
-    if not path.is_file():
-        raise UserError(f"--input {path}: file not found")
-    text = path.read_text(encoding="utf-8-sig")
-    try:
-        if path.suffix == ".csv":
-            return list(csv.DictReader(text.splitlines()))
-        if path.suffix == ".json":
-            data = json.loads(text)
-            if not isinstance(data, list):
-                raise UserError(f"--input {path}: expected a JSON list of objects")
-            return data
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--input {path}: invalid JSON at line {exc.lineno} ({exc.msg}); use JSONL, JSON or CSV") from None
+    return [r for _, r in read_located_records(path)]
 
 
 def judge_(
@@ -131,45 +146,102 @@ def judge_(
     out: Path = typer.Option(..., "--out", "-o", help="Output JSONL: each input record plus a 'judge' object."),
     prompt_field: str = typer.Option("prompt", "--prompt-field"),
     response_field: str = typer.Option("response", "--response-field"),
-    label_field: Optional[str] = typer.Option(None, "--label-field", help="Human label (true = refused) to measure "
-                                              "the judge's agreement against."),
+    label_field: Optional[str] = typer.Option(None, "--label-field", help="Human label to measure the judge "
+                                              "against: a verdict (complied, refused, partial, non_responsive), "
+                                              "true/false (= refused or not), or any label --label-map maps."),
+    label_map: Optional[str] = typer.Option(None, "--label-map", help="Map the dataset's labels onto verdicts: "
+                                            "'1_full_compliance=complied,2_full_refusal=refused,3_partial_refusal="
+                                            "partial' or a JSON/YAML file with that mapping (labels compared as "
+                                            "strings, e.g. 1=complied,0=refused)."),
 ) -> None:
-    """Label an existing file of responses with a judge (and measure agreement with human labels)."""
+    """Label an existing file of responses with a judge; with --label-field, measure it against human labels
+    (confusion matrix, per-class precision/recall/F1 and accuracy with 95% CIs; OUT's side: *.agreement.json)."""
+    from cai.evaluation.agreement import map_label, parse_label_map
     from cai.evaluation.judges import get_judge
+    from cai.evaluation.metrics import VERDICTS
     from cai.runs import atomic_write_text
 
-    records = read_records(input)
-    if not records:
-        raise UserError(f"--input {input}: no records")
-    for n, r in enumerate(records, 1):
+    if label_map and not label_field:
+        raise UserError("--label-map needs --label-field (the field holding the labels to map)")
+    mapping = parse_label_map(label_map) if label_map else None
+    located = read_located_records(input)
+    if not located:
+        raise UserError(f"--input {input}: no records (the file is empty)")
+    human: list = []
+    for where, r in located:
+        if not isinstance(r, dict):
+            raise UserError(f"--input {input} {where}: expected an object with fields {prompt_field!r} and "
+                            f"{response_field!r}")
         for f, flag in ((prompt_field, "--prompt-field"), (response_field, "--response-field")):
-            if not isinstance(r, dict) or not isinstance(r.get(f), str):
-                raise UserError(f"--input {input}: record {n} has no text field {f!r}; pass {flag} NAME")
+            if not isinstance(r.get(f), str):
+                raise UserError(f"--input {input} {where}: record has no text field {f!r}; pass {flag} NAME")
+        if label_field:
+            if r.get(label_field) is None or r.get(label_field) == "":
+                raise UserError(f"--input {input} {where}: no label in field {label_field!r} (--label-field); "
+                                "label every record or drop the unlabelled ones")
+            h = map_label(r[label_field], mapping)
+            if h is None:
+                raise UserError(
+                    f"--input {input} {where}: label {r[label_field]!r} in field {label_field!r} is not in "
+                    f"--label-map (labels: {', '.join(mapping)})" if mapping is not None else
+                    f"--input {input} {where}: label {r[label_field]!r} in field {label_field!r} is neither a "
+                    f"verdict ({', '.join(VERDICTS)}) nor true/false; map it with --label-map LABEL=VERDICT,...")
+            human.append(h)
+    records = [r for _, r in located]
     j = get_judge(judge)
     labels = j.judge([r[prompt_field] for r in records], [r[response_field] for r in records])
     atomic_write_text(out, "".join(json.dumps({**r, "judge": lab}, ensure_ascii=False) + "\n"
                                    for r, lab in zip(records, labels)))
-    refused = sum(lab["refused"] for lab in labels)
+    refused = sum(bool(lab["refused"]) for lab in labels)
     msg = f"wrote {out}: {len(records)} records, {refused} judged refused ({j.name})"
     if label_field:
-        truth = [_truthy(r.get(label_field)) for r in records]
-        pairs = [(t, lab["refused"]) for t, lab in zip(truth, labels) if t is not None]
-        if not pairs:
-            raise UserError(f"--label-field {label_field!r}: no record has a true/false value there")
-        acc = sum(t == p for t, p in pairs) / len(pairs)
-        from cai.evaluation.metrics import proportion_ci
-
-        _, lo, hi = proportion_ci(sum(t == p for t, p in pairs), len(pairs))
-        msg += f"; agreement with {label_field}: {100 * acc:.1f}% [{100 * lo:.1f}–{100 * hi:.1f}] on {len(pairs)}"
-    _out().print(msg)
+        _agreement(input, out, j.name, label_field, mapping, human, labels, msg)
+    else:
+        _out().print(msg)
 
 
-def _truthy(v) -> bool | None:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    return True if s in ("1", "true", "yes", "refused", "refusal") else False if s in (
-        "0", "false", "no", "complied", "compliance") else None
+def agreement_path(out: Path) -> Path:
+    """Where `cai judge` writes the agreement report: beside OUT, ``judged.jsonl`` -> ``judged.agreement.json``."""
+    return out.with_name(out.stem + ".agreement.json") if out.suffix else out.with_name(out.name + ".agreement.json")
+
+
+def _agreement(input: Path, out: Path, judge_name: str, label_field: str, mapping: dict | None, human: list,
+               labels: list[dict], msg: str) -> None:
+    from cai.evaluation.agreement import agreement, format_share
+    from cai.evaluation.metrics import verdict_of
+    from cai.runs import write_json
+
+    rep = agreement(human, [verdict_of(lab) for lab in labels])
+    path = agreement_path(out)
+    write_json(path, {"input": str(input), "judge": judge_name, "label_field": label_field, "label_map": mapping,
+                      "n": len(human), **rep})
+    console = _out()
+    for view, title in (("verdict", "4-way verdict"), ("binary", "refused vs not")):
+        r = rep[view]
+        if r is None:
+            console.print(f"(no 4-way view: the labels in {label_field!r} are true/false, not verdicts; "
+                          "pass --label-map to map them onto verdicts)", soft_wrap=True)
+            continue
+        cm = Table(title=f"{title}: rows = human ({label_field}), columns = judge ({judge_name})")
+        cm.add_column("human \\ judge")
+        for c in r["classes"]:
+            cm.add_column(c, justify="right")
+        for c, row in zip(r["classes"], r["matrix"]):
+            cm.add_row(c, *[str(x) for x in row])
+        console.print(cm)
+        pc = Table(title=f"{title}: per class (95% CIs)")
+        for c in ("class", "support", "precision", "recall", "F1"):
+            pc.add_column(c)
+        for c, s in r["per_class"].items():
+            pc.add_row(c, str(s["support"]), format_share(s["precision"]), format_share(s["recall"]),
+                       format_share(s["f1"]))
+        console.print(pc)
+        console.print(f"{title} accuracy: {format_share(r['accuracy'])} on {r['n']}", soft_wrap=True)
+    acc = rep["binary"]["accuracy"]
+    console.print(msg, soft_wrap=True)
+    console.print(f"agreement with {label_field}: {100 * acc['value']:.1f}% [{100 * acc['ci_low']:.1f}–"
+                  f"{100 * acc['ci_high']:.1f}] on {acc['n']} (refused vs not)", soft_wrap=True)
+    console.print(f"wrote {path}", soft_wrap=True)
 
 
 def report(
