@@ -120,7 +120,8 @@ class OpenAIBackend:
         return LogprobsUnsupported(
             f"the server behind {self.spec!r} cannot score log-probabilities of given text (needs /tokenize and "
             "/v1/completions with echo+logprobs, as vLLM provides); use a vLLM server or a local model as "
-            "feedback, or a preference source that needs no judge (revision, contrastive)"
+            "feedback or LLM judge, the offline judge (--judge refusal), or a preference source that needs no "
+            "judge (revision, contrastive)"
         )
 
     def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]]) -> list[list[float]]:
