@@ -105,6 +105,8 @@ def run(ctx) -> dict[str, Any]:
         paired = write_paired(ctx.stage.path / "paired.json", samples, count_partial=ec.count_partial)
         counts["paired_comparisons"] = len(paired["comparisons"])
         counts["paired_significant"] = sum(r["significant"] for r in paired["comparisons"])
+    else:
+        (ctx.stage.path / "paired.json").unlink(missing_ok=True)  # from an earlier run with more checkpoints
     if ec.elo and len(cps) >= 2:
         from cai.evaluation.elo import compare_checkpoints
         from cai.runs import write_json
