@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cai.errors import UserError
 
+SEED_MAX = 2**32 - 1  # numpy's limit; torch, random and transformers accept it too
 
 class Strict(BaseModel):
     """Base for every config section: unknown keys are errors."""
@@ -98,6 +99,8 @@ def load_yaml(path: Path) -> Any:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
+    except RecursionError:
+        raise UserError(f"{path}: the YAML is nested too deeply to read; flatten it") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -516,9 +516,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(cfg: GuardConfig) -> None:
-    """Bind the port and open the audit log (both fail fast, with one line), load both models, probe the
-    supervisor, and serve until interrupted."""
+def serve(cfg: GuardConfig, announce=None) -> None:
+    """Bind the port and open the audit log (both fail fast, with one line), then ``announce()``, load both
+    models, probe the supervisor, and serve until interrupted."""
     import uvicorn
 
     cfg.check_security()
@@ -526,6 +526,8 @@ def serve(cfg: GuardConfig) -> None:
     audit = None
     try:
         audit = AuditLog(cfg.audit_log, cfg.audit_max_chars)
+        if announce is not None:
+            announce()
         guard = Guard.from_config(cfg)
         config = uvicorn.Config(create_app(guard, cfg, audit), log_level="warning", timeout_keep_alive=5)
         uvicorn.Server(config).run(sockets=[sock])  # no limit_concurrency: AuditMiddleware answers overflow
