@@ -190,7 +190,7 @@ def read_jsonl(path: Path, *, repair: bool = False) -> list[dict]:
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's limit
             raise UserError(f"{path}:{n}: corrupt JSONL line; delete the file or rerun the stage with --force") from None
     return records
 

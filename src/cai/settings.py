@@ -88,7 +88,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set generation.max_new_tokens=64")
     key, value = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    if not key.strip() or any(not k.strip() for k in key.split(".")):
+        raise UserError(f"--set {item[:80]!r}: the key is empty; expected KEY=VALUE, e.g. --set seed=1")
+    try:
+        parsed = yaml.safe_load(value)
+    except (yaml.YAMLError, RecursionError) as exc:
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise UserError(f"--set {item[:80]!r}: the value is {problem}; quote it, e.g. --set 'name=\"text\"'") from None
+    return [k.strip() for k in key.split(".")], parsed
 
 
 def load_yaml(path: Path) -> Any:
