@@ -83,12 +83,13 @@ def check_api_key(authorization: str | None, keys: Sequence[str]) -> bool:
 
 
 class _Part(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: str
     text: str = ""
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # JSON types as documented: no "stream": 0
     role: Literal["system", "user", "assistant"]
     content: str | list[_Part]
 
@@ -103,7 +104,7 @@ class ChatMessage(BaseModel):
 class ChatRequest(BaseModel):
     """The OpenAI chat-completions fields the guard uses; other fields are accepted and ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # JSON types as documented: no "stream": 0
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -143,7 +144,7 @@ def openapi_paths(cfg: GuardConfig) -> tuple[dict, dict]:
     request = {
         "type": "object", "required": ["model", "messages"],
         "properties": {
-            "model": {"type": "string", "maxLength": 256},
+            "model": {"type": "string", "enum": [cfg.served_model_name]},
             "messages": {"type": "array", "items": message, "minItems": 1, "maxItems": cfg.max_messages},
             "max_tokens": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit},
                                      {"type": "null"}]},
@@ -254,10 +255,12 @@ def create_app(guard: Guard, cfg: GuardConfig, audit: AuditLog) -> FastAPI:
         if len(req.messages) > cfg.max_messages:
             raise ApiError(400, f"{len(req.messages)} messages; at most {cfg.max_messages} are allowed",
                            "too_many_messages", "messages")
+        for name in ("max_tokens", "max_completion_tokens"):
+            asked = getattr(req, name)
+            if asked is not None and asked > cfg.max_tokens_limit:
+                raise ApiError(400, f"{name} {_short(asked, 24)} is over this server's limit of "
+                               f"{cfg.max_tokens_limit}", "max_tokens_too_large", name)
         max_tokens = req.max_completion_tokens or req.max_tokens or min(cfg.default_max_tokens, cfg.max_tokens_limit)
-        if max_tokens > cfg.max_tokens_limit:
-            raise ApiError(400, f"max_tokens {_short(max_tokens, 24)} is over this server's limit of "
-                           f"{cfg.max_tokens_limit}", "max_tokens_too_large", "max_tokens")
         if req.n != 1:
             raise ApiError(400, "only n=1 is supported", "unsupported_n", "n")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -365,7 +368,10 @@ def create_app(guard: Guard, cfg: GuardConfig, audit: AuditLog) -> FastAPI:
                 record["detail"] = exc.detail
             return exc.response(rid)
 
-    @app.get("/v1/models")
+    unauthorized = {401: {"description": "missing or invalid API key", "content": {"application/json": {
+        "schema": response_schemas["401"]["content"]["application/json"]["schema"]}}}}
+
+    @app.get("/v1/models", responses=unauthorized)
     async def list_models(request: Request):
         try:
             authorize(request)
@@ -378,7 +384,7 @@ def create_app(guard: Guard, cfg: GuardConfig, audit: AuditLog) -> FastAPI:
     async def health():
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=unauthorized)
     async def prometheus(request: Request):
         try:
             authorize(request)
