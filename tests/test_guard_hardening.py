@@ -251,3 +251,13 @@ def test_deadline_stops_hf_generation_between_tokens(tiny_backend):
     with deadline(time.monotonic() + 0.2), pytest.raises(DeadlineExceeded):
         tiny_backend.generate([chat], SamplingParams(1500, 0.0, 1.0, [], 0, 1.0))
     assert time.perf_counter() - t0 < 2.0
+
+
+def test_load_script_small_run_audits_every_request(tmp_path):
+    """benchmarks/guard_load.py (the 200-client figures in docs/guard.md), at a CI size: 40 clients, 240 requests."""
+    from benchmarks.guard_load import main
+
+    s = main(["--clients", "40", "--requests", "240", "--seconds", "60", "--max-pending", "8", "--policy-ms", "5",
+              "--supervisor-ms", "5", "--out", str(tmp_path / "load.json")])
+    assert s["requests"] == 240 and s["audit_equals_requests"] and s["metrics_requests_total"] == 240
+    assert set(s["status"]) <= {"200", "429", "503"} and s["status"].get("200", 0) > 0
