@@ -261,3 +261,20 @@ def test_load_script_small_run_audits_every_request(tmp_path):
               "--supervisor-ms", "5", "--out", str(tmp_path / "load.json")])
     assert s["requests"] == 240 and s["audit_equals_requests"] and s["metrics_requests_total"] == 240
     assert set(s["status"]) <= {"200", "429", "503"} and s["status"].get("200", 0) > 0
+
+
+def test_app_serves_again_after_a_lifespan_ends(tmp_path):
+    """The worker pool is made on first use, not at app creation: an app whose lifespan ended (a test client,
+    a server restart in-process) answered every later request with a 500 from a shut-down executor."""
+    from fastapi.testclient import TestClient
+
+    from cai.guard.audit import AuditLog
+    from cai.guard.config import GuardConfig
+    from cai.guard.server import create_app
+
+    cfg = GuardConfig(audit_log=tmp_path / "a.jsonl")
+    app = create_app(make_guard(StubBackend()), cfg, AuditLog(cfg.audit_log))
+    for _ in range(2):
+        with TestClient(app) as client:
+            assert client.post("/v1/chat/completions", json=OK).status_code == 200
+    assert [a["status"] for a in strict_records(cfg.audit_log)] == [200, 200]

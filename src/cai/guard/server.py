@@ -193,16 +193,30 @@ def openapi_paths(cfg: GuardConfig) -> tuple[dict, dict]:
 
 def create_app(guard: Guard, cfg: GuardConfig, audit: AuditLog) -> FastAPI:
     """The ASGI app over a loaded :class:`Guard`; ``cfg`` supplies the limits, keys and names."""
-    # `workers` checks run at once; as many spare threads take over from checks abandoned at their deadline
-    executor = ThreadPoolExecutor(cfg.workers * 2, thread_name_prefix="guard")
+    # `workers` checks run at once; as many spare threads take over from checks abandoned at their deadline.
+    # Made on first use and dropped at shutdown, so an app whose lifespan ran (and ended) can serve again.
+    pool: dict[str, object] = {}
     metrics = Metrics()
-    slots = asyncio.Semaphore(cfg.workers)
     secrets = list(cfg.api_keys)
+
+    def slots() -> asyncio.Semaphore:
+        """The `workers` places, one semaphore per event loop (an app may be served by more than one loop)."""
+        loop = asyncio.get_running_loop()
+        if pool.get("loop") is not loop:
+            pool["loop"], pool["slots"] = loop, asyncio.Semaphore(cfg.workers)
+        return pool["slots"]  # type: ignore[return-value]
+
+    def executor() -> ThreadPoolExecutor:
+        if "executor" not in pool:
+            pool["executor"] = ThreadPoolExecutor(cfg.workers * 2, thread_name_prefix="guard")
+        return pool["executor"]  # type: ignore[return-value]
 
     @asynccontextmanager
     async def lifespan(_app):
         yield
-        executor.shutdown(wait=False, cancel_futures=True)
+        old = pool.pop("executor", None)
+        if isinstance(old, ThreadPoolExecutor):
+            old.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="cai guard", lifespan=lifespan, version="1")
     app.state.metrics = metrics
@@ -307,10 +321,11 @@ def create_app(guard: Guard, cfg: GuardConfig, audit: AuditLog) -> FastAPI:
                            "is released, retry later", "guard_timeout")
         metrics.in_flight += 1
         try:
-            if not await _acquire_before(slots, at):
+            sem = slots()
+            if not await _acquire_before(sem, at):
                 raise timeout
             try:
-                job = executor.submit(guard.respond, messages, sampling, deadline_at=at)
+                job = executor().submit(guard.respond, messages, sampling, deadline_at=at)
                 fut = asyncio.wrap_future(job)
                 try:
                     return await asyncio.wait_for(asyncio.shield(fut), max(0.0, at - time.monotonic()))
@@ -323,7 +338,7 @@ def create_app(guard: Guard, cfg: GuardConfig, audit: AuditLog) -> FastAPI:
                     fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieve, never log
                     raise timeout from None
             finally:
-                slots.release()
+                sem.release()
         except TimeoutError:  # DeadlineExceeded from the work
             raise timeout from None
         except ContextTooLong as exc:
