@@ -57,6 +57,16 @@ def test_generate_killed_midway_resumes_exactly_once(tmp_path, tiny_path):
     ("e.txt:", ["generate", "--model", "tiny-random", "--prompts", "{tmp}/e.txt", "--out", "{tmp}/o"], "no prompts"),
     ("c.yaml:models: [1,\n", ["run", "{tmp}/c.yaml"], "c.yaml"),
     ("c.yaml:modles: {}\n", ["run", "{tmp}/c.yaml"], "modles: unknown key"),
+    # issue 13
+    ("f.txt:hi\n", ["generate", "--model", "tiny-random", "--prompts", "{tmp}/f.txt", "--out", "{tmp}/f.txt"],
+     "is a file, not a folder"),
+    ("c.yaml:name: x\xff\xfe\n", ["constitution", "check", "{tmp}/c.yaml"], "not UTF-8"),
+    ("c.yaml:name: x\xff\xfe\n", ["guard", "serve", "--constitution", "{tmp}/c.yaml", "--port", "0",
+                                   "--audit-log", "{tmp}/a.jsonl"], "not UTF-8"),
+    (None, ["guard", "serve", "--audit-log", "{tmp}"], "is a directory"),
+    (None, ["guard", "serve", "--host", "0.0.0.0", "--api-key", "", "--audit-log", "{tmp}/a.jsonl"],
+     "empty API key"),
+    (None, ["run", "--set", "seed=1180591620717411303424"], "seed"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, setup, args, needle):
     if setup:
@@ -69,6 +79,44 @@ def test_bad_input_is_one_line_exit_2(tmp_path, setup, args, needle):
     err = " ".join(res.stderr.split())
     assert needle in err, err
     assert err.startswith("error:")
+
+
+def test_max_new_tokens_over_the_context_is_exit_2_not_an_empty_success(tmp_path):
+    (tmp_path / "f.txt").write_text("hi\n")
+    res = cai("generate", "--model", "tiny-random", "--prompts", str(tmp_path / "f.txt"), "--out",
+              str(tmp_path / "o"), "--max-new-tokens", "100000", timeout=120)
+    err = " ".join(res.stderr.split())
+    assert res.returncode == 2 and "Traceback" not in err
+    assert "error: max_new_tokens=100000 leaves no room for a prompt in the context of 'tiny-random'" in err
+
+
+def test_huge_seed_is_a_usage_error_not_a_traceback(tmp_path):
+    res = cai("generate", "--model", "tiny-random", "--prompts", "benign", "--out", str(tmp_path / "o"),
+              "--seed", str(2**70), timeout=120)
+    assert res.returncode == 2 and "--seed" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_guard_port_in_use_is_one_line_exit_2_before_models_load(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        t0 = time.time()
+        res = cai("guard", "serve", "--port", str(port), "--policy", "tiny-random", "--supervisor", "tiny-random",
+                  "--audit-log", str(tmp_path / "a.jsonl"), timeout=120)
+    assert res.returncode == 2 and "already in use" in res.stderr and "Traceback" not in res.stderr
+    assert "loading models" not in res.stderr or time.time() - t0 < 30
+
+
+def test_changed_config_hint_names_a_flag_the_command_has(tmp_path):
+    out = str(tmp_path / "o")
+    first = cai("generate", "--model", "nope!", "--prompts", "benign", "--limit", "1", "--out", out, timeout=120)
+    assert first.returncode == 2  # the folder's manifest now records model "nope!"
+    res = cai("generate", "--model", "tiny-random", "--prompts", "benign", "--limit", "1", "--out", out, timeout=120)
+    err = " ".join(res.stderr.split())
+    assert res.returncode == 2 and "different config" in err and "--out" in err and "--name" not in err
 
 
 def test_unreachable_server_exit_2(tmp_path):

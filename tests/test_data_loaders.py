@@ -251,3 +251,18 @@ def test_split_without_split_field_labels_all(tmp_path: Path) -> None:
     ps = load_prompts(write(tmp_path / "p.txt", "a\nb\n"), split="eval")
     assert [p.split for p in ps] == ["eval", "eval"]
     assert [p.split for p in load_prompts(tmp_path / "p.txt")] == ["train", "train"]
+
+
+def test_jsonl_and_txt_lines_split_only_on_newlines(tmp_path: Path) -> None:
+    """Issue 13: str.splitlines also splits on U+2028/U+2029/U+0085/\\v/\\f, which are legal inside a JSON string
+    or a prompt: records were dropped as malformed and later line numbers were wrong."""
+    p = tmp_path / "p.jsonl"
+    rows = [{"prompt": "a\u2028b"}, {"prompt": "c\u0085d\u2029e"}, {"prompt": "f\x0bg\x0ch"}]
+    p.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n{bad\n" + '{"prompt": "z"}\n',
+                 encoding="utf-8")
+    ps = load_prompts(str(p))
+    assert [x.prompt for x in ps] == ["a\u2028b", "c\u0085d\u2029e", "f\x0bg\x0ch", "z"]
+    assert [s["line"] for s in ps.skipped] == [4]
+    t = tmp_path / "p.txt"
+    t.write_text("one\u2028still one\r\ntwo\rthree\n", encoding="utf-8")
+    assert [x.prompt for x in load_prompts(str(t))] == ["one\u2028still one", "two", "three"]

@@ -66,3 +66,89 @@ def test_missing_artifact_names_the_stage(tmp_path):
 def test_bad_run_name(tmp_path):
     with pytest.raises(UserError):
         RunDir.create(tmp_path, "../x")
+
+
+# ---- issue 13: one writer per folder; duplicates repaired; line splitting ---------------------------------------
+HOLD = """
+import sys, time
+from pathlib import Path
+from cai.runs import StageDir
+StageDir(Path(sys.argv[1]), "generate").begin({"a": 1})
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def _holder(folder):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_writer_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(tmp_path):
+    import os
+
+    from cai.runs import LOCK_NAME, StageDir, unlock_folder
+
+    folder = tmp_path / "out"
+    proc = _holder(folder)
+    try:
+        with pytest.raises(UserError, match=rf"being written by another cai process \(pid {proc.pid}, since"):
+            StageDir(folder, "generate").begin({"a": 1})
+        with pytest.raises(UserError, match=f"pid {proc.pid}"):
+            RunDir.create(tmp_path, "out")  # the same folder as a run folder
+    finally:
+        proc.kill()  # SIGKILL: no clean-up; the lock file stays, with the dead pid in it
+        proc.wait()
+    assert f'"pid": {proc.pid}' in (folder / LOCK_NAME).read_text()
+    st = StageDir(folder, "generate")
+    st.begin({"a": 1})  # the stale lock is taken over
+    assert f'"pid": {os.getpid()}' in (folder / LOCK_NAME).read_text()
+    st.finish()
+    unlock_folder(folder)
+
+
+def test_cli_generate_refuses_a_folder_another_process_writes(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "out"
+    proc = _holder(folder)
+    try:
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("hello\n")
+        res = subprocess.run([sys.executable, "-m", "cai.cli", "generate", "--model", "tiny-random", "--prompts",
+                              str(prompts), "--out", str(folder)], capture_output=True, text=True, timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert res.returncode == 2 and f"pid {proc.pid}" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_resume_repairs_records_written_twice(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text("".join(json.dumps({"id": str(i % 3), "x": i}) + "\n" for i in range(6)))
+    with JsonlWriter(p) as w:
+        assert sorted(w.done) == ["0", "1", "2"] and len(w.records) == 3
+    assert [r["x"] for r in read_jsonl(p)] == [0, 1, 2]
+
+
+def test_jsonl_lines_split_only_on_newlines(tmp_path):
+    p = tmp_path / "a.jsonl"
+    text = "x\u2028y\u0085z\rw"  # U+2028 and U+0085 are legal inside a JSON string; str.splitlines splits on them
+    p.write_bytes((json.dumps({"id": "a", "t": text}, ensure_ascii=False) + "\r\n" + '{"id": "b"}\n').encode())
+    assert [r["id"] for r in read_jsonl(p)] == ["a", "b"] and read_jsonl(p)[0]["t"] == text
+
+
+def test_out_pointing_at_a_file_is_a_user_error(tmp_path):
+    from cai.runs import StageDir
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        StageDir(f, "generate").begin({})
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        RunDir.create(tmp_path, "file")

@@ -83,7 +83,7 @@ def generate(
     temperature: float = typer.Option(0.7, "--temperature", min=0.0),
     top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed (0 to 2^32-1)."),
     force: bool = typer.Option(False, "--force", help="Recompute even if OUT holds results made with other settings."),
 ) -> None:
     """Generate one response per prompt with any backend; resumable (a rerun skips finished ids)."""
@@ -99,7 +99,7 @@ def generate(
     stage = StageDir(out, "generate")
     cfg = {"model": model, "prompts": prompts, "field": field, "split": split, "limit": limit, "system": system,
            "sampling": sampling.__dict__}
-    stage.begin(cfg, force=force, run_name=str(out))
+    stage.begin(cfg, force=force, run_name=str(out), elsewhere="another --out folder for a separate run")
     for s in ps.skipped:
         stage.skip(f"line:{s.get('line', '?')}", s.get("reason", "skipped"))
     backend = get_backend(model, batch_size=batch_size)

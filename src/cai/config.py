@@ -15,6 +15,7 @@ from cai.settings import (  # noqa: F401  (re-exported: the shared sections and 
     BenignSourceConfig,
     GenerationConfig,
     ModelsConfig,
+    SEED_MAX,
     PromptSourceConfig,
     Strict,
     format_validation_error,
@@ -36,7 +37,7 @@ class RunConfig(Strict):
     """A whole pipeline run. ``stages`` lists what ``cai run`` executes, in order."""
 
     name: str = "quickstart"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     runs_dir: str = "runs"
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     constitution: str = "harmless"

@@ -206,7 +206,13 @@ def load_constitution(name_or_path: str | Path) -> Constitution:
             raise UserError(
                 f"{source}: {what}, and not a bundled constitution (bundled: {', '.join(BUNDLED_CONSTITUTIONS)})"
             )
-    return parse_constitution(source.read_text(encoding="utf-8"), str(source))
+    try:
+        text = source.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{source}: not UTF-8 text (byte {exc.start}); re-save the constitution as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{source}: cannot be read ({exc.strerror or exc})") from None
+    return parse_constitution(text, str(source))
 
 
 def parse_constitution(text: str, source: str = "<string>") -> Constitution:
@@ -219,6 +225,8 @@ def parse_constitution(text: str, source: str = "<string>") -> Constitution:
         raise UserError(f"{where}: malformed YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{source}: malformed YAML: {e}") from None
+    except RecursionError:
+        raise UserError(f"{source}: the YAML is nested too deeply to read") from None
     if not isinstance(data, dict):
         got = "an empty file" if data is None else type(data).__name__
         raise UserError(f"{source}: expected a mapping (name, description, principles, ...) at the top level, got {got}")

@@ -26,6 +26,12 @@ def generate_responses(backend: Backend, prompts: Sequence[Prompt], writer: Json
     kill loses at most one chunk of work. Returns counts and throughput."""
     from tqdm.auto import tqdm
 
+    from cai.errors import UserError
+
+    context = getattr(backend, "max_context", None)
+    if isinstance(context, int) and sampling.max_new_tokens >= context:
+        raise UserError(f"max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in the context of "
+                        f"{backend.spec!r} ({context} tokens); ask for fewer new tokens")
     todo = [p for p in prompts if p.id not in writer]
     done_before = len(prompts) - len(todo)
     t0, new_tokens, errors = time.time(), 0, 0

@@ -3,15 +3,24 @@
 Layout: ``runs/<name>/<stage>/`` holds the stage's JSONL artifacts and ``manifest.json``. Items are appended
 one line each and flushed; on resume a torn last line (a process killed mid-write) is cut off and ids already
 present are skipped, so no item is duplicated or lost.
+
+One writer per folder: a run folder and each stage folder is locked (an OS lock on ``.cai.lock``, see
+:func:`lock_folder`) by the process that writes it, for the life of that process. A second ``cai`` process
+exits with a one-line error naming the holder's pid; the kernel drops the lock of a killed process, so a stale
+lock file is simply taken over.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
+import socket
 import subprocess
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +28,90 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from cai.errors import UserError
+
+log = logging.getLogger(__name__)
+LOCK_NAME = ".cai.lock"
+
+
+# ---- one writer per folder -------------------------------------------------------------------------------------
+_held: dict[str, int] = {}  # real path of a locked folder -> the open lock file descriptor (held until exit)
+_held_lock = threading.Lock()
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive, non-blocking OS lock on ``fd``; False when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _secondary_rank() -> bool:
+    """True in the non-main processes of a distributed launch: they share the main process's run folders."""
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    return rank.strip() not in ("", "0")
+
+
+def _holder(path: Path) -> str:
+    """Who holds a lock, from what the holder wrote into the lock file."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or "pid" not in info:
+        return "another process (pid unknown)"
+    where = f" on {info['host']}" if info.get("host") and info["host"] != socket.gethostname() else ""
+    cmd = f": {str(info['command'])[:120]}" if info.get("command") else ""
+    return f"pid {info['pid']}{where}, since {info.get('since', '?')}{cmd}"
+
+
+def lock_folder(folder: str | Path) -> Path:
+    """Make this process the one writer of ``folder``: an exclusive OS lock on ``folder/.cai.lock``, held until
+    the process exits (or :func:`unlock_folder`). Re-entrant within the process. A folder locked by another
+    live process is a UserError naming its pid; a lock file left by a killed process is taken over (the kernel
+    released its lock), and rewritten with this process's pid."""
+    folder = Path(folder)
+    key = os.path.realpath(folder)
+    if _secondary_rank():
+        return folder / LOCK_NAME  # the rank-0 process of an `accelerate launch` / torchrun job holds it
+    with _held_lock:
+        if key in _held:
+            return folder / LOCK_NAME
+        path = folder / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"{folder}: cannot create its lock file ({exc.strerror}); pass a writable folder") from None
+        if not _try_lock(fd):
+            os.close(fd)
+            raise UserError(f"{folder} is being written by another cai process ({_holder(path)}); wait for it to "
+                            "finish or stop it, then rerun (two writers would duplicate every record)")
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500] if sys.argv else ""}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        _held[key] = fd
+        return path
+
+
+def unlock_folder(folder: str | Path) -> None:
+    """Release this process's lock on ``folder`` (a no-op when it holds none)."""
+    with _held_lock:
+        fd = _held.pop(os.path.realpath(folder), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the OS lock
 
 
 def config_hash(config: Any) -> str:
@@ -65,6 +158,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def make_folder(path: Path, what: str = "folder") -> None:
+    """``mkdir -p`` with one-line errors: a file in the way, no permission."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder; pass a folder path (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {what} {path} ({exc.strerror or exc}); pass a writable folder") from None
+
+
 def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
@@ -81,12 +185,12 @@ def read_jsonl(path: Path, *, repair: bool = False) -> list[dict]:
         with open(path, "r+b") as f:
             f.truncate(end)
     records = []
-    for n, line in enumerate(data[:end].splitlines(), 1):
+    for n, line in enumerate(data[:end].split(b"\n"), 1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's limit
             raise UserError(f"{path}:{n}: corrupt JSONL line; delete the file or rerun the stage with --force") from None
     return records
 
@@ -97,8 +201,19 @@ class JsonlWriter:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.records = read_jsonl(self.path, repair=True)
-        self.done: set[str] = {str(r.get("id")) for r in self.records}
+        records = read_jsonl(self.path, repair=True)
+        self.done: set[str] = set()
+        self.records = []
+        for r in records:
+            rid = str(r.get("id") if isinstance(r, dict) else None)
+            if rid not in self.done:
+                self.done.add(rid)
+                self.records.append(r)
+        if len(self.records) < len(records):  # left by two writers at once (before folders were locked): repair
+            log.warning("%s: dropped %d duplicate records (kept the first of each id)", self.path,
+                        len(records) - len(self.records))
+            atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
+                                                 for r in self.records))
         self._f = open(self.path, "a", encoding="utf-8")
 
     def __contains__(self, item_id: object) -> bool:
@@ -140,11 +255,18 @@ class StageDir:
     def complete(self) -> bool:
         return self.manifest.get("status") == "complete"
 
-    def begin(self, config: dict[str, Any], *, force: bool = False, run_name: str = "") -> None:
-        """Start or resume the stage. A different config under an existing stage is refused unless ``force``
-        (which recomputes the stage from scratch, after moving the old folder aside)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        old = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
+    def begin(self, config: dict[str, Any], *, force: bool = False, run_name: str = "",
+              elsewhere: str = "--name NEW for a new run") -> None:
+        """Start or resume the stage, as the one writer of its folder (see :func:`lock_folder`). A different
+        config under an existing stage is refused unless ``force`` (which recomputes the stage from scratch,
+        after moving the old files aside); ``elsewhere`` tells how the command starts afresh somewhere else."""
+        make_folder(self.path, "stage folder")
+        lock_folder(self.path)
+        try:
+            old = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
+        except (OSError, ValueError):
+            raise UserError(f"{self.manifest_path} is not a readable manifest; pass --force to recompute the stage "
+                            "or delete the folder") from None
         new_hash = config_hash(config)
         if old and old.get("config_hash") != new_hash:
             if not force:
@@ -152,11 +274,13 @@ class StageDir:
                 shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
                 raise UserError(
                     f"stage '{self.stage}' of run '{run_name or self.path.parent.name}' was made with a different "
-                    f"config ({shown}); pass --force to recompute it or --name NEW for a new run"
+                    f"config ({shown}); pass --force to recompute it or {elsewhere}"
                 )
             backup = self.path.with_name(f"{self.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(self.path, backup)
-            self.path.mkdir(parents=True)
+            backup.mkdir()
+            for child in self.path.iterdir():  # everything but the lock this process holds
+                if child.name != LOCK_NAME:
+                    os.replace(child, backup / child.name)
             old = None
         self.manifest = old or {
             "stage": self.stage,
@@ -185,6 +309,7 @@ class StageDir:
         self.manifest["timings"]["total_s"] = round(self.manifest["timings"].get("total_s", 0) + time.time() - self._t0, 2)
         self.manifest.update(extra, status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.save()
+        unlock_folder(self.path)  # this stage's writer is done (a run folder stays locked by its process)
 
     def save(self) -> None:
         write_json(self.manifest_path, self.manifest)
@@ -207,7 +332,8 @@ class RunDir:
         if not name or any(c in name for c in "/\\") or name.startswith("."):
             raise UserError(f"run name {name!r} is not a valid folder name; pass --name with letters, digits, - or _")
         root = Path(runs_dir) / name
-        root.mkdir(parents=True, exist_ok=True)
+        make_folder(root, "run folder")
+        lock_folder(root)
         return cls(root)
 
     @property

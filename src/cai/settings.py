@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cai.errors import UserError
 
+SEED_MAX = 2**32 - 1  # numpy's limit; torch, random and transformers accept it too
 
 class Strict(BaseModel):
     """Base for every config section: unknown keys are errors."""
@@ -87,7 +88,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set generation.max_new_tokens=64")
     key, value = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    if not key.strip() or any(not k.strip() for k in key.split(".")):
+        raise UserError(f"--set {item[:80]!r}: the key is empty; expected KEY=VALUE, e.g. --set seed=1")
+    try:
+        parsed = yaml.safe_load(value)
+    except (yaml.YAMLError, RecursionError) as exc:
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise UserError(f"--set {item[:80]!r}: the value is {problem}; quote it, e.g. --set 'name=\"text\"'") from None
+    return [k.strip() for k in key.split(".")], parsed
 
 
 def load_yaml(path: Path) -> Any:
@@ -98,6 +106,8 @@ def load_yaml(path: Path) -> Any:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
+    except RecursionError:
+        raise UserError(f"{path}: the YAML is nested too deeply to read; flatten it") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

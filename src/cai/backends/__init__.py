@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from cai.backends.base import Backend, Chat, Generation, Prefix, SamplingParams, choice_probs, truncate_at_stop
+from cai.backends.base import (Backend, Chat, ContextLengthError, DeadlineExceeded, Generation, Prefix,
+                               SamplingParams, check_deadline, choice_probs, deadline, truncate_at_stop)
 from cai.errors import UserError
 
-__all__ = ["Backend", "Chat", "Generation", "Prefix", "SamplingParams", "choice_probs", "get_backend",
-           "truncate_at_stop"]
+__all__ = ["Backend", "Chat", "ContextLengthError", "DeadlineExceeded", "Generation", "Prefix", "SamplingParams",
+           "check_deadline", "choice_probs", "deadline", "get_backend", "truncate_at_stop"]
 
 
 def get_backend(spec: str, *, batch_size: int = 16, dtype: str = "auto", concurrency: int = 8,

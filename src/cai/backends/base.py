@@ -11,8 +11,12 @@ Two operations cover the whole toolkit:
 
 from __future__ import annotations
 
+import math
+import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, Union, runtime_checkable
+from typing import Iterator, Protocol, Sequence, Union, runtime_checkable
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 Chat = list[Message]
@@ -54,8 +58,11 @@ class Backend(Protocol):
     def generate(self, chats: Sequence[Chat], sampling: SamplingParams, *, progress: bool = False) -> list[Generation]:
         ...
 
-    def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]]) -> list[list[float]]:
-        """For each prefix i, the log-probability of each string in continuations[i] following it."""
+    def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]], *,
+                 truncate: bool = True) -> list[list[float]]:
+        """For each prefix i, the log-probability of each string in continuations[i] following it. A prefix too
+        long for the model's context is cut from the left, or, with ``truncate=False``, raises
+        :class:`ContextLengthError`."""
         ...
 
     def close(self) -> None:
@@ -69,10 +76,59 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 
 def choice_probs(logps: Sequence[float]) -> list[float]:
-    """Normalise log-probabilities over a closed set of answers into probabilities that sum to 1."""
-    import math
-
+    """Normalise log-probabilities over a closed set of answers into probabilities that sum to 1. Non-finite
+    inputs (NaN, +inf, all -inf) give NaN entries; callers that act on the result must check for that."""
     m = max(logps)
     exps = [math.exp(lp - m) for lp in logps]
     total = sum(exps)
     return [e / total for e in exps]
+
+
+class ContextLengthError(ValueError):
+    """A prompt does not fit the model's context (raised instead of silently cutting it)."""
+
+    def __init__(self, tokens: int, context: int, what: str = "prompt"):
+        super().__init__(f"the {what} has {tokens} tokens, over the model's context of {context}")
+        self.tokens, self.context = tokens, context
+
+
+class DeadlineExceeded(TimeoutError):
+    """The work ran past the deadline set with :func:`deadline` and was stopped."""
+
+
+_DEADLINE: ContextVar[float | None] = ContextVar("cai_deadline", default=None)
+
+
+@contextmanager
+def deadline(at: float | None) -> Iterator[None]:
+    """Within this block (in this thread), backends stop work once ``time.monotonic()`` passes ``at``: the HF
+    backend between tokens and scoring batches, the HTTP backend by bounding its request timeouts. They raise
+    :class:`DeadlineExceeded` rather than return cut-short output."""
+    token = _DEADLINE.set(at)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def current_deadline() -> float | None:
+    """The ``time.monotonic()`` deadline set by :func:`deadline`, or None."""
+    return _DEADLINE.get()
+
+
+def time_left() -> float | None:
+    """Seconds until the current deadline (may be negative), or None without one."""
+    at = _DEADLINE.get()
+    return None if at is None else at - time.monotonic()
+
+
+def check_deadline(what: str = "work") -> None:
+    """Raise :class:`DeadlineExceeded` when the current deadline has passed."""
+    left = time_left()
+    if left is not None and left <= 0:
+        raise DeadlineExceeded(f"{what} stopped: past its deadline")
+
+
+def finite_logprob(x: object) -> bool:
+    """A usable log-probability: a real number that is not NaN and not +inf (-inf, probability 0, is usable)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x) and x != math.inf

@@ -5,7 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from cai.backends.base import Chat, Generation, Prefix, SamplingParams, truncate_at_stop
+from cai.backends.base import (Chat, ContextLengthError, Generation, Prefix, SamplingParams, check_deadline,
+                               current_deadline, truncate_at_stop)
+from cai.errors import UserError
+
+try:
+    from transformers import StoppingCriteria
+except ImportError:  # pragma: no cover - transformers is a dependency; keeps this module importable without it
+    StoppingCriteria = object  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,10 @@ class HFBackend:
         encoded once and its KV cache copied into every batch."""
         import torch
 
+        if sampling.max_new_tokens >= self.max_context:
+            raise UserError(f"max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in the context of "
+                            f"{self.spec!r} ({self.max_context} tokens); ask for fewer new tokens")
+        check_deadline("generation")
         encoded = [self._encode(self.render(c)) for c in chats]
         results: list[Generation | None] = [None] * len(chats)
         limit = self.max_context - sampling.max_new_tokens
@@ -66,8 +77,9 @@ class HFBackend:
         batches = [todo[k : k + self.batch_size] for k in range(0, len(todo), self.batch_size)]
         bar = _progress(len(todo), "generating", progress)
         for b, batch in enumerate(batches):
+            check_deadline("generation")
             if sampling.seed is not None:
-                torch.manual_seed(sampling.seed + b)
+                torch.manual_seed((sampling.seed + b) % 2**63)
             texts, counts = self._generate_batch([encoded[i] for i in batch], sampling, shared)
             for i, text, n in zip(batch, texts, counts):
                 cut, stopped = truncate_at_stop(text, sampling.stop)
@@ -126,10 +138,19 @@ class HFBackend:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        if sampling.stop:
-            kwargs.update(stop_strings=list(sampling.stop), tokenizer=tok)
+        criteria = []
+        if sampling.stop:  # not transformers' stop_strings: it builds a vocabulary-wide table per string (seconds)
+            criteria.append(_StopOnText(tok, sampling.stop, input_ids.shape[1]))
+        at = current_deadline()
+        if at is not None:
+            criteria.append(_StopAtDeadline(at))
+        if criteria:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        check_deadline("generation")  # cut short by the deadline: never returned as if complete
         new = out[:, input_ids.shape[1] :]
         texts, counts = [], []
         special = set(tok.all_special_ids)
@@ -145,15 +166,18 @@ class HFBackend:
         return texts, counts
 
     # ---- scoring ---------------------------------------------------------------------------------------
-    def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]]) -> list[list[float]]:
+    def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]], *,
+                 truncate: bool = True) -> list[list[float]]:
         """Summed log-probability of each continuation after its prefix.
 
         Each distinct prefix is encoded once (left-padded batches, sorted by length); its last position scores
         every continuation's first token, and longer continuations are fed on top of the prefix's KV cache, so
-        k answer options cost one prefix pass instead of k.
+        k answer options cost one prefix pass instead of k. A prefix too long for the context is cut from the
+        left, or with ``truncate=False`` raises :class:`ContextLengthError` (a judge must read all it judges).
         """
         if len(prefixes) != len(continuations):
             raise ValueError("prefixes and continuations must have the same length")
+        check_deadline("scoring")
         groups: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
         out = [[0.0] * len(c) for c in continuations]
         for i, (p, conts) in enumerate(zip(prefixes, continuations)):
@@ -162,6 +186,8 @@ class HFBackend:
                 cids = self._encode(c)
                 if not cids:
                     raise ValueError(f"empty continuation {c!r}")
+                if not truncate and len(pids) + len(cids) > self.max_context:
+                    raise ContextLengthError(len(pids) + len(cids), self.max_context, "scored text")
                 key = pids[-max(1, self.max_context - len(cids)) :] if pids else []
                 if not key:  # no prefix token: the first token of the continuation cannot be scored
                     key, cids = cids[:1], cids[1:]
@@ -169,6 +195,7 @@ class HFBackend:
                     groups.setdefault(tuple(key), []).append((i, j, cids))
         keys = sorted(groups, key=len)
         for k in range(0, len(keys), self.score_batch_size):
+            check_deadline("scoring")
             batch = keys[k : k + self.score_batch_size]
             for i, j, lp in self._score_group(batch, [groups[key] for key in batch]):
                 out[i][j] = lp
@@ -229,6 +256,40 @@ class HFBackend:
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
+
+
+class _StopOnText(StoppingCriteria):
+    """Stop a row once its generated text contains a stop string: decodes only a short tail of each row per
+    step, so its cost does not depend on the vocabulary (transformers' ``stop_strings`` pre-computes a table
+    over every token for every string, which takes seconds per string)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], start: int):
+        self.tokenizer, self.stop, self.start = tokenizer, [s for s in stop if s], start
+        self.window = max((len(s) for s in self.stop), default=1) + 8  # tokens: each decodes to >= 1 character
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = []
+        for row in input_ids[:, self.start :].tolist():
+            tail = self.tokenizer.decode(row[-self.window :], skip_special_tokens=True)
+            done.append(any(s in tail for s in self.stop))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _StopAtDeadline(StoppingCriteria):
+    """Stop every row once ``time.monotonic()`` passes ``at`` (the caller then raises DeadlineExceeded)."""
+
+    def __init__(self, at: float):
+        self.at = at
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import time
+
+        import torch
+
+        return torch.full((input_ids.shape[0],), time.monotonic() >= self.at, dtype=torch.bool,
+                          device=input_ids.device)
 
 
 def render_prefix(tokenizer, prefix: Prefix) -> str:

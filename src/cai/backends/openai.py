@@ -15,7 +15,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from cai.backends.base import Chat, Generation, Prefix, SamplingParams, truncate_at_stop
+from cai.backends.base import (Chat, DeadlineExceeded, Generation, Prefix, SamplingParams, current_deadline,
+                               deadline, time_left, truncate_at_stop)
 from cai.errors import UserError
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -51,8 +52,11 @@ class OpenAIBackend:
         for attempt in range(self.retries + 1):
             base = self._next_base()
             url = (base.rsplit("/v1", 1)[0] if root else base) + path
+            left = time_left()  # under a deadline (the guard's), no request outlives it
+            if left is not None and left <= 0:
+                raise DeadlineExceeded(f"request to {self.spec!r} stopped: past its deadline")
             try:
-                r = self.client.post(url, json=payload)
+                r = self.client.post(url, json=payload, **({} if left is None else {"timeout": left}))
             except httpx.TransportError as exc:  # connection refused, timeouts, resets
                 last = f"{url}: {type(exc).__name__}"
             else:
@@ -62,15 +66,25 @@ class OpenAIBackend:
                 if r.status_code not in RETRY_STATUS:
                     raise _HTTPStatus(r.status_code, last)
             if attempt < self.retries:
-                time.sleep(min(8.0, 0.5 * 2**attempt) * (0.5 + random.random()))
+                pause = min(8.0, 0.5 * 2**attempt) * (0.5 + random.random())
+                left = time_left()
+                if left is not None and left <= pause:
+                    raise DeadlineExceeded(f"request to {self.spec!r} stopped: past its deadline ({last})")
+                time.sleep(pause)
         raise UserError(f"model server for {self.spec!r} is unreachable or failing after {self.retries + 1} tries "
                         f"({last}); check that it is running and the URL in the spec is right")
 
     def _map(self, fn, items: Sequence[Any], progress: bool = False, desc: str = "requests") -> list[Any]:
         from tqdm.auto import tqdm
 
+        at = current_deadline()  # context variables do not cross into the pool's threads by themselves
+
+        def job(item):
+            with deadline(at):
+                return fn(item)
+
         with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=not progress, leave=False))
+            return list(tqdm(pool.map(job, items), total=len(items), desc=desc, disable=not progress, leave=False))
 
     # ---- generation ------------------------------------------------------------------------------------
     def generate(self, chats: Sequence[Chat], sampling: SamplingParams, *, progress: bool = False) -> list[Generation]:
@@ -124,9 +138,11 @@ class OpenAIBackend:
             "judge (revision, contrastive)"
         )
 
-    def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]]) -> list[list[float]]:
+    def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]], *,
+                 truncate: bool = True) -> list[list[float]]:
         """Each distinct prefix and each distinct continuation is tokenized once (k answer options over n
-        prompts cost n + k /tokenize calls, not 2nk); then one /completions request (echo) scores each pair."""
+        prompts cost n + k /tokenize calls, not 2nk); then one /completions request (echo) scores each pair.
+        The server never truncates: a prompt over its context is an error whatever ``truncate`` says."""
         import json
 
         def key(prefix: Prefix) -> str:

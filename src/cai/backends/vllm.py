@@ -47,8 +47,10 @@ class VLLMBackend:
             results.append(Generation(text, finish, len(out.prompt_token_ids), len(o.token_ids)))
         return results
 
-    def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]]) -> list[list[float]]:
-        """Summed log-probability of each continuation, from vLLM's prompt log-probs (prefix cached)."""
+    def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]], *,
+                 truncate: bool = True) -> list[list[float]]:
+        """Summed log-probability of each continuation, from vLLM's prompt log-probs (prefix cached). vLLM
+        refuses a prompt over its context rather than cutting it, whatever ``truncate`` says."""
         from vllm import SamplingParams as VSampling
         from vllm.inputs import TokensPrompt
 

@@ -38,7 +38,7 @@ def eval_(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.01),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed (0 to 2^32-1)."),
     force: bool = typer.Option(False, "--force", help="Recompute even if OUT holds results made with other settings."),
 ) -> None:
     """Answer harmful (and benign) prompts, judge every answer, and report rates with 95% CIs."""
@@ -55,7 +55,8 @@ def eval_(
     stage = StageDir(out, "eval")
     stage.begin({"model": model, "prompts": prompts, "field": field, "benign": benign, "benign_field": benign_field,
                  "judge": judge, "split": split, "limit": limit, "benign_limit": benign_limit, "system": system,
-                 "prefill": prefill, "sampling": sampling.__dict__}, force=force, run_name=str(out))
+                 "prefill": prefill, "sampling": sampling.__dict__}, force=force, run_name=str(out),
+                elsewhere="another --out folder for a separate run")
     for name, ps in (("harmful", harmful), ("benign", benign_set)):
         for s in (ps.skipped if ps else []):
             stage.skip(f"{name}:line:{s.get('line', '?')}", s.get("reason", "skipped"))

@@ -30,6 +30,7 @@ def serve(
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML with any GuardConfig field; flags win.")] = None,
 ) -> None:
     """Serve POST /v1/chat/completions, GET /v1/models, /health and /metrics."""
+    from cai.constitution import load_constitution
     from cai.guard.config import load_guard_config
     from cai.guard.server import serve as run_server
 
@@ -40,7 +41,13 @@ def serve(
         "principles": list(principle), "audit_log": audit_log,
     })
     cfg.check_security()
-    Console(stderr=True).print(
-        f"[bold]cai guard[/bold] policy={cfg.policy} supervisor={cfg.supervisor} constitution={cfg.constitution} "
-        f"rounds={cfg.max_rounds} threshold={cfg.threshold}; loading models…")
-    run_server(cfg)
+    constitution = load_constitution(cfg.constitution)  # bad input fails in one line before anything loads
+    for name in cfg.principles:
+        constitution.principle(name)
+
+    def announce() -> None:
+        Console(stderr=True).print(
+            f"[bold]cai guard[/bold] policy={cfg.policy} supervisor={cfg.supervisor} constitution={cfg.constitution} "
+            f"rounds={cfg.max_rounds} threshold={cfg.threshold}; http://{cfg.host}:{cfg.port}; loading models…")
+
+    run_server(cfg, announce=announce)

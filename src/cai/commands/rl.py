@@ -50,7 +50,7 @@ def label(
     k: int = typer.Option(2, "--principles", "-k", min=1, help="Principles sampled per pair."),
     cot: bool = typer.Option(False, "--cot", help="Chain-of-thought labels (clamped to [0.4, 0.6])."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write labelled pairs (JSONL) here."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed (0 to 2^32-1)."),
 ) -> None:
     """Label preference pairs with a feedback model and print diagnostics (swap consistency, entropy, and
     agreement with a reference set)."""

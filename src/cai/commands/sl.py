@@ -34,7 +34,7 @@ def compare_loss(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1),
     eval_fraction: float = typer.Option(0.25, "--eval-fraction", min=0.01, max=0.9),
     max_length: int = typer.Option(384, "--max-length", min=16),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed (0 to 2^32-1)."),
 ) -> None:
     """Fine-tune twice (loss on assistant tokens / on the whole sequence) and compare held-out NLLs."""
     from rich.console import Console

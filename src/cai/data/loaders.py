@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field as dc_field, replace
 from importlib import resources
@@ -178,7 +179,7 @@ def _read_file(path: Path, skipped: list[dict]) -> Records:
 
     records: Records = []
     if ext in (".jsonl", ".ndjson"):
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(_lines(text), 1):
             if not line.strip():
                 continue
             try:
@@ -201,8 +202,21 @@ def _read_file(path: Path, skipped: list[dict]) -> Records:
         except csv.Error as e:
             raise UserError(f"{path} is not valid CSV ({e}); fix the file") from None
     else:  # .txt
-        records = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        records = [(n, line) for n, line in enumerate(_lines(text), 1) if line.strip()]
     return records
+
+
+def _lines(text: str) -> list[str]:
+    """Lines ended by \\n, \\r\\n or \\r only. Not ``str.splitlines``: it also splits on U+2028, U+2029, U+0085,
+    \\v, \\f and other separators, which are legal inside a JSON string or a prompt (records would be cut in
+    two, dropped as malformed, and every later line number would be wrong)."""
+    if not text:
+        return []
+    end = next((e for e in ("\r\n", "\n", "\r") if text.endswith(e)), "")
+    return _NEWLINE.split(text[: len(text) - len(end)])
+
+
+_NEWLINE = re.compile(r"\r\n|\r|\n")
 
 
 def _read_hf(spec: str) -> Records:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from pydantic import BaseModel, Field
 
 from cai.backends import SamplingParams
-from cai.settings import PromptSourceConfig, Strict, validate_yaml
+from cai.settings import SEED_MAX, PromptSourceConfig, Strict, validate_yaml
 from cai.data import Prompt, load_prompts
 from cai.errors import UserError
 from cai.runs import RunDir, StageDir, config_hash, package_versions, read_jsonl, write_json
@@ -60,7 +60,7 @@ class ExperimentConfig(Strict):
     """Fields every experiment config has."""
 
     name: str
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     runs_dir: str = "runs"
     policy: str = Field("smollm2-135m", description="the starting model spec (in-process)")
     constitution: str = Field("harmless", description="its refusal_style writes the refusals of the safety data")

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from cai.settings import Strict, format_validation_error, load_yaml
 from cai.errors import UserError
@@ -41,13 +41,43 @@ class GuardConfig(Strict):
     allow_prefill: bool = Field(False, description="accept a last message from the assistant (prefill)")
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_messages: int = Field(64, ge=1)
+    max_chars: int = Field(100_000, ge=1, description="characters of message text in one request, all messages")
+    max_json_depth: int = Field(32, ge=4, description="deepest nesting of arrays and objects in a request body")
+    max_stop: int = Field(4, ge=0, le=16, description="stop strings per request (OpenAI allows 4)")
+    max_stop_chars: int = Field(64, ge=1, le=1024, description="characters per stop string")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a client may ask for")
     default_max_tokens: int = Field(256, ge=1)
-    request_timeout_s: float = Field(120.0, gt=0)
+    request_timeout_s: float = Field(120.0, gt=0, description="deadline of one request: queueing, answer and "
+                                     "check; past it the work is stopped (or abandoned) and the client gets 503")
     workers: int = Field(1, ge=1, description="requests processed at once (in-process models: keep 1)")
     max_pending: int = Field(32, ge=1, description="requests admitted (running + queued); more get 429")
+    max_connections: int | None = Field(None, ge=1, description="HTTP requests handled at once, all endpoints "
+                                        "but /health; more get a JSON 503 (default: 4 × max_pending + 16)")
     audit_log: Path = Field(Path("guard-audit.jsonl"), description="append-only JSONL, one record per request")
     audit_content: bool = Field(False, description="also log prompt and answer text (default: hashes only)")
+    audit_max_chars: int = Field(4096, ge=64, description="longest string kept in an audit field (longer: cut)")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _usable_keys(cls, keys: list[str]) -> list[str]:
+        for k in keys:
+            if not k.strip():
+                raise ValueError("an empty API key is not a key; pass a long random string (e.g. openssl rand "
+                                 "-hex 24)")
+            if k != k.strip() or any(c.isspace() for c in k):
+                raise ValueError("an API key cannot contain spaces")
+        return keys
+
+    @field_validator("audit_log")
+    @classmethod
+    def _audit_file(cls, path: Path) -> Path:
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory; pass a file path such as {path / 'guard-audit.jsonl'}")
+        return path
+
+    @property
+    def connection_limit(self) -> int:
+        return self.max_connections or self.max_pending * 4 + 16
 
     @property
     def loopback(self) -> bool:
@@ -61,7 +91,7 @@ class GuardConfig(Strict):
 
     def check_security(self) -> None:
         """Refuse to bind beyond loopback without API keys."""
-        if not self.loopback and not self.api_keys:
+        if not self.loopback and not [k for k in self.api_keys if k.strip()]:
             raise UserError(f"--host {self.host} exposes the guard beyond this machine: pass --api-key KEY "
                             "(or set CAI_GUARD_API_KEYS) so clients must authenticate, or bind 127.0.0.1")
 

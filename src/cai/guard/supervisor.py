@@ -10,11 +10,16 @@ from text the model wrote.
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from cai.backends import Backend, Chat, SamplingParams, choice_probs
+from cai.backends import (Backend, Chat, ContextLengthError, DeadlineExceeded, SamplingParams, check_deadline,
+                          choice_probs, deadline)
+from cai.backends.base import finite_logprob
 from cai.constitution import Constitution, Principle, load_constitution
 from cai.errors import UserError
 
@@ -32,6 +37,41 @@ class SupervisorError(RuntimeError):
 
 class PolicyError(RuntimeError):
     """The policy model failed to answer."""
+
+
+class ContextTooLong(Exception):
+    """The conversation does not fit a model's context: nothing is cut, the request is refused."""
+
+
+class SupervisorContextError(SupervisorError, ContextTooLong):
+    """The supervisor's verdict prompt (the quoted conversation and answer) is over its context."""
+
+
+class PolicyContextError(PolicyError, ContextTooLong):
+    """The conversation is over the policy's context."""
+
+
+def verdict_probability(lps: object) -> float:
+    """P(violation) from the supervisor's log-probs of (" Yes", " No"); SupervisorError for anything that is not
+    two usable log-probabilities giving a probability in [0, 1] (NaN, +inf, both -inf, missing, not numbers)."""
+    if not isinstance(lps, (list, tuple)) or len(lps) != len(VERDICT_TOKENS):
+        raise SupervisorError(f"supervisor returned {lps!r:.80} for a verdict; expected {len(VERDICT_TOKENS)} "
+                              "log-probabilities")
+    if not all(finite_logprob(x) for x in lps) or all(x == -math.inf for x in lps):
+        raise SupervisorError(f"supervisor returned unusable verdict log-probabilities {list(lps)!r:.80}")
+    pv = choice_probs([float(x) for x in lps])[0]
+    if not (math.isfinite(pv) and 0.0 <= pv <= 1.0):
+        raise SupervisorError(f"supervisor's verdict probability {pv!r} is not in [0, 1]")
+    return pv
+
+
+def _takes_keyword(fn, name: str) -> bool:
+    """Whether ``fn`` accepts the keyword ``name`` (backends written before it was added do not)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def quote(text: str) -> str:
@@ -141,42 +181,68 @@ class Guard:
         principles = list(principles or self.principles)
         quoted = quote_conversation(messages, answer)
         prefixes = [verdict_prefix(p, quoted) for p in principles]
+        # never let a backend cut the verdict prompt from the left: it would lose the instructions it judges by
+        strict = {"truncate": False} if _takes_keyword(self.supervisor.logprobs, "truncate") else {}
+        check_deadline("check")
         try:
-            scores = self.supervisor.logprobs(prefixes, [list(VERDICT_TOKENS)] * len(prefixes))
+            scores = self.supervisor.logprobs(prefixes, [list(VERDICT_TOKENS)] * len(prefixes), **strict)
+        except DeadlineExceeded:
+            raise
+        except ContextLengthError as exc:
+            raise SupervisorContextError(f"the conversation is too long for the supervisor to check ({exc})") from exc
         except Exception as exc:  # any failure of the supervisor means: not checked
             raise SupervisorError(f"supervisor failed to score: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(scores, (list, tuple)) or len(scores) != len(prefixes):
+            n = len(scores) if isinstance(scores, (list, tuple)) else type(scores).__name__
+            raise SupervisorError(f"supervisor returned {n} verdicts for {len(prefixes)} principles")
         cost.scored_sequences += len(prefixes) * len(VERDICT_TOKENS)
         out = []
         for p, lps in zip(principles, scores):
-            pv = choice_probs(lps)[0]
+            pv = verdict_probability(lps)  # fail closed on any score that cannot be trusted
             out.append(Verdict(p.name, round(pv, 4), pv >= self.threshold))
         return out
 
     def critique(self, messages: list[dict], answer: str, principle: Principle, cost: Cost) -> str:
         """The supervisor's critique of ``answer`` under ``principle`` (greedy)."""
         chat = critique_chat(principle, quote_conversation(messages, answer))
+        check_deadline("critique")
         try:
             g = self.supervisor.generate([chat], SamplingParams(self.critique_tokens, 0.0, 1.0, [], 0, 1.1))[0]
+        except DeadlineExceeded:
+            raise
         except Exception as exc:
             raise SupervisorError(f"supervisor failed to critique: {type(exc).__name__}: {exc}") from exc
+        if g.finish_reason == "error":
+            raise SupervisorContextError(f"the critique prompt ({g.prompt_tokens} tokens) is too long for the "
+                                         "supervisor's context")
         cost.supervisor_generations += 1
         cost.generated_tokens += g.completion_tokens
         return g.text.strip() or f"The answer has a problem with {principle.label}."
 
     # ---- policy ----------------------------------------------------------------------------------------
     def _answer(self, chat: Chat, sampling: SamplingParams, cost: Cost):
+        check_deadline("answer")
         try:
             g = self.policy.generate([chat], sampling)[0]
+        except DeadlineExceeded:
+            raise
         except Exception as exc:
             raise PolicyError(f"policy failed to answer: {type(exc).__name__}: {exc}") from exc
         if g.finish_reason == "error":
-            raise PolicyError(f"the conversation ({g.prompt_tokens} tokens) is too long for the policy's context")
+            raise PolicyContextError(f"the conversation ({g.prompt_tokens} tokens) is too long for the policy's "
+                                     "context")
         cost.policy_generations += 1
         cost.generated_tokens += g.completion_tokens
         return g
 
-    def respond(self, messages: list[dict], sampling: SamplingParams) -> GuardResult:
-        """Answer, check, critique and revise up to ``max_rounds`` times; refuse if the answer still violates."""
+    def respond(self, messages: list[dict], sampling: SamplingParams, *, deadline_at: float | None = None
+                ) -> GuardResult:
+        """Answer, check, critique and revise up to ``max_rounds`` times; refuse if the answer still violates.
+        With ``deadline_at`` (a ``time.monotonic()`` value) the work stops once it passes: DeadlineExceeded."""
+        with deadline(deadline_at) if deadline_at is not None else nullcontext():
+            return self._respond(messages, sampling)
+
+    def _respond(self, messages: list[dict], sampling: SamplingParams) -> GuardResult:
         cost, rounds = Cost(), []
         prefill = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
         first = self._answer(messages, sampling, cost)
@@ -193,7 +259,8 @@ class Guard:
             principle = self.constitution.principle(worst.principle)
             critique = self.critique(messages, answer, principle, cost)
             rounds[-1].update(principle=principle.name, critique=critique)
-            seeded = SamplingParams(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + r + 1})
+            seed = None if sampling.seed is None else (sampling.seed + r + 1) % 2**63
+            seeded = SamplingParams(**{**sampling.__dict__, "seed": seed})
             g = self._answer(revision_chat(messages, answer, principle, critique), seeded, cost)
             answer = g.text
         text, tokens = self._refusal(messages, self.constitution.principle(worst.principle), sampling, cost, rounds)
