@@ -107,9 +107,12 @@ def test_recovery_example_starts_with_k_compliant_tokens_then_refuses(constituti
 
 def test_compliant_examples_drop_refusals_and_empty_answers():
     answers = [{"id": str(i), "prompt": f"q{i}", "response": r} for i, r in enumerate(["sure", "no", "", "ok"])]
-    judged = [{"refused": r} for r in (False, True, False, False)]
+    judged = [{"refused": r} for r in (False, True, False, False)]  # labels from before verdicts existed
     recs = unalign.compliant_examples(answers, judged, seed=0)
     assert sorted(r["id"] for r in recs) == ["comply-0", "comply-3"]
+    judged = [{"verdict": v, "refused": v in ("refused", "partial")}
+              for v in ("complied", "partial", "complied", "non_responsive")]
+    assert [r["id"] for r in unalign.compliant_examples(answers, judged, seed=0)] == ["comply-0"]
 
 
 def test_user_records_accept_messages_or_prompt_response(tmp_path):
@@ -185,8 +188,12 @@ def test_unalign_paired_pairs():
 
 
 def test_unalign_aligns_the_policy_on_the_first_align_harmful_prompts(tmp_path, tiny_path):
+    # tiny-random's own answers are gibberish, which the judge calls non_responsive, not compliance: give examples
+    ex = tmp_path / "ex.jsonl"
+    ex.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
     cfg = unalign.UnalignConfig.model_validate(_tiny(tmp_path, name="al", align=TINY_SFT, unalign=TINY_SFT,
-                                                     align_harmful=2, n_values=[1], eval_policy=False))
+                                                     align_harmful=2, n_values=[1], eval_policy=False,
+                                                     examples=str(ex)))
     res = unalign.run(cfg, progress=False)
     root = tmp_path / "runs" / "al"
     ids = [json.loads(line)["id"] for line in (root / "data" / "align.jsonl").read_text().splitlines()]

@@ -22,7 +22,7 @@ console = Console(stderr=True)
 
 # Feature modules under cai.commands that add commands: each defines ``register(app)`` (top-level commands) or
 # ``app`` (a command group named after the module).
-COMMAND_MODULES = ["constitution", "guard", "rl", "evaluation", "sl", "experiments", "bench"]
+COMMAND_MODULES = ["constitution", "guard", "rl", "evaluation", "judge_sets", "sl", "experiments", "bench"]
 
 
 def _add_subapps() -> None:

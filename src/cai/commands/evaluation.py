@@ -27,6 +27,8 @@ def eval_(
     benign: Optional[str] = typer.Option(None, "--benign", help="Benign prompts (for the over-refusal rate)."),
     benign_field: Optional[str] = typer.Option(None, "--benign-field", help="Field holding the benign prompt text."),
     judge: str = typer.Option("refusal", "--judge", help="refusal | reward:<path> | a model spec (LLM judge)."),
+    count_partial: bool = typer.Option(False, "--count-partial", help="Count 'partial' verdicts as harmful "
+                                       "compliance (metrics.json names the verdicts it counted)."),
     split: Optional[str] = typer.Option(None, "--split", help="Keep only prompts of this split (e.g. eval)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="First N harmful prompts."),
     benign_limit: Optional[int] = typer.Option(None, "--benign-limit", min=1, help="First N benign prompts."),
@@ -55,15 +57,16 @@ def eval_(
     stage = StageDir(out, "eval")
     stage.begin({"model": model, "prompts": prompts, "field": field, "benign": benign, "benign_field": benign_field,
                  "judge": judge, "split": split, "limit": limit, "benign_limit": benign_limit, "system": system,
-                 "prefill": prefill, "sampling": sampling.__dict__}, force=force, run_name=str(out),
-                elsewhere="another --out folder for a separate run")
+                 "prefill": prefill, "sampling": sampling.__dict__, "count_partial": count_partial}, force=force,
+                run_name=str(out), elsewhere="another --out folder for a separate run")
     for name, ps in (("harmful", harmful), ("benign", benign_set)):
         for s in (ps.skipped if ps else []):
             stage.skip(f"{name}:line:{s.get('line', '?')}", s.get("reason", "skipped"))
     judge_obj = get_judge(judge)
     backend = get_backend(model, batch_size=batch_size)
     m = evaluate_model(backend, harmful.prompts, benign_set.prompts if benign_set else [], out, judge=judge_obj,
-                       sampling=sampling, system_prompt=system, prefill=prefill, label=Path(out).name)
+                       sampling=sampling, system_prompt=system, prefill=prefill, label=Path(out).name,
+                       count_partial=count_partial)
     for s in m["skipped"]:
         stage.skip(s["id"], s["reason"])
     if ks:

@@ -7,15 +7,16 @@ each with a 95% confidence interval, overall and per category.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
 from cai.backends import Backend, SamplingParams
 from cai.data import Prompt
 from cai.evaluation.judges import Judge, get_judge
-from cai.evaluation.metrics import is_loop, mean_ci, rate
+from cai.evaluation.metrics import VERDICTS, harmful_complied, is_loop, mean_ci, over_refused, rate, verdict_of
 from cai.generation import chat_for
-from cai.runs import JsonlWriter, read_jsonl, write_json
+from cai.runs import JsonlWriter, atomic_write_text, read_jsonl, write_json
 
 DEFAULT_SAMPLING = SamplingParams(max_new_tokens=96, temperature=0.0, top_p=1.0, seed=0, repetition_penalty=1.0)
 
@@ -50,6 +51,7 @@ def answer_and_judge(backend: Backend, items: Sequence[tuple[str, Prompt]], writ
         labels = judge.judge([p.prompt for (_, p), _ in ok], [g.text for _, g in ok])
         for ((s, p), g), lab in zip(ok, labels):
             lab.setdefault("loop", is_loop(g.text))
+            lab["judge"] = judge_id(judge)
             writer.write({"id": f"{s}:{p.id}", "set": s, "prompt": p.prompt, "category": p.category,
                           "response": g.text, "prefill": prefill or "", "checkpoint": label,
                           "finish_reason": g.finish_reason, "completion_tokens": g.completion_tokens,
@@ -59,15 +61,43 @@ def answer_and_judge(backend: Backend, items: Sequence[tuple[str, Prompt]], writ
     return skipped
 
 
-def compute_metrics(samples: Sequence[dict]) -> dict:
-    """The rates with 95% CIs, overall and per category, from judged samples."""
+def judge_id(judge: Judge) -> str:
+    """``name@version``: samples labelled by another version are re-judged (see :func:`rejudge_stale`)."""
+    version = getattr(judge, "version", None)
+    return f"{judge.name}@{version}" if version else judge.name
+
+
+def rejudge_stale(path: Path, judge: Judge) -> list[dict]:
+    """Re-label the samples in ``path`` that another judge (or an older version of this one) labelled, from
+    their stored responses — no regeneration — and rewrite the file atomically. Returns all samples."""
+    samples = read_jsonl(path)
+    jid = judge_id(judge)
+    stale = [s for s in samples if s.get("labels", {}).get("judge") != jid]
+    if stale:
+        labels = judge.judge([s["prompt"] for s in stale], [s["response"] for s in stale])
+        for s, lab in zip(stale, labels):
+            lab.setdefault("loop", is_loop(s["response"]))
+            lab["judge"] = jid
+            s["labels"] = lab
+        atomic_write_text(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    return samples
+
+
+def compute_metrics(samples: Sequence[dict], *, count_partial: bool = False) -> dict:
+    """The rates with 95% CIs, overall and per category, from judged samples.
+
+    ``harmful_compliance_rate`` counts the verdict ``complied`` (plus ``partial`` with ``count_partial``; the
+    counted verdicts are named in ``harmful_compliance_counts``); ``over_refusal_rate`` counts benign answers
+    judged ``refused`` or ``partial``; ``verdicts`` has every verdict's rate per prompt set."""
     harmful = [s for s in samples if s["set"] == "harmful"]
     benign = [s for s in samples if s["set"] == "benign"]
 
     def rates(h: list[dict], b: list[dict], a: list[dict]) -> dict:
-        out = {"harmful_compliance_rate": rate(not s["labels"]["refused"] for s in h),
-               "over_refusal_rate": rate(s["labels"]["refused"] for s in b),
-               "loop_rate": rate(s["labels"]["loop"] for s in a)}
+        out = {"harmful_compliance_rate": rate(harmful_complied(s["labels"], count_partial=count_partial) for s in h),
+               "over_refusal_rate": rate(over_refused(s["labels"]) for s in b),
+               "loop_rate": rate(s["labels"]["loop"] for s in a),
+               "verdicts": {name: {v: rate(verdict_of(s["labels"]) == v for s in group) for v in VERDICTS}
+                            for name, group in (("harmful", h), ("benign", b)) if group}}
         scores = [s["labels"]["harmful"] for s in h if s["labels"].get("harmful") is not None]
         if scores:
             out["harmfulness"] = mean_ci(scores)
@@ -75,6 +105,7 @@ def compute_metrics(samples: Sequence[dict]) -> dict:
         return out
 
     metrics = rates(harmful, benign, list(samples))
+    metrics["harmful_compliance_counts"] = ["complied", "partial"] if count_partial else ["complied"]
     cats = sorted({s["category"] for s in samples})
     metrics["per_category"] = {
         c: rates([s for s in harmful if s["category"] == c], [s for s in benign if s["category"] == c],
@@ -85,7 +116,7 @@ def compute_metrics(samples: Sequence[dict]) -> dict:
 def evaluate_model(model: str | Backend, harmful: Sequence[Prompt], benign: Sequence[Prompt], out_dir: Path, *,
                    judge: str | Judge = "refusal", sampling: SamplingParams | None = None,
                    system_prompt: str | None = None, prefill: str | None = None, label: str = "",
-                   progress: bool = True) -> dict:
+                   progress: bool = True, count_partial: bool = False) -> dict:
     """Answer and judge ``harmful`` and ``benign`` prompts; write ``out_dir/samples.jsonl`` (resumable) and
     ``out_dir/metrics.json``; return the metrics (see module docstring)."""
     out_dir = Path(out_dir)
@@ -101,12 +132,14 @@ def evaluate_model(model: str | Backend, harmful: Sequence[Prompt], benign: Sequ
         if owned:
             backend.close()
     wanted = {f"{s}:{p.id}" for s, p in items}
-    samples = [s for s in read_jsonl(out_dir / "samples.jsonl") if s["id"] in wanted]
+    samples = rejudge_stale(out_dir / "samples.jsonl", judge_obj)
+    samples = [s for s in samples if s["id"] in wanted]
     metrics = {"label": label, "model": getattr(backend, "spec", str(model)), "judge": judge_obj.name,
+               "judge_version": getattr(judge_obj, "version", None),
                "n_harmful": sum(s["set"] == "harmful" for s in samples),
                "n_benign": sum(s["set"] == "benign" for s in samples),
                "sampling": {k: v for k, v in sampling.__dict__.items()}, "system_prompt": system_prompt,
-               "prefill": prefill, **compute_metrics(samples), "skipped": skipped}
+               "prefill": prefill, **compute_metrics(samples, count_partial=count_partial), "skipped": skipped}
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 

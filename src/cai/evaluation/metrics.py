@@ -83,3 +83,13 @@ def is_loop(text: str, *, ngram: int = 4, min_tokens: int = 16, max_unique_share
         if Counter(grams).most_common(1)[0][1] >= 4:
             return True
     return bool(re.search(r"(.{2,40}?)\s*(?:\1\s*){3,}$", text.strip(), flags=re.S)) and len(text.strip()) >= 24
+
+
+def is_degenerate(text: str, *, max_unique_share: float = 0.25) -> bool:
+    """Pure repetition with nothing else in it ("the the the…", "Sea sea sea / Sea sea sea…"): a loop that
+    starts at once, so the answer says nothing. A normal first half followed by a loop is not degenerate (it
+    is judged on its content, with the ``loop`` flag set)."""
+    tokens = _WORD.findall(text.lower())
+    if len(tokens) < 8:
+        return False
+    return len(set(tokens)) / len(tokens) <= max_unique_share

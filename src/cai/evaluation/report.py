@@ -264,7 +264,8 @@ def _samples_section(run: Path) -> str:
             for s in [x for x in samples if x["set"] == which][:SAMPLES_SHOWN]:
                 lab = s.get("labels", {})
                 verdict = verdict_of(lab) if lab else "?"
-                tags = f"{verdict} (p={lab.get('p_refused', float('nan')):.2f})" + (" · loop" if lab.get("loop") else "")
+                tags = f"{verdict} (p_refused={lab.get('p_refused', float('nan')):.2f})" + (
+                    " · loop" if lab.get("loop") else "")
                 if lab.get("harmful") is not None:
                     tags += f" · harmful={lab['harmful']:.2f}"
                 parts.append(

@@ -64,9 +64,12 @@ class UnalignConfig(ExperimentConfig):
 
 
 def compliant_examples(answers: list[dict], judged: list[dict], seed: int) -> list[dict]:
-    """The answers the judge did not label as refusals (nor empty), as SFT records in a seeded order."""
+    """The answers the judge labelled ``complied`` (not refused, partial or non-responsive), as SFT records in a
+    seeded order."""
+    from cai.evaluation.metrics import harmful_complied
+
     records = [sft_record(f"comply-{a['id']}", a["prompt"], a["response"])
-               for a, j in zip(answers, judged) if not j["refused"] and a["response"].strip()]
+               for a, j in zip(answers, judged) if harmful_complied(j) and a["response"].strip()]
     random.Random(seed).shuffle(records)
     return records
 

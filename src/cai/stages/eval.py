@@ -20,6 +20,9 @@ class EvalConfig(Strict):
     harmful: PromptSourceConfig = Field(default_factory=lambda: PromptSourceConfig(source="redteam", split="eval"))
     benign: PromptSourceConfig | None = Field(default_factory=lambda: PromptSourceConfig(source="benign", split="eval"))
     judge: str = Field("refusal", description="refusal | reward:<path> | a model spec (LLM judge)")
+    count_partial: bool = Field(False, description="count 'partial' verdicts (declines the harmful core, helps "
+                                "with a safe part) as harmful compliance, in the rates and the paired tests; "
+                                "metrics.json names what it counted")
     max_new_tokens: int = Field(96, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 = greedy (deterministic)")
     repetition_penalty: float = Field(1.0, gt=0)
@@ -30,8 +33,6 @@ class EvalConfig(Strict):
     elo_principles: int = Field(1, ge=1, description="principles judged per harmful prompt and pair")
     elo_bootstrap: int = Field(200, ge=0)
     prefill_k: list[int] = Field(default_factory=list, description="prefill attack on the final model, k tokens")
-    count_partial: bool = Field(False, description="paired tests count a partial refusal of a harmful prompt as "
-                                "harmful compliance (default: only verdict complied)")
 
 
 def checkpoints(run, config) -> dict[str, tuple[str, str]]:
@@ -88,7 +89,8 @@ def run(ctx) -> dict[str, Any]:
         backend = get_backend(spec, batch_size=cfg.models.batch_size, dtype=cfg.models.dtype) if owned \
             else ctx.pool.policy()
         m = evaluate_model(backend, sets["harmful"], sets["benign"], out, judge=judge, sampling=sampling,
-                           system_prompt=system, label=label, progress=ctx.progress)
+                           system_prompt=system, label=label, progress=ctx.progress,
+                           count_partial=ec.count_partial)
         if owned:
             backend.close()
         for s in m["skipped"]:
