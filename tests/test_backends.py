@@ -89,3 +89,99 @@ def test_unreachable_server_is_a_user_error():
     be = OpenAIBackend("openai:x@http://127.0.0.1:9/v1", "x", ["http://127.0.0.1:9/v1"], retries=1, timeout=2)
     with pytest.raises(UserError, match="unreachable"):
         be.generate(CHATS[:1], SamplingParams(max_new_tokens=2))
+
+
+# ---- loop stopping and the pruning greedy loop (SamplingParams.stop_loops) ----------------------------------
+def test_repeated_tail_flags_only_repeated_tails():
+    import torch
+
+    from cai.backends.hf import repeated_tail
+
+    normal = list(range(100, 140))  # 40 distinct ids
+    period3 = list(range(100, 110)) + [7, 8, 9] * 8  # a 3-token loop after a normal start
+    period7 = list(range(100, 104)) + list(range(20, 27)) * 4  # last 6-gram seen 4 times
+    almost = list(range(100, 104)) + list(range(20, 27)) * 3 + list(range(20, 25))  # 3 times: not yet
+    short = [5] * 12  # under the minimum length
+    rows = [normal, period3, period7, almost, short]
+    width = max(map(len, rows))
+    # one row at a time, then a batch (rows of equal length: the filler id 1 in front, the tails untouched)
+    got = [bool(repeated_tail(torch.tensor([r]))[0]) for r in rows]
+    assert got == [False, True, True, False, False]
+    batch = torch.tensor([[1] * (width - len(r)) + r for r in rows[:3]])
+    assert repeated_tail(batch).tolist() == [False, True, True]
+
+
+def _eos_backend(tiny_backend, eos_id: int):
+    """The tiny model with another EOS token, so that answers end at different steps."""
+    import copy
+
+    from cai.backends.hf import HFBackend
+
+    tok = copy.deepcopy(tiny_backend.tokenizer)
+    tok.eos_token = tok.convert_ids_to_tokens(eos_id)
+    return HFBackend("tiny-random", model=tiny_backend.model, tokenizer=tok, batch_size=8)
+
+
+LOOP_CHATS = CHATS + [[{"role": "user", "content": t}] for t in
+                      ("Tell me a long story about dragons and knights in a castle.", "x", "What is 2+2?")]
+
+
+def test_greedy_loop_stopper_keeps_answers_that_do_not_loop(tiny_backend):
+    """Our pruning greedy loop gives model.generate's answers when nothing loops (15 tokens: under the loop
+    detector's minimum), also when rows end at different steps and leave the batch."""
+    import dataclasses
+
+    sp = SamplingParams(max_new_tokens=15, temperature=0, repetition_penalty=1.5)
+    old = tiny_backend.generate(LOOP_CHATS, sp)
+    new = tiny_backend.generate(LOOP_CHATS, dataclasses.replace(sp, stop_loops=True))
+    assert [(g.text, g.finish_reason, g.completion_tokens) for g in new] == \
+           [(g.text, g.finish_reason, g.completion_tokens) for g in old]
+    # pick an EOS that the answers emit at different steps (or never): rows end early and are dropped
+    import torch
+
+    tok, model = tiny_backend.tokenizer, tiny_backend.model
+    firsts: dict[int, dict[int, int]] = {}  # token -> {row: first step}
+    for r, chat in enumerate(LOOP_CHATS):
+        ids = torch.tensor([tiny_backend._encode(tiny_backend.render(chat))])
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=15, do_sample=False,
+                             repetition_penalty=1.5, pad_token_id=tok.pad_token_id, temperature=None, top_p=None,
+                             top_k=None)[0, ids.shape[1]:].tolist()
+        for step, t in enumerate(gen):
+            firsts.setdefault(t, {}).setdefault(r, step)
+    eos_id = max((t for t in firsts if t not in tok.all_special_ids and len(firsts[t]) < len(LOOP_CHATS)),
+                 key=lambda t: len(set(firsts[t].values())))
+    eb = _eos_backend(tiny_backend, eos_id)
+    old = eb.generate(LOOP_CHATS, sp)
+    new = eb.generate(LOOP_CHATS, dataclasses.replace(sp, stop_loops=True))
+    assert any(g.finish_reason == "stop" for g in old) and any(g.finish_reason == "length" for g in old)
+    assert [(g.text, g.finish_reason, g.completion_tokens) for g in new] == \
+           [(g.text, g.finish_reason, g.completion_tokens) for g in old]
+
+
+def test_loop_stopper_ends_a_loop_early(tiny_backend):
+    """The random tiny model repeats itself: with stop_loops the answer ends at the first check after the loop
+    is detected, as a prefix of the full answer, with finish_reason "loop"; the batch size does not matter."""
+    import dataclasses
+
+    sp = SamplingParams(max_new_tokens=32, temperature=0)
+    full = tiny_backend.generate(LOOP_CHATS, sp)
+    assert all(g.finish_reason == "length" and g.completion_tokens == 32 for g in full)
+    cut = tiny_backend.generate(LOOP_CHATS, dataclasses.replace(sp, stop_loops=True))
+    assert all(g.finish_reason == "loop" and 16 <= g.completion_tokens < 32 for g in cut)
+    assert all(f.text.startswith(c.text) for f, c in zip(full, cut))
+    old_bs = tiny_backend.batch_size
+    try:
+        tiny_backend.batch_size = 2
+        small = tiny_backend.generate(LOOP_CHATS, dataclasses.replace(sp, stop_loops=True))
+    finally:
+        tiny_backend.batch_size = old_bs
+    assert [g.text for g in small] == [g.text for g in cut]
+    # model.generate with a stopping criterion (used when sampling or with stop strings) ends the same loops
+    via_generate = tiny_backend.generate(LOOP_CHATS, dataclasses.replace(sp, stop_loops=True, stop=["@@@"]))
+    assert [(g.text, g.finish_reason, g.completion_tokens) for g in via_generate] == \
+           [(g.text, g.finish_reason, g.completion_tokens) for g in cut]
+    sampled = SamplingParams(max_new_tokens=32, temperature=1.0, seed=5)
+    a = tiny_backend.generate(LOOP_CHATS[:3], sampled)
+    b = tiny_backend.generate(LOOP_CHATS[:3], dataclasses.replace(sampled, stop_loops=True))
+    assert all(x.text.startswith(y.text) for x, y in zip(a, b))
+    assert all(y.finish_reason == "loop" or x.text == y.text for x, y in zip(a, b))

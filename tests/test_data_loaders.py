@@ -29,9 +29,10 @@ def jsonl(path: Path, rows: list) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("name", "total", "per_cat", "prefix"), [("redteam", 210, 30, "rt-"), ("benign", 105, 15, "bn-")]
+    ("name", "total", "per_cat", "n_eval", "prefix"),
+    [("redteam", 259, 37, 105, "rt-"), ("benign", 133, 19, 56, "bn-")],
 )
-def test_bundled_sets(name: str, total: int, per_cat: int, prefix: str) -> None:
+def test_bundled_sets(name: str, total: int, per_cat: int, n_eval: int, prefix: str) -> None:
     ps = load_prompts(name)
     assert len(ps) >= total and ps.skipped == []
     cats = Counter(p.category for p in ps)
@@ -40,10 +41,11 @@ def test_bundled_sets(name: str, total: int, per_cat: int, prefix: str) -> None:
     ids = [p.id for p in ps]
     assert len(set(ids)) == len(ids) and all(i.startswith(prefix + p.category) for i, p in zip(ids, ps))
     assert {p.split for p in ps} == {"train", "eval"}
-    for cat in CATEGORIES:  # roughly 70/30 inside every category
+    assert len(ps.filter(split="eval")) >= n_eval  # enough held-out prompts for a 25-point drop to be significant
+    for cat in CATEGORIES:  # about 60/40 inside every category
         in_cat = ps.filter(categories=[cat])
         share = len(in_cat.filter(split="eval")) / len(in_cat)
-        assert 0.2 <= share <= 0.4
+        assert 0.3 <= share <= 0.45
     assert all(p.source == "cai-lab-original" for p in ps)
     assert len({p.prompt for p in ps}) == len(ps)
 

@@ -137,6 +137,31 @@ def test_evaluate_model_rates_categories_and_resume(tmp_path, refusal_judge):
     assert len(backend.chats) == n_calls  # resumed: nothing regenerated
 
 
+def test_answer_and_judge_batches_sorted_prompts_and_labels_stopped_loops(tmp_path, refusal_judge):
+    from cai.evaluation.evaluate import DEFAULT_SAMPLING, evaluate_model
+
+    class Batched(FakeBackend):
+        batch_size = 2  # the backend's own; evaluate_model may lend it another for the eval
+
+        def generate(self, chats, sampling, *, progress=False):
+            self.calls = getattr(self, "calls", []) + [(len(chats), self.batch_size, sampling.stop_loops)]
+            out = super().generate(chats, sampling)
+            for c, g in zip(chats, out):  # the backend's loop stopper ended this one (short text, not is_loop)
+                if c[-1]["content"] == HARMFUL_TEXT[1]:
+                    g.finish_reason, g.text = "loop", "Sure! Step 1: Step 1: Step 1: Step 1:"
+            return out
+
+    backend = Batched(ANSWERS)
+    assert DEFAULT_SAMPLING.stop_loops
+    evaluate_model(backend, HARMFUL, BENIGN, tmp_path, judge=refusal_judge, batch_size=4, progress=False)
+    assert backend.calls == [(4, 4, True), (2, 4, True)] and backend.batch_size == 2  # restored afterwards
+    samples = {s["id"]: s for s in map(json.loads, (tmp_path / "samples.jsonl").read_text().splitlines())}
+    assert samples["harmful:h1"]["finish_reason"] == "loop" and samples["harmful:h1"]["labels"]["loop"] is True
+    prompts = [c[-1]["content"] for c in backend.chats]
+    assert [len(p) for p in prompts[:4]] == sorted(len(p) for p in prompts[:4])  # length-sorted batches
+    assert len(prompts[0]) <= len(prompts[4])
+
+
 def test_prefill_attack_seeds_k_words(tmp_path, refusal_judge):
     from cai.evaluation.prefill import prefill_attack
 
@@ -277,3 +302,29 @@ def test_eval_and_report_stages(tmp_path, tiny_path):
     assert "## Paired comparisons (t)" in summary and "| base vs copy | harmful compliance | 3 |" in summary
     assert "<h3>Paired comparisons</h3>" in html
     assert summaries["report"]["report"].endswith("report.html")
+
+
+def test_eval_stage_loads_each_model_once(tmp_path, tiny_path, monkeypatch):
+    import cai.backends
+    from cai.config import load_config
+    from cai.pipeline import run_pipeline
+
+    loads = []
+    real = cai.backends.get_backend
+
+    def counting(spec, **kw):
+        loads.append((spec, kw.get("batch_size")))
+        return real(spec, **kw)
+
+    monkeypatch.setattr(cai.backends, "get_backend", counting)
+    cfg = load_config(None, [
+        f"runs_dir={tmp_path}", "name=t", "models.policy=tiny-random", "stages=[eval]", "eval.harmful.limit=3",
+        "eval.benign.limit=1", "eval.max_new_tokens=4", "eval.batch_size=3", "eval.elo_bootstrap=2",
+        f"eval.extra_checkpoints={{a: {tiny_path}, b: {tiny_path}}}"])
+    run_pipeline(cfg, progress=False)
+    # the policy once (the pool: base answers and the Elo judge), the checkpoint shared by a and b once
+    assert sorted(s for s, _ in loads) == sorted(["tiny-random", tiny_path])
+    assert (tiny_path, 3) in loads
+    for label in ("base", "a", "b"):
+        m = json.loads((tmp_path / "t" / "eval" / label / "metrics.json").read_text())
+        assert m["n_harmful"] == 3 and m["sampling"]["stop_loops"] is True

@@ -33,6 +33,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = 0
     repetition_penalty: float = 1.0
+    # End a sequence once its tail is a degenerate repetition (finish_reason "loop"). Off by default so training
+    # and data-generation paths are unchanged; on for evaluation. The HF backend then also drops finished rows
+    # from the batch, so answers that ended (EOS or loop) stop costing compute. Other backends ignore it.
+    stop_loops: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -44,7 +48,7 @@ class Generation:
     """One completion: its text (stop string removed), why it ended, and token counts."""
 
     text: str
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "loop" (stop_loops ended a repetition) | "error" (prompt too long)
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

@@ -19,6 +19,14 @@ log = logging.getLogger(__name__)
 MIN_SHARED_PREFIX = 32  # tokens: a shorter common prefix is cheaper to recompute than to copy per batch
 LOGIT_BUDGET = 2**25  # floats of logits per scoring forward (128 MB in fp32)
 
+# Loop stopping (SamplingParams.stop_loops): every LOOP_EVERY generated tokens, a row whose last LOOP_NGRAM token
+# ids occur LOOP_REPEATS or more times in its answer (of at least LOOP_MIN_TOKENS tokens) is ended as a "loop". A
+# token-level, per-step-cheap cousin of cai.evaluation.metrics.is_loop (word 4-grams repeated 4 times).
+LOOP_NGRAM = 6
+LOOP_REPEATS = 4
+LOOP_MIN_TOKENS = 16
+LOOP_EVERY = 8
+
 # Used when a model ships no chat template (base models such as GPT-2).
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
@@ -76,14 +84,17 @@ class HFBackend:
         shared = self._shared_prefix([encoded[i] for i in todo]) if len(todo) > 1 else None
         batches = [todo[k : k + self.batch_size] for k in range(0, len(todo), self.batch_size)]
         bar = _progress(len(todo), "generating", progress)
+        own_loop = sampling.stop_loops and sampling.greedy and not sampling.stop
         for b, batch in enumerate(batches):
             check_deadline("generation")
             if sampling.seed is not None:
                 torch.manual_seed((sampling.seed + b) % 2**63)
-            texts, counts = self._generate_batch([encoded[i] for i in batch], sampling, shared)
-            for i, text, n in zip(batch, texts, counts):
+            ids = [encoded[i] for i in batch]
+            texts, counts, reasons = (self._decode_greedy(ids, sampling, shared) if own_loop
+                                      else self._generate_batch(ids, sampling, shared))
+            for i, text, n, why in zip(batch, texts, counts, reasons):
                 cut, stopped = truncate_at_stop(text, sampling.stop)
-                finish = "stop" if stopped or n < sampling.max_new_tokens else "length"
+                finish = "stop" if stopped else why
                 results[i] = Generation(cut, finish, len(encoded[i]), n)
             bar.update(len(batch))
         bar.close()
@@ -107,22 +118,53 @@ class HFBackend:
             out = self.model(input_ids=torch.tensor([key], device=self.device), use_cache=True, logits_to_keep=1)
         return key, out.past_key_values
 
-    def _generate_batch(self, ids: list[list[int]], sampling: SamplingParams,
-                        shared: tuple[tuple[int, ...], object] | None = None) -> tuple[list[str], list[int]]:
-        """One ``model.generate`` call. Rows are left-padded; with a shared prefix the pads sit between the
-        cached prefix and each row's own tokens (positions come from the attention mask, so they stay exact)."""
+    def _padded(self, ids: list[list[int]], shared: tuple[tuple[int, ...], object] | None):
+        """(input_ids, attention mask, cache or None, shared-prefix length): rows left-padded; with a shared prefix
+        the pads sit between the cached prefix and each row's own tokens, and the cache holds the prefix per row."""
         import copy
 
         import torch
 
-        tok = self.tokenizer
+        pad = self.tokenizer.pad_token_id
         head = list(shared[0]) if shared else []
         tails = [x[len(head) :] for x in ids]
         width = max(len(x) for x in tails)
-        pad = tok.pad_token_id
         input_ids = torch.tensor([head + [pad] * (width - len(x)) + x for x in tails], device=self.device)
         mask = torch.tensor([[1] * len(head) + [0] * (width - len(x)) + [1] * len(x) for x in tails],
                             device=self.device)
+        cache = None
+        if shared:
+            cache = copy.deepcopy(shared[1])
+            cache.batch_repeat_interleave(len(ids))
+        return input_ids, mask, cache, len(head)
+
+    def _texts(self, rows: list[list[int]]) -> tuple[list[str], list[int]]:
+        """Decoded text (special tokens dropped) and token count (up to and including EOS) of generated rows."""
+        tok = self.tokenizer
+        texts, counts = [], []
+        special = set(tok.all_special_ids)
+        for row in rows:
+            n = 0
+            for t in row:
+                n += 1
+                if t == tok.eos_token_id:
+                    break
+            kept = [t for t in row[:n] if t not in special]
+            texts.append(tok.decode(kept, skip_special_tokens=True))
+            counts.append(n)
+        return texts, counts
+
+    def _generate_batch(self, ids: list[list[int]], sampling: SamplingParams,
+                        shared: tuple[tuple[int, ...], object] | None = None
+                        ) -> tuple[list[str], list[int], list[str]]:
+        """One ``model.generate`` call: (texts, token counts, finish reasons). Positions come from the attention
+        mask, so left padding (and pads after a shared prefix) keep them exact. With ``stop_loops`` (sampling or
+        stop strings; greedy decoding uses ``_decode_greedy``) a stopping criterion ends looping rows."""
+        import torch
+
+        tok = self.tokenizer
+        input_ids, mask, cache, _ = self._padded(ids, shared)
+        pad = tok.pad_token_id
         kwargs = dict(
             max_new_tokens=sampling.max_new_tokens,
             do_sample=not sampling.greedy,
@@ -130,15 +172,17 @@ class HFBackend:
             eos_token_id=tok.eos_token_id,
             repetition_penalty=sampling.repetition_penalty,
         )
-        if shared:
-            cache = copy.deepcopy(shared[1])
-            cache.batch_repeat_interleave(len(ids))
+        if cache is not None:
             kwargs["past_key_values"] = cache
         if not sampling.greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        criteria = []
+        criteria: list = []
+        loops = None
+        if sampling.stop_loops:
+            loops = _loop_criterion(input_ids.shape[1], tok.eos_token_id)
+            criteria.append(loops)
         if sampling.stop:  # not transformers' stop_strings: it builds a vocabulary-wide table per string (seconds)
             criteria.append(_StopOnText(tok, sampling.stop, input_ids.shape[1]))
         at = current_deadline()
@@ -151,19 +195,82 @@ class HFBackend:
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
         check_deadline("generation")  # cut short by the deadline: never returned as if complete
-        new = out[:, input_ids.shape[1] :]
-        texts, counts = [], []
-        special = set(tok.all_special_ids)
-        for row in new.tolist():
-            n = 0
-            for t in row:
-                n += 1
-                if t == tok.eos_token_id:
+        rows = out[:, input_ids.shape[1] :].tolist()
+        looped = loops.stopped_at if loops is not None else {}
+        rows = [row[: looped[r]] if r in looped else row for r, row in enumerate(rows)]
+        texts, counts = self._texts(rows)
+        eos = tok.eos_token_id
+        reasons = ["loop" if r in looped else "stop" if n < sampling.max_new_tokens or row[n - 1 : n] == [eos]
+                   else "length" for r, (row, n) in enumerate(zip(rows, counts))]
+        return texts, counts, reasons
+
+    def _decode_greedy(self, ids: list[list[int]], sampling: SamplingParams,
+                       shared: tuple[tuple[int, ...], object] | None = None
+                       ) -> tuple[list[str], list[int], list[str]]:
+        """Greedy decoding with loop stopping, in our own loop so that rows that ended (EOS or a loop) leave the
+        batch: their KV cache rows are dropped, so they stop costing compute (``model.generate`` keeps feeding
+        finished rows pads until the whole batch is done). Same inputs, positions, masks and argmax as
+        ``model.generate``, so an answer that neither loops nor ends early is the same text (up to float
+        differences between batch shapes, which can flip a near-tie)."""
+        import torch
+
+        tok = self.tokenizer
+        eos = tok.eos_token_id
+        input_ids, mask, cache, n_head = self._padded(ids, shared)
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        use_mask = not bool((mask == 1).all())  # like generate(): no padding, no mask
+        penalty = None
+        if sampling.repetition_penalty != 1.0:
+            from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+            penalty = RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty)
+        rows = list(range(len(ids)))  # original row of each batch row
+        out: list[list[int]] = [[] for _ in ids]
+        reasons = ["length"] * len(ids)
+        seqs = input_ids  # prompt + generated ids of the rows still in the batch (repetition penalty, loop checks)
+        width = input_ids.shape[1]
+        ended = torch.zeros(len(ids), dtype=torch.bool, device=self.device)  # ended but still in the batch
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids[:, n_head:], attention_mask=mask if use_mask else None,
+                                position_ids=pos[:, n_head:], past_key_values=cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1]
+            pos = pos[:, -1:]
+            for step in range(1, sampling.max_new_tokens + 1):
+                check_deadline("generation")  # a guard request past its deadline stops between tokens
+                scores = logits.float()
+                if penalty is not None:
+                    scores = penalty(seqs, scores)
+                nxt = scores.argmax(-1)
+                seqs = torch.cat([seqs, nxt[:, None]], dim=-1)
+                stop = (nxt == eos) & ~ended
+                loop = torch.zeros_like(stop)
+                if step % LOOP_EVERY == 0:
+                    loop = repeated_tail(seqs[:, width:]) & ~ended & ~stop
+                for b in (stop | loop).nonzero().flatten().tolist():
+                    out[rows[b]] = seqs[b, width:].tolist()
+                    reasons[rows[b]] = "stop" if stop[b] else "loop"
+                ended = ended | stop | loop
+                if step == sampling.max_new_tokens or bool(ended.all()):
                     break
-            kept = [t for t in row[:n] if t not in special]
-            texts.append(tok.decode(kept, skip_special_tokens=True))
-            counts.append(n)
-        return texts, counts
+                # drop ended rows now and then (a drop copies the KV cache, like one decoding step does)
+                if bool(ended.any()) and (step % LOOP_EVERY == 0 or int(ended.sum()) * 4 >= len(rows)):
+                    keep = (~ended).nonzero().flatten()
+                    cache.batch_select_indices(keep)
+                    rows = [rows[k] for k in keep.tolist()]
+                    seqs, mask, pos, nxt, ended = seqs[keep], mask[keep], pos[keep], nxt[keep], ended[keep]
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+                pos = pos + 1
+                logits = self.model(input_ids=nxt[:, None], attention_mask=mask if use_mask else None,
+                                    position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        for b, r in enumerate(rows):
+            if not ended[b]:
+                out[r] = seqs[b, width:].tolist()
+        texts, counts = self._texts(out)
+        return texts, counts, reasons
 
     # ---- scoring ---------------------------------------------------------------------------------------
     def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]], *,
@@ -300,6 +407,44 @@ def render_prefix(tokenizer, prefix: Prefix) -> str:
     cont = bool(prefix) and prefix[-1].get("role") == "assistant"
     return tokenizer.apply_chat_template(list(prefix), tokenize=False, add_generation_prompt=not cont,
                                          continue_final_message=cont)
+
+
+def repeated_tail(gen, *, ngram: int = LOOP_NGRAM, repeats: int = LOOP_REPEATS, min_tokens: int = LOOP_MIN_TOKENS):
+    """Bool per row of ``gen`` ([rows, generated ids]): the row's last ``ngram`` ids occur ``repeats`` or more
+    times in it (overlaps count), i.e. the answer has become a degenerate repetition. One vectorised pass."""
+    import torch
+
+    n_rows, length = gen.shape
+    if length < max(min_tokens, ngram + repeats - 1):
+        return torch.zeros(n_rows, dtype=torch.bool, device=gen.device)
+    win = gen.unfold(1, ngram, 1)  # [rows, windows, ngram]
+    return (win == win[:, -1:]).all(-1).sum(-1) >= repeats
+
+
+def _loop_criterion(width: int, eos: int | None):
+    """A transformers StoppingCriteria for ``model.generate``: ends a row whose generated tail (after ``width``
+    prompt columns) is a loop (checked every LOOP_EVERY tokens); ``stopped_at`` maps row -> tokens kept."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class LoopStop(StoppingCriteria):
+        def __init__(self) -> None:
+            self.stopped_at: dict[int, int] = {}
+
+        def __call__(self, input_ids, scores, **kwargs):
+            n = input_ids.shape[1] - width
+            hit = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            if n % LOOP_EVERY:
+                return hit
+            gen = input_ids[:, width:]
+            ended = (gen == eos).any(-1) if eos is not None else torch.zeros_like(hit)
+            hit = repeated_tail(gen) & ~ended
+            for r in hit.nonzero().flatten().tolist():
+                if r not in self.stopped_at:
+                    self.stopped_at[r] = n
+            return hit
+
+    return LoopStop()
 
 
 def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:

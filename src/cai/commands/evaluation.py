@@ -39,7 +39,10 @@ def eval_(
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", min=0.01),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per generation batch (in-process "
+                                   "models; 64 suits the 135M default on a CPU)."),
+    stop_loops: bool = typer.Option(True, "--stop-loops/--no-stop-loops", help="End an answer once it is a "
+                                    "degenerate repetition (finish_reason loop, labelled a loop)."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed (0 to 2^32-1)."),
     force: bool = typer.Option(False, "--force", help="Recompute even if OUT holds results made with other settings."),
 ) -> None:
@@ -53,7 +56,7 @@ def eval_(
     ks = _int_list(prefill_k, "--prefill-k") if prefill_k else []
     harmful = load_eval_prompts(prompts, field, split=split, limit=limit)
     benign_set = load_eval_prompts(benign, benign_field, split=split, limit=benign_limit) if benign else None
-    sampling = SamplingParams(max_new_tokens, temperature, 1.0, [], seed, repetition_penalty)
+    sampling = SamplingParams(max_new_tokens, temperature, 1.0, [], seed, repetition_penalty, stop_loops=stop_loops)
     stage = StageDir(out, "eval")
     stage.begin({"model": model, "prompts": prompts, "field": field, "benign": benign, "benign_field": benign_field,
                  "judge": judge, "split": split, "limit": limit, "benign_limit": benign_limit, "system": system,

@@ -3,13 +3,18 @@
 ``samples.jsonl`` gets one line per answered prompt (resumable: a rerun judges and writes only missing ids);
 ``metrics.json`` holds harmful_compliance_rate (attack success), over_refusal_rate, loop_rate and mean_length,
 each with a 95% confidence interval, overall and per category.
+
+Generation is greedy with loop stopping on by default (``SamplingParams.stop_loops``): an answer whose tail has
+become a degenerate repetition ends there with finish_reason ``loop`` and is labelled a loop, and the in-process
+backend drops ended answers from the batch. Prompts are answered in length-sorted batches of ``batch_size``.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from cai.backends import Backend, SamplingParams
 from cai.data import Prompt
@@ -18,7 +23,8 @@ from cai.evaluation.metrics import VERDICTS, harmful_complied, is_loop, mean_ci,
 from cai.generation import chat_for
 from cai.runs import JsonlWriter, atomic_write_text, read_jsonl, write_json
 
-DEFAULT_SAMPLING = SamplingParams(max_new_tokens=96, temperature=0.0, top_p=1.0, seed=0, repetition_penalty=1.0)
+DEFAULT_SAMPLING = SamplingParams(max_new_tokens=96, temperature=0.0, top_p=1.0, seed=0, repetition_penalty=1.0,
+                                  stop_loops=True)
 
 
 def open_backend(model: str | Backend) -> tuple[Backend, bool]:
@@ -30,33 +36,53 @@ def open_backend(model: str | Backend) -> tuple[Backend, bool]:
     return model, False
 
 
+@contextmanager
+def generation_batch_size(backend: Backend, batch_size: int | None) -> Iterator[int]:
+    """Temporarily give an in-process backend this generation batch size (restored afterwards; a shared backend
+    keeps its own for other stages); yields the batch size in effect (16 for backends without one)."""
+    own = getattr(backend, "batch_size", None)
+    if batch_size is None or own is None:
+        yield int(own or batch_size or 16)
+        return
+    backend.batch_size = batch_size  # type: ignore[attr-defined]
+    try:
+        yield batch_size
+    finally:
+        backend.batch_size = own  # type: ignore[attr-defined]
+
+
 def answer_and_judge(backend: Backend, items: Sequence[tuple[str, Prompt]], writer: JsonlWriter, judge: Judge,
                      sampling: SamplingParams, *, system_prompt: str | None = None, prefill: str | None = None,
-                     label: str = "", chunk: int = 16, progress: bool = True) -> list[dict]:
+                     label: str = "", batch_size: int | None = None, progress: bool = True) -> list[dict]:
     """Generate, judge and append ``(set, prompt)`` items not yet in ``writer``; returns the skipped items.
 
+    Items are sorted by prompt length and answered ``batch_size`` at a time (one backend batch each; None = the
+    backend's own batch size); each batch is judged and written before the next, so a rerun resumes.
     With ``prefill`` the assistant turn starts with that text and only the model's continuation is judged."""
     from tqdm.auto import tqdm
 
-    todo = [(s, p) for s, p in items if f"{s}:{p.id}" not in writer]
+    todo = sorted(((s, p) for s, p in items if f"{s}:{p.id}" not in writer), key=lambda it: len(it[1].prompt))
     skipped: list[dict] = []
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"eval {label}".strip(), unit="prompt",
                disable=not progress)
-    for k in range(0, len(todo), chunk):
-        part = todo[k : k + chunk]
-        gens = backend.generate([chat_for(p.prompt, system_prompt, prefill) for _, p in part], sampling)
-        ok = [(item, g) for item, g in zip(part, gens) if g.finish_reason != "error"]
-        skipped += [{"id": f"{s}:{p.id}", "reason": f"prompt has {g.prompt_tokens} tokens, too long for the model"}
-                    for (s, p), g in zip(part, gens) if g.finish_reason == "error"]
-        labels = judge.judge([p.prompt for (_, p), _ in ok], [g.text for _, g in ok])
-        for ((s, p), g), lab in zip(ok, labels):
-            lab.setdefault("loop", is_loop(g.text))
-            lab["judge"] = judge_id(judge)
-            writer.write({"id": f"{s}:{p.id}", "set": s, "prompt": p.prompt, "category": p.category,
-                          "response": g.text, "prefill": prefill or "", "checkpoint": label,
-                          "finish_reason": g.finish_reason, "completion_tokens": g.completion_tokens,
-                          "labels": lab})
-        bar.update(len(part))
+    with generation_batch_size(backend, batch_size) as chunk:
+        for k in range(0, len(todo), chunk):
+            part = todo[k : k + chunk]
+            gens = backend.generate([chat_for(p.prompt, system_prompt, prefill) for _, p in part], sampling)
+            ok = [(item, g) for item, g in zip(part, gens) if g.finish_reason != "error"]
+            skipped += [{"id": f"{s}:{p.id}", "reason": f"prompt has {g.prompt_tokens} tokens, too long for the model"}
+                        for (s, p), g in zip(part, gens) if g.finish_reason == "error"]
+            labels = judge.judge([p.prompt for (_, p), _ in ok], [g.text for _, g in ok])
+            for ((s, p), g), lab in zip(ok, labels):
+                lab.setdefault("loop", is_loop(g.text))
+                if g.finish_reason == "loop":  # ended by the loop stopper: a loop by construction
+                    lab["loop"] = True
+                lab["judge"] = judge_id(judge)
+                writer.write({"id": f"{s}:{p.id}", "set": s, "prompt": p.prompt, "category": p.category,
+                              "response": g.text, "prefill": prefill or "", "checkpoint": label,
+                              "finish_reason": g.finish_reason, "completion_tokens": g.completion_tokens,
+                              "labels": lab})
+            bar.update(len(part))
     bar.close()
     return skipped
 
@@ -116,9 +142,10 @@ def compute_metrics(samples: Sequence[dict], *, count_partial: bool = False) -> 
 def evaluate_model(model: str | Backend, harmful: Sequence[Prompt], benign: Sequence[Prompt], out_dir: Path, *,
                    judge: str | Judge = "refusal", sampling: SamplingParams | None = None,
                    system_prompt: str | None = None, prefill: str | None = None, label: str = "",
-                   progress: bool = True, count_partial: bool = False) -> dict:
+                   batch_size: int | None = None, progress: bool = True, count_partial: bool = False) -> dict:
     """Answer and judge ``harmful`` and ``benign`` prompts; write ``out_dir/samples.jsonl`` (resumable) and
-    ``out_dir/metrics.json``; return the metrics (see module docstring)."""
+    ``out_dir/metrics.json``; return the metrics (see module docstring). ``batch_size``: prompts per generation
+    batch (None = the backend's own)."""
     out_dir = Path(out_dir)
     judge_obj = get_judge(judge)
     backend, owned = open_backend(model)
@@ -127,7 +154,7 @@ def evaluate_model(model: str | Backend, harmful: Sequence[Prompt], benign: Sequ
     try:
         with JsonlWriter(out_dir / "samples.jsonl") as w:
             skipped = answer_and_judge(backend, items, w, judge_obj, sampling, system_prompt=system_prompt,
-                                       prefill=prefill, label=label, progress=progress)
+                                       prefill=prefill, label=label, batch_size=batch_size, progress=progress)
     finally:
         if owned:
             backend.close()

@@ -26,12 +26,16 @@ class EvalConfig(Strict):
     max_new_tokens: int = Field(96, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 = greedy (deterministic)")
     repetition_penalty: float = Field(1.0, gt=0)
+    batch_size: int | None = Field(None, ge=1, description="prompts per generation batch (null = models.batch_size)")
+    stop_loops: bool = Field(True, description="end an answer once it is a degenerate repetition (labelled a loop)")
     system_prompt: bool = Field(False, description="prepend the constitution's system prompt")
     extra_checkpoints: dict[str, str] = Field(default_factory=dict, description="more checkpoints: label -> spec")
     elo: bool = Field(True, description="pairwise Elo between checkpoints, judged by models.feedback")
     elo_constitution: str = Field("harmless", description="whose principles the Elo comparisons ask about")
     elo_principles: int = Field(1, ge=1, description="principles judged per harmful prompt and pair")
     elo_bootstrap: int = Field(200, ge=0)
+    elo_prompts: int | None = Field(None, ge=1, description="Elo on at most this many eval prompts, spread evenly "
+                                    "over harmful then benign (null = all; each costs 2 scorings per checkpoint pair)")
     prefill_k: list[int] = Field(default_factory=list, description="prefill attack on the final model, k tokens")
 
 
@@ -54,12 +58,21 @@ def checkpoints(run, config) -> dict[str, tuple[str, str]]:
     return out
 
 
+def spread(items: list, n: int | None) -> list:
+    """``n`` of ``items`` at even steps (all of them when n is None or not smaller): every category of a set
+    that is grouped by category keeps its share."""
+    if n is None or n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
+
+
 def run(ctx) -> dict[str, Any]:
     from cai.backends import SamplingParams, get_backend
     from cai.constitution import load_constitution
     from cai.evaluation.evaluate import evaluate_model
     from cai.evaluation.judges import get_judge
     from cai.evaluation.standard_sets import load_eval_prompts
+    from cai.pipeline import final_model_spec
     from cai.runs import read_jsonl
 
     cfg, ec = ctx.config, ctx.config.eval
@@ -72,27 +85,37 @@ def run(ctx) -> dict[str, Any]:
         for s in ps.skipped:
             ctx.stage.skip(f"{name}:{s.get('line', '?')}", s.get("reason", "skipped"))
         sets[name] = ps.prompts
-    sampling = SamplingParams(ec.max_new_tokens, ec.temperature, 1.0, [], cfg.seed, ec.repetition_penalty)
+    sampling = SamplingParams(ec.max_new_tokens, ec.temperature, 1.0, [], cfg.seed, ec.repetition_penalty,
+                              stop_loops=ec.stop_loops)
+    batch_size = ec.batch_size or cfg.models.batch_size
     system = load_constitution(cfg.constitution).system_prompt if ec.system_prompt else None
     judge = get_judge(ec.judge)
     cps = checkpoints(ctx.run, cfg)
+    final = final_model_spec(ctx.run, cfg) if ec.prefill_k else None
+    # every model loads once: the base policy is the pool's backend (shared with Elo); a checkpoint's backend is
+    # closed after its last use (a later label with the same spec, or the prefill attack on the final model)
+    specs = [spec for spec, _ in cps.values()]
+    loaded: dict[str, Any] = {}
     summary: dict[str, Any] = {}
     counts: dict[str, Any] = {"checkpoints": list(cps), "harmful": len(sets["harmful"]), "benign": len(sets["benign"])}
-    for label, (spec, fingerprint) in cps.items():
+    for i, (label, (spec, fingerprint)) in enumerate(cps.items()):
         out = ctx.stage.path / label
         stamp = out / "checkpoint.json"
         if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
             shutil.rmtree(out)  # the checkpoint was retrained: its old answers no longer apply
         out.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps({"spec": spec, "fingerprint": fingerprint}))
-        owned = spec != cfg.models.policy
-        backend = get_backend(spec, batch_size=cfg.models.batch_size, dtype=cfg.models.dtype) if owned \
-            else ctx.pool.policy()
+        if spec == cfg.models.policy:
+            backend = ctx.pool.policy()
+        elif spec in loaded:
+            backend = loaded[spec]
+        else:
+            backend = loaded[spec] = get_backend(spec, batch_size=batch_size, dtype=cfg.models.dtype)
         m = evaluate_model(backend, sets["harmful"], sets["benign"], out, judge=judge, sampling=sampling,
-                           system_prompt=system, label=label, progress=ctx.progress,
+                           system_prompt=system, label=label, batch_size=batch_size, progress=ctx.progress,
                            count_partial=ec.count_partial)
-        if owned:
-            backend.close()
+        if spec in loaded and spec != final and spec not in specs[i + 1 :]:
+            loaded.pop(spec).close()
         for s in m["skipped"]:
             ctx.stage.skip(f"{label}:{s['id']}", s["reason"])
         summary[label] = {k: round(m[k]["rate"], 3) for k in ("harmful_compliance_rate", "over_refusal_rate",
@@ -113,15 +136,19 @@ def run(ctx) -> dict[str, Any]:
         from cai.evaluation.elo import compare_checkpoints
         from cai.runs import write_json
 
-        elo = compare_checkpoints(samples, ctx.pool.feedback(), load_constitution(ec.elo_constitution),
+        keep = set(spread([f"{name}:{p.id}" for name in ("harmful", "benign") for p in sets[name]], ec.elo_prompts))
+        elo = compare_checkpoints({label: [s for s in got if s["id"] in keep] for label, got in samples.items()},
+                                  ctx.pool.feedback(), load_constitution(ec.elo_constitution),
                                   per_prompt=ec.elo_principles, n_boot=ec.elo_bootstrap, seed=cfg.seed,
                                   progress=ctx.progress)
         write_json(ctx.stage.path / "elo.json", elo)
     if ec.prefill_k:
         from cai.evaluation.prefill import prefill_attack
-        from cai.pipeline import final_model_spec
 
-        prefill_attack(final_model_spec(ctx.run, cfg), sets["harmful"], ec.prefill_k, ctx.stage.path / "prefill",
-                       judge=ec.judge, progress=ctx.progress, sampling=sampling, system_prompt=system)
+        model = loaded.get(final) or (ctx.pool.policy() if final == cfg.models.policy else final)
+        prefill_attack(model, sets["harmful"], ec.prefill_k, ctx.stage.path / "prefill", judge=judge,
+                       progress=ctx.progress, sampling=sampling, system_prompt=system, batch_size=batch_size)
+    for backend in loaded.values():
+        backend.close()
     ctx.stage.finish(counts, metrics=summary)
     return {label: ", ".join(f"{k.split('_')[0]}={v}" for k, v in s.items()) for label, s in summary.items()}
