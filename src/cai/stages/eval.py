@@ -30,6 +30,8 @@ class EvalConfig(Strict):
     elo_constitution: str = Field("harmless", description="whose principles the Elo comparisons ask about")
     elo_principles: int = Field(1, ge=1, description="principles judged per harmful prompt and pair")
     elo_bootstrap: int = Field(200, ge=0)
+    elo_prompts: int | None = Field(None, ge=1, description="Elo on at most this many eval prompts, spread evenly "
+                                    "over harmful then benign (null = all; each costs 2 scorings per checkpoint pair)")
     prefill_k: list[int] = Field(default_factory=list, description="prefill attack on the final model, k tokens")
 
 
@@ -50,6 +52,14 @@ def checkpoints(run, config) -> dict[str, tuple[str, str]]:
     for label, spec in config.eval.extra_checkpoints.items():
         out[label] = (spec, spec)
     return out
+
+
+def spread(items: list, n: int | None) -> list:
+    """``n`` of ``items`` at even steps (all of them when n is None or not smaller): every category of a set
+    that is grouped by category keeps its share."""
+    if n is None or n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
 
 
 def run(ctx) -> dict[str, Any]:
@@ -108,7 +118,10 @@ def run(ctx) -> dict[str, Any]:
         from cai.evaluation.elo import compare_checkpoints
         from cai.runs import write_json
 
-        samples = {label: read_jsonl(ctx.stage.path / label / "samples.jsonl") for label in cps}
+        items = [f"harmful:{p.id}" for p in sets["harmful"]] + [f"benign:{p.id}" for p in sets["benign"]]
+        keep = set(spread(items, ec.elo_prompts))
+        samples = {label: [s for s in read_jsonl(ctx.stage.path / label / "samples.jsonl") if s["id"] in keep]
+                   for label in cps}
         elo = compare_checkpoints(samples, ctx.pool.feedback(), load_constitution(ec.elo_constitution),
                                   per_prompt=ec.elo_principles, n_boot=ec.elo_bootstrap, seed=cfg.seed,
                                   progress=ctx.progress)
