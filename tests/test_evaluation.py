@@ -304,7 +304,7 @@ def test_eval_and_report_stages(tmp_path, tiny_path):
     assert summaries["report"]["report"].endswith("report.html")
 
 
-def test_eval_stage_loads_each_model_once(tmp_path, tiny_path, monkeypatch):
+def test_eval_stage_loads_each_model_once_and_caps_elo(tmp_path, tiny_path, monkeypatch):
     import cai.backends
     from cai.config import load_config
     from cai.pipeline import run_pipeline
@@ -320,7 +320,7 @@ def test_eval_stage_loads_each_model_once(tmp_path, tiny_path, monkeypatch):
     cfg = load_config(None, [
         f"runs_dir={tmp_path}", "name=t", "models.policy=tiny-random", "stages=[eval]", "eval.harmful.limit=3",
         "eval.benign.limit=1", "eval.max_new_tokens=4", "eval.batch_size=3", "eval.elo_bootstrap=2",
-        f"eval.extra_checkpoints={{a: {tiny_path}, b: {tiny_path}}}"])
+        "eval.elo_prompts=2", f"eval.extra_checkpoints={{a: {tiny_path}, b: {tiny_path}}}"])
     run_pipeline(cfg, progress=False)
     # the policy once (the pool: base answers and the Elo judge), the checkpoint shared by a and b once
     assert sorted(s for s, _ in loads) == sorted(["tiny-random", tiny_path])
@@ -328,3 +328,5 @@ def test_eval_stage_loads_each_model_once(tmp_path, tiny_path, monkeypatch):
     for label in ("base", "a", "b"):
         m = json.loads((tmp_path / "t" / "eval" / label / "metrics.json").read_text())
         assert m["n_harmful"] == 3 and m["sampling"]["stop_loops"] is True
+    elo = json.loads((tmp_path / "t" / "eval" / "elo.json").read_text())  # on 2 of the 4 prompts
+    assert elo["harmlessness"]["n_prompts"] + elo["helpfulness"]["n_prompts"] == 2

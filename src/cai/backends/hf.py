@@ -246,7 +246,7 @@ class HFBackend:
                     scores = penalty(seqs, scores)
                 nxt = scores.argmax(-1)
                 seqs = torch.cat([seqs, nxt[:, None]], dim=-1)
-                stop = (nxt == eos) & ~ended
+                stop = ((nxt == eos) if eos is not None else torch.zeros_like(ended)) & ~ended
                 loop = torch.zeros_like(stop)
                 if step % LOOP_EVERY == 0:
                     loop = repeated_tail(seqs[:, width:]) & ~ended & ~stop
