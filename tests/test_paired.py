@@ -134,6 +134,7 @@ def test_paired_comparisons_every_pair_in_order():
     assert {r["outcome"] for r in res["comparisons"]} == {"harmful_compliance"}  # no benign samples: no row
     first = res["comparisons"][0]
     assert (first["b"], first["c"]) == (10, 0) and first["p_value"] == pytest.approx(2 / 2**10)
+    assert (first["model_a"], first["model_b"]) == tuple(first["pair"].split(" vs "))  # labels not overwritten
     assert "McNemar" in res["method"]["test"] and "Newcombe" in res["method"]["interval"]
     rows = table_rows(res)
     assert rows[0] == ["base vs sl", "harmful compliance", "12", "100.0%", "16.7%",

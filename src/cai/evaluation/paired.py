@@ -144,7 +144,8 @@ def paired_comparisons(samples: Mapping[str, Sequence[dict]], *, pairs: Sequence
             raise KeyError(f"paired comparison {a} vs {b}: no samples for {a if a not in samples else b}")
         for outcome, res in compare_samples(samples[a], samples[b], count_partial=count_partial, alpha=alpha).items():
             if res["n"]:
-                rows.append({"a": a, "b": b, "pair": f"{a} vs {b}", "outcome": outcome, **res})
+                # the labels as model_a / model_b: "b" is the discordant count of the McNemar test
+                rows.append({"model_a": a, "model_b": b, "pair": f"{a} vs {b}", "outcome": outcome, **res})
     return {"method": METHOD, "count_partial": count_partial, "alpha": alpha, "comparisons": rows}
 
 
