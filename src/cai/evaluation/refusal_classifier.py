@@ -131,8 +131,6 @@ class RefusalClassifier:
         path = resources.files("cai").joinpath("resources", "judge", WEIGHTS_FILE)
         return cls(json.loads(path.read_text(encoding="utf-8")))
 
-    load_or_fit = shipped  # the old name: the weights now ship fitted
-
     @staticmethod
     def _logit(x, w: dict):
         import numpy as np
@@ -165,9 +163,6 @@ class RefusalClassifier:
                 o["p_complied"], o["p_partial"], o["similarity"] = float(pc[k]), float(pp[k]), float(sim[k])
         return out
 
-    def p_refused(self, texts: Sequence[str]) -> list[float]:
-        """1 − p_complied with an empty prompt (the old interface; prefer :meth:`score`)."""
-        return [1.0 - s["p_complied"] for s in self.score([""] * len(texts), texts)]
 
 
 def _lr(x, y, c: float = C, class_weight: str | None = None) -> dict:

@@ -188,13 +188,6 @@ RULE_NAMES = ("decline_at_start", "decline_later", "lecture", "compliant_opening
               "list_items", "length", "very_short", "inability")
 
 
-def rules_refused(text: str) -> bool:
-    """The string-only detector (a baseline for the classifier): any decline or lecture cue in any persona part
-    means that part refused; the answer refused when every part did."""
-    parts = persona_segments(normalize(text))
-    return all(decline_anywhere(p) or lectures(p) for p in parts)
-
-
 def is_error_text(text: str) -> bool:
     """An error message or placeholder instead of an answer."""
     return bool(ERROR_TEXT.search(text.strip()[:80]))
