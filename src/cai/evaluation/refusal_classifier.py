@@ -164,7 +164,6 @@ class RefusalClassifier:
         return out
 
 
-
 def _lr(x, y, c: float = C, class_weight: str | None = None) -> dict:
     from sklearn.linear_model import LogisticRegression
 
