@@ -77,7 +77,7 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
     loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
     msg = e["msg"]
     if e["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling; see configs/quickstart.yaml for the keys)"
+        msg = "unknown key (check the spelling; the bundled configs in cai/resources/configs/ show every key)"
     elif e["type"] == "missing":
         msg = "required key is missing"
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
