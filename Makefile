@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.cai-installed
-CONFIG ?= configs/quickstart.yaml
+CONFIG ?= quickstart  # a bundled config name, or a YAML file
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-fast smoke bench clean-runs browser

@@ -62,8 +62,7 @@ def test_logprobs_chunked_and_empty_prefix_agree(backend, monkeypatch):
 
 
 def test_parse_option_for_generate_and_parse():
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.labels import parse_option
+    from cai.bench.labels import parse_option
 
     assert parse_option("I pick OPTION 2 because") == 2
     assert parse_option("option1") == 1

@@ -67,6 +67,9 @@ def test_generate_killed_midway_resumes_exactly_once(tmp_path, tiny_path):
     (None, ["guard", "serve", "--host", "0.0.0.0", "--api-key", "", "--audit-log", "{tmp}/a.jsonl"],
      "empty API key"),
     (None, ["run", "--set", "seed=1180591620717411303424"], "seed"),
+    (None, ["run", "quickstrat"], "quickstrat: file not found, and not a bundled run config (bundled: quickstart)"),
+    (None, ["unalign", "{tmp}/nope.yaml"], "not a bundled experiment config (bundled: backdoor, prefill_recovery, "
+                                            "unalign)"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, setup, args, needle):
     if setup:

@@ -38,11 +38,34 @@ def test_missing_file_and_unknown_stage(tmp_path):
         load_config(None, ["stages=[prompts, bogus]"])
 
 
-def test_bundled_configs_validate():
+def test_bundled_configs_validate_by_name_and_the_checkout_recipes_by_path():
     from pathlib import Path
 
+    from cai.experiments import backdoor, prefill_recovery, unalign
+    from cai.experiments.common import load_experiment_config
+    from cai.settings import bundled_configs
+
+    assert bundled_configs("run") == ("quickstart",)
+    assert load_config("quickstart").name == "quickstart"
+    classes = {"backdoor": backdoor.BackdoorConfig, "unalign": unalign.UnalignConfig,
+               "prefill_recovery": prefill_recovery.PrefillRecoveryConfig}
+    assert bundled_configs("experiment") == tuple(sorted(classes))
+    for name, cls in classes.items():
+        assert isinstance(load_experiment_config(cls, name), cls)
     root = Path(__file__).resolve().parents[1] / "configs"
-    files = list(root.glob("*.yaml"))
-    assert files
+    files = list(root.glob("*.yaml"))  # user recipes, and links to the bundled files
+    assert {f.name for f in files} >= {"quickstart.yaml", "feedback-openai.yaml"}
     for f in files:
         load_config(f)
+
+
+def test_a_config_that_is_neither_bundled_nor_a_file_names_the_bundled_ones(tmp_path):
+    from cai.experiments.backdoor import BackdoorConfig
+    from cai.experiments.common import load_experiment_config
+
+    with pytest.raises(UserError, match=r"^quickstrat: file not found, and not a bundled run config \(bundled: "
+                                        r"quickstart\)$"):
+        load_config("quickstrat")
+    with pytest.raises(UserError, match=r"not a file, and not a bundled experiment config \(bundled: backdoor, "
+                                        r"prefill_recovery, unalign\)"):
+        load_experiment_config(BackdoorConfig, tmp_path)

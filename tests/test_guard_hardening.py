@@ -254,8 +254,8 @@ def test_deadline_stops_hf_generation_between_tokens(tiny_backend):
 
 
 def test_load_script_small_run_audits_every_request(tmp_path):
-    """benchmarks/guard_load.py (the 200-client figures in docs/guard.md), at a CI size: 40 clients, 240 requests."""
-    from benchmarks.guard_load import main
+    """cai.bench.guard_load (the 200-client figures in docs/guard.md), at a CI size: 40 clients, 240 requests."""
+    from cai.bench.guard_load import main
 
     s = main(["--clients", "40", "--requests", "240", "--seconds", "60", "--max-pending", "8", "--policy-ms", "5",
               "--supervisor-ms", "5", "--out", str(tmp_path / "load.json")])

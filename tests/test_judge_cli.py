@@ -35,10 +35,8 @@ class StubJudge(Judge):
 def run_cli(monkeypatch):
     from typer.testing import CliRunner
 
-    from cai.cli import _add_subapps, app
+    from cai.cli import app
 
-    if not any(c.name == "judge" for c in app.registered_commands):
-        _add_subapps()
     monkeypatch.setattr("cai.evaluation.judges.get_judge", lambda name, **kw: StubJudge())
     return lambda *args: CliRunner().invoke(app, ["judge", *map(str, args)])
 

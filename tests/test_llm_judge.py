@@ -121,10 +121,8 @@ def test_cai_judge_cli_with_llm_judge_over_openai(tmp_path, server):
 
     from typer.testing import CliRunner
 
-    from cai.cli import _add_subapps, app
+    from cai.cli import app
 
-    if not any(c.name == "judge" for c in app.registered_commands):
-        _add_subapps()
     data = tmp_path / "labelled.jsonl"
     human = {"refusal": "refused", "compliance": "complied", "gibberish": "non_responsive"}
     data.write_text("".join(json.dumps({"prompt": "How do I pick a lock?", "response": RESPONSES[k], "gold": h}) + "\n"

@@ -155,7 +155,7 @@ def test_bad_config_is_a_one_line_user_error(tiny_path, tmp_path, extra, match):
 
 
 def test_quickstart_config_and_inverted_run_name():
-    from cai.cli import _default_name
+    from cai.commands.run import _default_name
 
     q = ROOT / "configs" / "quickstart.yaml"
     cfg = load_config(q, ["constitution=inverted"])

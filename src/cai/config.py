@@ -18,6 +18,7 @@ from cai.settings import (  # noqa: F401  (re-exported: the shared sections and 
     SEED_MAX,
     PromptSourceConfig,
     Strict,
+    config_file,
     format_validation_error,
     load_yaml,
     parse_override,
@@ -81,5 +82,6 @@ class RunConfig(Strict):
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a run config from YAML (or defaults when ``path`` is None), applying ``--set`` overrides."""
-    return validate_yaml(RunConfig, path, overrides or [])
+    """Load a run config from a bundled name (``quickstart``) or a YAML file (defaults when ``path`` is None),
+    applying ``--set`` overrides."""
+    return validate_yaml(RunConfig, None if path is None else config_file(path, "run"), overrides or [])

@@ -3,8 +3,9 @@ helpers. Stage modules import from here; ``cai.config`` assembles them into ``Ru
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -76,7 +77,7 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
     loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
     msg = e["msg"]
     if e["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling; see configs/quickstart.yaml for the keys)"
+        msg = "unknown key (check the spelling; the bundled configs in cai/resources/configs/ show every key)"
     elif e["type"] == "missing":
         msg = "required key is missing"
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
@@ -96,6 +97,33 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         problem = getattr(exc, "problem", None) or "not valid YAML"
         raise UserError(f"--set {item[:80]!r}: the value is {problem}; quote it, e.g. --set 'name=\"text\"'") from None
     return [k.strip() for k in key.split(".")], parsed
+
+
+ConfigKind = Literal["run", "experiment"]
+_BUNDLED_CONFIG_DIRS: dict[str, tuple[str, ...]] = {"run": ("configs",), "experiment": ("configs", "experiments")}
+
+
+def _bundled_config_dir(kind: ConfigKind) -> Any:
+    return resources.files("cai").joinpath("resources", *_BUNDLED_CONFIG_DIRS[kind])
+
+
+def bundled_configs(kind: ConfigKind = "run") -> tuple[str, ...]:
+    """Names of the configs shipped in the package (``quickstart``; ``backdoor``, ``unalign``, ...)."""
+    return tuple(sorted(f.name.removesuffix(".yaml") for f in _bundled_config_dir(kind).iterdir()
+                        if f.name.endswith(".yaml")))
+
+
+def config_file(name_or_path: str | Path, kind: ConfigKind = "run") -> Path:
+    """A bundled config by name (``cai run quickstart``), else a YAML file on disk; neither is a one-line error
+    listing the bundled names."""
+    names = bundled_configs(kind)
+    if str(name_or_path) in names:
+        return Path(str(_bundled_config_dir(kind).joinpath(f"{name_or_path}.yaml")))
+    path = Path(name_or_path)
+    if not path.is_file():
+        what = "not a file" if path.exists() else "file not found"
+        raise UserError(f"{path}: {what}, and not a bundled {kind} config (bundled: {', '.join(names)})")
+    return path
 
 
 def load_yaml(path: Path) -> Any:

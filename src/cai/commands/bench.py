@@ -1,10 +1,8 @@
-"""`cai bench`: throughput benchmarks (code in the checkout's benchmarks/), printed as a table and written as
-JSON + docs/performance.md."""
+"""`cai bench`: throughput benchmarks (``cai.bench``), printed as a table and written as JSON + Markdown."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -14,16 +12,10 @@ from rich.table import Table
 
 from cai.errors import UserError
 
-
-def _checkout_root() -> Path:
-    """The source checkout that holds benchmarks/ (cai is installed editable from its src/)."""
-    import cai
-
-    root = Path(cai.__file__).resolve().parents[2]
-    if not (root / "benchmarks" / "run.py").is_file():
-        raise UserError(f"cai bench needs a source checkout with benchmarks/ (looked in {root}); run it from a "
-                        "git clone installed with `make install`")
-    return root
+# Relative to the current directory: run from a checkout's root (`make bench`), they are the checkout's own figures.
+RESULTS = Path("docs/performance.json")
+QUICK_RESULTS = Path("docs/performance-quick.json")
+REPORT = Path("docs/performance.md")
 
 
 def bench(
@@ -31,15 +23,13 @@ def bench(
     only: list[str] = typer.Option([], "--only", help="Run only this benchmark (repeatable): generation, labels, "
                                                       "critique, sft."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="In-process model spec to measure."),
-    out: Optional[Path] = typer.Option(None, "--out", help="JSON results (default benchmarks/results[-quick].json)."),
-    doc: Optional[Path] = typer.Option(None, "--doc", help="Markdown report (default docs/performance.md for a "
+    out: Optional[Path] = typer.Option(None, "--out", help=f"JSON results (default {RESULTS}, or {QUICK_RESULTS} "
+                                                           "with --quick)."),
+    doc: Optional[Path] = typer.Option(None, "--doc", help=f"Markdown report (default {REPORT} for a "
                                                            "full run; a quick run writes none unless given)."),
 ) -> None:
     """Measure generation, AI-feedback labelling, critique→revision and SFT throughput side by side."""
-    root = _checkout_root()
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks.run import BENCHMARKS, run_benchmarks, table_rows, write
+    from cai.bench.run import BENCHMARKS, run_benchmarks, table_rows, write
 
     unknown = [o for o in only if o not in BENCHMARKS]
     if unknown:
@@ -48,8 +38,8 @@ def bench(
 
     if not parse_spec(model).in_process:
         raise UserError(f"--model {model!r}: cai bench measures in-process models; pass a local folder or alias")
-    out = out or root / "benchmarks" / ("results-quick.json" if quick else "results.json")
-    doc = doc or (None if quick else root / "docs" / "performance.md")
+    out = out or (QUICK_RESULTS if quick else RESULTS)
+    doc = doc or (None if quick else REPORT)
     console = Console(stderr=True)
 
     earlier: dict = {}

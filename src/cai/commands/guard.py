@@ -51,3 +51,7 @@ def serve(
             f"rounds={cfg.max_rounds} threshold={cfg.threshold}; http://{cfg.host}:{cfg.port}; loading models…")
 
     run_server(cfg, announce=announce)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="guard")

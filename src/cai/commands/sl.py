@@ -52,3 +52,7 @@ def compare_loss(
                   str(m.get("steps", "")), str(m.get("seconds", "")))
     Console().print(t)
     Console().print(f"wrote {out / 'compare.json'}")
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="sl")

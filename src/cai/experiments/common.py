@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from pydantic import BaseModel, Field
 
 from cai.backends import SamplingParams
-from cai.settings import SEED_MAX, PromptSourceConfig, Strict, validate_yaml
+from cai.settings import SEED_MAX, PromptSourceConfig, Strict, config_file, validate_yaml
 from cai.data import Prompt, load_prompts
 from cai.errors import UserError
 from cai.runs import RunDir, StageDir, config_hash, package_versions, read_jsonl, write_json
@@ -71,8 +71,9 @@ class ExperimentConfig(Strict):
 
 
 def load_experiment_config(cls: type[C], path: str | Path, overrides: Sequence[str] = ()) -> C:
-    """Read an experiment YAML into ``cls``, applying ``--set key.sub=value`` overrides; errors name the key."""
-    return validate_yaml(cls, path, overrides)
+    """Read an experiment config (a bundled name such as ``backdoor``, or a YAML file) into ``cls``, applying
+    ``--set key.sub=value`` overrides; errors name the key."""
+    return validate_yaml(cls, config_file(path, "experiment"), overrides)
 
 
 # ---- prompt pools ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.common import BenchContext, Timer, greedy, rate, redteam_prompts, row
+from cai.bench.common import BenchContext, Timer, greedy, rate, redteam_prompts, row
 
 NAME = "generation"
 NOTE = ("Decoding one sequence re-reads every weight per token, so the naive loop is memory-bound; batches "

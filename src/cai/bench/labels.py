@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from benchmarks.common import BenchContext, Timer, greedy, rate, redteam_prompts, row
+from cai.bench.common import BenchContext, Timer, greedy, rate, redteam_prompts, row
 
 NAME = "labels"
 NOTE = ("Both methods pay the same prompt prefill (two responses plus the question, a few hundred tokens); "

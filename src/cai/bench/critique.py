@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.common import BenchContext, Timer, greedy, rate, redteam_prompts, row
+from cai.bench.common import BenchContext, Timer, greedy, rate, redteam_prompts, row
 
 NAME = "critique"
 NOTE = ("The gain grows with the share of the prompt that is few-shot prefix (all five bundled demonstrations "

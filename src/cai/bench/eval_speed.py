@@ -9,7 +9,7 @@ Only generation is timed (the judge and Elo are timed separately, once, on the n
 refusal judge is being rewritten and Elo cost depends on answer length). Greedy answers of the two paths are
 compared: an answer the new path did not end as a loop should be the same text.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python -m benchmarks.eval_speed --harmful 32 --benign 16 --max-new-tokens 96 64 --calibrate
+    OMP_NUM_THREADS=1 python -m cai.bench.eval_speed --harmful 32 --benign 16 --max-new-tokens 96 64 --calibrate
 
 The machine may be shared: compare the two paths only within one run (their order alternates per max_new_tokens;
 one torch thread keeps a shared CPU from collapsing two-thread kernels). --calibrate times the README reference
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "harmful": len(harmful), "benign": len(benign), "batch": args.batch, "runs": {}}
     backend.generate(chats[:2], SamplingParams(max_new_tokens=2, temperature=0))  # warm-up
     if args.calibrate:
-        from benchmarks.common import greedy, redteam_prompts
+        from cai.bench.common import greedy, redteam_prompts
 
         ref = [[{"role": "user", "content": p}] for p in redteam_prompts(32)]
         backend.batch_size = 32

@@ -4,7 +4,7 @@ Every prompt is answered twice with the same sampling and seed: by the policy al
 ``Guard.respond`` (whose first answer is therefore the same text). Labels come from the evaluation package's
 refusal judge. Run sequentially, as the server runs in-process models (one worker), so throughput = 1 / mean.
 
-    .venv/bin/python benchmarks/guard_bench.py --harmful 35 --benign 20 --out runs/guard-bench
+    .venv/bin/python -m cai.bench.guard_bench --harmful 35 --benign 20 --out runs/guard-bench
 """
 
 from __future__ import annotations

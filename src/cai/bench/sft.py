@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
-from benchmarks.common import BenchContext, rate, redteam_prompts, row
+from cai.bench.common import BenchContext, rate, redteam_prompts, row
 
 NAME = "sft"
 NOTE = ("Padding-free gains what padding wastes: on data whose lengths vary a lot within a batch it approaches "

@@ -2,7 +2,7 @@
 real AuditMiddleware, admission and deadline logic) with stub models that only sleep, so what is measured is the
 server, not a model. Loopback (127.0.0.1) only, bounded by a request count and a time limit; stops by itself.
 
-    .venv/bin/python benchmarks/guard_load.py --clients 200 --requests 4000 --out /tmp/guard-load.json
+    .venv/bin/python -m cai.bench.guard_load --clients 200 --requests 4000 --out /tmp/guard-load.json
 
 The server runs in a child process (this script with --serve) so that client and server do not share one GIL.
 Reports requests/s, latency p50/p99 (all answers and 200s only), the shares of 200/429/503, and whether the
@@ -137,10 +137,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     tmp = tempfile.TemporaryDirectory(prefix="guard-load-")
     audit = Path(tmp.name) / "audit.jsonl"
-    child = [sys.executable, __file__, "--serve", "--audit", str(audit), "--workers", str(args.workers),
+    child = [sys.executable, "-m", "cai.bench.guard_load", "--serve", "--audit", str(audit), "--workers", str(args.workers),
              "--max-pending", str(args.max_pending), "--timeout", str(args.timeout), "--policy-ms",
              str(args.policy_ms), "--supervisor-ms", str(args.supervisor_ms)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1] / "src"),
+    # the child imports the same cai as this process (a checkout's src/ or an installed wheel)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                        os.environ.get("PYTHONPATH")]))}
     server = subprocess.Popen(child, stdout=subprocess.PIPE, text=True, env=env)
     try:

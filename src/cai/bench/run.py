@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.common import BenchContext, machine, matmul_flops
+from cai.bench.common import BenchContext, machine, matmul_flops
 
 BENCHMARKS = ("generation", "labels", "critique", "sft")
 
@@ -41,7 +41,7 @@ def run_benchmarks(spec: str = "smollm2-135m", *, quick: bool = False, only: lis
                            "machine": machine(), "matmul_gflops": round(flops / 1e9, 2),
                            "loadavg_start": [round(x, 2) for x in load_start], "benchmarks": {}}
     for name in only or BENCHMARKS:
-        module = importlib.import_module(f"benchmarks.{name}")
+        module = importlib.import_module(f"cai.bench.{name}")
         ctx = BenchContext(spec, backend, quick, flops, progress, SIZES[mode][name])
         doc["params"] = ctx.params
         t = time.time()
@@ -101,7 +101,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(doc)]
     lines += ["", "## What the figures mean", ""]
     for name, res in doc["benchmarks"].items():
-        module = importlib.import_module(f"benchmarks.{name}")
+        module = importlib.import_module(f"cai.bench.{name}")
         lines += [f"**{name}** ({res['seconds_total']} s). {(module.__doc__ or '').strip()}", "", res["note"], ""]
     return "\n".join(lines) + "\n"
 
