@@ -24,7 +24,7 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
 
 
-def bf16_gpu() -> bool:
+def _bf16_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -52,7 +52,7 @@ def trl_args(output_dir: Path, *, seed: int, progress: bool, checkpointing: bool
         use_cpu=not cuda,
         # TRL's default (bf16 unless fp16) autocasts CPUs to bf16 too, which made each CPU step ~9x slower (GRPO
         # 114 s -> 13 s); bf16 only on a GPU that has it.
-        bf16=bf16_gpu(),
+        bf16=_bf16_gpu(),
         # TRL defaults checkpointing on (less memory for ~20% more time); without memory pressure (CPU, small
         # models) it only costs time. transformers calls it activation_checkpointing and keeps
         # gradient_checkpointing, which TRL's config sets to True, as a deprecated alias: set both.
@@ -80,7 +80,7 @@ def load_trainable(spec: str, *, seed: int, head: Literal["causal-lm", "reward"]
     if qlora:
         return _load_4bit(resolve_local(s)), load_tokenizer(s)
     if head == "causal-lm":
-        return load_causal_lm(s, dtype="bfloat16" if dtype == "auto" and bf16_gpu() else "float32", device="cpu")
+        return load_causal_lm(s, dtype="bfloat16" if dtype == "auto" and _bf16_gpu() else "float32", device="cpu")
     import torch
     from transformers import AutoModelForSequenceClassification
 
