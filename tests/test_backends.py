@@ -142,7 +142,7 @@ def test_greedy_loop_stopper_keeps_answers_that_do_not_loop(tiny_backend):
     tok, model = tiny_backend.tokenizer, tiny_backend.model
     firsts: dict[int, dict[int, int]] = {}  # token -> {row: first step}
     for r, chat in enumerate(LOOP_CHATS):
-        ids = torch.tensor([tiny_backend._encode(tiny_backend.render(chat))])
+        ids = torch.tensor([tiny_backend.encode(tiny_backend.render(chat))])
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=15, do_sample=False,
                              repetition_penalty=1.5, pad_token_id=tok.pad_token_id, temperature=None, top_p=None,
                              top_k=None)[0, ids.shape[1]:].tolist()

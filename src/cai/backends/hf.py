@@ -60,7 +60,8 @@ class HFBackend:
         """Render a chat with the model's template, ready for the assistant's (continued) turn."""
         return render_prefix(self.tokenizer, prefix)
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` as the model reads it (no special tokens added: templates carry their own)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ---- generation ------------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ class HFBackend:
             raise UserError(f"max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in the context of "
                             f"{self.spec!r} ({self.max_context} tokens); ask for fewer new tokens")
         check_deadline("generation")
-        encoded = [self._encode(self.render(c)) for c in chats]
+        encoded = [self.encode(self.render(c)) for c in chats]
         results: list[Generation | None] = [None] * len(chats)
         limit = self.max_context - sampling.max_new_tokens
         order = sorted(range(len(chats)), key=lambda i: len(encoded[i]))
@@ -288,9 +289,9 @@ class HFBackend:
         groups: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
         out = [[0.0] * len(c) for c in continuations]
         for i, (p, conts) in enumerate(zip(prefixes, continuations)):
-            pids = self._encode(self.render(p))
+            pids = self.encode(self.render(p))
             for j, c in enumerate(conts):
-                cids = self._encode(c)
+                cids = self.encode(c)
                 if not cids:
                     raise ValueError(f"empty continuation {c!r}")
                 if not truncate and len(pids) + len(cids) > self.max_context:

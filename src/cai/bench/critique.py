@@ -36,7 +36,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     constitution = load_constitution("harmless")
     principle = constitution.principles[0]
     prefix = demonstration_turns(constitution, s["few_shot"])
-    prefix_tokens = len(ctx.backend._encode(ctx.backend.render(prefix)))
+    prefix_tokens = len(ctx.backend.encode(ctx.backend.render(prefix)))
     prompts = redteam_prompts(s["items"])
     results: dict[str, dict[str, float]] = {}
     for name, reuse in (("without_reuse", False), ("with_reuse", True)):

@@ -16,7 +16,7 @@ class DPOStageConfig(DPOSettings):
 
 def run(ctx) -> dict[str, Any]:
     from cai.training.dpo import train_dpo
-    from cai.training.rl import is_main_process
+    from cai.training.common import is_main_process
 
     rows = read_jsonl(ctx.run.artifact("preferences"))
     base = sl_model_spec(ctx.run, ctx.config)

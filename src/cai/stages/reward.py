@@ -19,13 +19,13 @@ class RewardStageConfig(RewardSettings):
 
 def run(ctx) -> dict[str, Any]:
     from cai.training.reward import train_reward
-    from cai.training.rl import is_main_process
+    from cai.training.common import is_main_process
 
     rows = read_jsonl(ctx.run.artifact("preferences"))
     base = sl_model_spec(ctx.run, ctx.config)
     ctx.pool.release()
     metrics = train_reward(base, rows, ctx.stage.path, ctx.config.reward, seed=ctx.config.seed,
-                           progress=ctx.progress)
+                           progress=ctx.progress).metrics
     if not is_main_process():
         return {}
     metrics["base_model"] = base

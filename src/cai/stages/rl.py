@@ -23,7 +23,8 @@ class RLConfig(RLSettings):
 
 
 def run(ctx) -> dict[str, Any]:
-    from cai.training.rl import is_main_process, train_rl
+    from cai.training.common import is_main_process
+    from cai.training.rl import train_rl
 
     cfg: RLConfig = ctx.config.rl
     prompts = [p.prompt for p in read_prompts(ctx.run)[: cfg.prompt_limit]]

@@ -13,9 +13,11 @@ from typing import Literal, Sequence
 
 from pydantic import Field
 
-from cai.settings import Strict
 from cai.errors import UserError
-from cai.training.rl import PolicyResult, last_checkpoint, lora_config, save_training_outputs, step_logger
+from cai.settings import Strict
+from cai.training.common import (TrainResult, last_checkpoint, load_trainable, lora_config, save_training_outputs,
+                                 trl_args)
+from cai.training.curves import step_logger
 
 
 class DPOSettings(Strict):
@@ -50,14 +52,10 @@ def confident_pairs(pairs: Sequence[dict], min_confidence: float) -> tuple[list[
 
 
 def train_dpo(base_spec: str, pairs: Sequence[dict], output_dir: Path, settings: DPOSettings, *, seed: int = 0,
-              progress: bool = True) -> PolicyResult:
+              progress: bool = True) -> TrainResult:
     """DPO on ``pairs`` (prompt, chosen, rejected[, p_chosen]); writes steps.csv, curves.png, adapter/, model/."""
-    import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
-
-    from cai.models import load_tokenizer, resolve_local
 
     kept, dropped = confident_pairs(pairs, settings.min_confidence)
     if not kept:
@@ -68,23 +66,18 @@ def train_dpo(base_spec: str, pairs: Sequence[dict], output_dir: Path, settings:
         smoothing = min(0.49, sum(1 - float(r.get("p_chosen", 1.0)) for r in kept) / len(kept))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(base_spec)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(resolve_local(base_spec), dtype=torch.float32)
+    model, tok = load_trainable(base_spec, seed=seed)
     data = Dataset.from_dict({
         "prompt": [[{"role": "user", "content": r["prompt"]}] for r in kept],
         "chosen": [[{"role": "assistant", "content": r["chosen"]}] for r in kept],
         "rejected": [[{"role": "assistant", "content": r["rejected"]}] for r in kept],
     })
     args = DPOConfig(
-        output_dir=str(output_dir / "checkpoints"), num_train_epochs=settings.epochs, max_steps=settings.max_steps,
-        learning_rate=settings.learning_rate, per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum, beta=settings.beta, label_smoothing=smoothing,
-        max_length=settings.max_length, seed=seed, logging_steps=1, save_strategy="epoch", save_total_limit=1,
-        report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=torch.cuda.is_available(),
-        gradient_checkpointing=torch.cuda.is_available(),  # TRL defaults it on; on CPU it only costs time
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # TRL's default autocasts CPUs to bf16: ~20x slower
+        **trl_args(output_dir / "checkpoints", seed=seed, progress=progress), num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps, learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
+        beta=settings.beta, label_smoothing=smoothing, max_length=settings.max_length, save_strategy="epoch",
+        save_total_limit=1,
     )
     steps_csv = output_dir / "steps.csv"
     logger = step_logger(steps_csv, {"loss": "loss", "reward_margin": "rewards/margins",
@@ -93,9 +86,10 @@ def train_dpo(base_spec: str, pairs: Sequence[dict], output_dir: Path, settings:
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[logger],
                          peft_config=lora_config(settings) if settings.lora else None)
     trainer.train(resume_from_checkpoint=last_checkpoint(output_dir / "checkpoints"))
-    adapter = save_training_outputs(trainer, tok, output_dir, settings.lora, steps_csv,
-                                    ["loss", "reward_margin", "reward_accuracy"],
-                                    "DPO on AI-feedback pairs (implicit reward = beta * log-ratio to the SL model)")
+    adapter = save_training_outputs(trainer, tok, output_dir, adapter=settings.lora,
+                                    curves=(steps_csv, ["loss", "reward_margin", "reward_accuracy"],
+                                            "DPO on AI-feedback pairs (implicit reward = beta * log-ratio to the SL "
+                                            "model)"))
     metrics = {"pairs": len(kept), "dropped_uncertain": dropped, "label_smoothing": smoothing,
                "steps": trainer.state.global_step}
-    return PolicyResult(output_dir, adapter, output_dir / "model", metrics)
+    return TrainResult(output_dir, adapter, output_dir / "model", metrics)

@@ -9,7 +9,6 @@ TRL's RewardTrainer fits hard (chosen, rejected) pairs with -log σ(r_c - r_r). 
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -18,8 +17,10 @@ from typing import Sequence
 
 from pydantic import Field
 
-from cai.settings import Strict
 from cai.errors import UserError
+from cai.settings import Strict
+from cai.training.common import (TrainResult, last_checkpoint, load_trainable, lora_config, save_training_outputs,
+                                 trl_args)
 
 
 class RewardSettings(Strict):
@@ -97,26 +98,17 @@ def split_pairs(records: Sequence[dict], fraction: float, seed: int) -> tuple[li
 
 
 def train_reward(base_spec: str, records: Sequence[dict], output_dir: Path, settings: RewardSettings, *,
-                 seed: int = 0, progress: bool = True) -> dict:
+                 seed: int = 0, progress: bool = True) -> TrainResult:
     """Train a reward model on preference records (prompt, chosen, rejected, p_chosen); save the merged model to
-    ``output_dir/model`` and return metrics (held-out accuracy and calibration). Resumes from checkpoints."""
-    import torch
+    ``output_dir/model``; its metrics are the held-out accuracy and calibration. Resumes from checkpoints."""
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig
-
-    from cai.models import load_tokenizer, resolve_local
-    from cai.training.rl import last_checkpoint, lora_config, save_merged
 
     train, held = split_pairs(records, settings.eval_fraction, seed)
     if not train:
         raise UserError("reward: no preference pairs to train on; run the preferences stage with more prompts")
     output_dir = Path(output_dir)
-    tok = load_tokenizer(base_spec)
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_local(base_spec), num_labels=1,
-                                                               dtype=torch.float32)
-    model.config.pad_token_id = tok.pad_token_id
+    model, tok = load_trainable(base_spec, seed=seed, head="reward")
     cols = lambda rows: {  # noqa: E731
         "prompt": [[{"role": "user", "content": r["prompt"]}] for r in rows],
         "chosen": [[{"role": "assistant", "content": r["chosen"]}] for r in rows],
@@ -124,30 +116,23 @@ def train_reward(base_spec: str, records: Sequence[dict], output_dir: Path, sett
         "p_chosen": [float(r.get("p_chosen", 1.0)) for r in rows],
     }
     args = RewardConfig(
-        output_dir=str(output_dir / "checkpoints"), num_train_epochs=settings.epochs, max_steps=settings.max_steps,
-        learning_rate=settings.learning_rate, per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum, max_length=settings.max_length, seed=seed,
-        logging_steps=1, save_strategy="epoch", save_total_limit=1, report_to=[], disable_tqdm=not progress,
-        use_cpu=not torch.cuda.is_available(), activation_checkpointing=torch.cuda.is_available(),
-        gradient_checkpointing=torch.cuda.is_available(),  # TRL defaults it on; on CPU it only costs time
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # TRL's default autocasts CPUs to bf16: ~20x slower
+        **trl_args(output_dir / "checkpoints", seed=seed, progress=progress), num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps, learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
+        max_length=settings.max_length, save_strategy="epoch", save_total_limit=1,
     )
     trainer_cls, collator_cls = _soft_trainer_cls()
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_dict(cols(train)), processing_class=tok,
                           data_collator=collator_cls(pad_token_id=tok.pad_token_id),
                           peft_config=lora_config(settings, "SEQ_CLS") if settings.lora else None)
     trainer.train(resume_from_checkpoint=last_checkpoint(output_dir / "checkpoints"))
-    model_dir = output_dir / "model"
-    if trainer.accelerator.is_main_process:
-        save_merged(trainer.model, tok, model_dir)
-        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    trainer.accelerator.wait_for_everyone()
+    save_training_outputs(trainer, tok, output_dir, adapter=False)
     metrics = {"train_pairs": len(train), "heldout_pairs": len(held),
                "train_loss": _last(trainer.state.log_history, "train_loss")}
     if held and trainer.accelerator.is_main_process:
         scorer = RewardScorer(trainer.model.eval(), tok)
         metrics.update(heldout_metrics(scorer, held, settings.calibration_bins))
-    return metrics
+    return TrainResult(output_dir, None, output_dir / "model", metrics)
 
 
 def _last(history: list[dict], key: str):
@@ -216,7 +201,7 @@ def load_reward_model(path: str | Path, *, device: str | None = None) -> RewardS
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from cai.models import _fix_tokenizer
+    from cai.models import load_tokenizer
 
     p = Path(path)
     for cand in (p, p / "model", p / "reward" / "model"):
@@ -226,8 +211,6 @@ def load_reward_model(path: str | Path, *, device: str | None = None) -> RewardS
     else:
         raise UserError(f"{path}: no reward model there; pass a run folder with a completed reward stage "
                         "or its reward/model folder")
-    from transformers import AutoTokenizer
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (p / "adapter_config.json").is_file():
         from peft import AutoPeftModelForSequenceClassification
@@ -235,7 +218,6 @@ def load_reward_model(path: str | Path, *, device: str | None = None) -> RewardS
         model = AutoPeftModelForSequenceClassification.from_pretrained(str(p), num_labels=1).merge_and_unload()
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(p))
-    _fix_tokenizer(tok)
+    tok = load_tokenizer(str(p))
     model.config.pad_token_id = tok.pad_token_id
     return RewardScorer(model.to(device).eval(), tok)

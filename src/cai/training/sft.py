@@ -15,17 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cai.settings import Strict
 from cai.errors import UserError
 from cai.runs import write_json
+from cai.settings import Strict
+from cai.training.common import TrainResult, last_checkpoint, load_trainable, lora_config, save_merged, trl_args
+from cai.training.curves import plot_loss
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +59,6 @@ class SFTSettings(Strict):
     @property
     def uses_adapter(self) -> bool:
         return not self.full_finetune and (self.lora or self.qlora)
-
-
-@dataclass
-class SFTResult:
-    """Where training wrote its outputs. ``merged_dir`` is a plain HF model folder usable as a model spec."""
-
-    output_dir: Path
-    adapter_dir: Path | None
-    merged_dir: Path
-    metrics: dict = field(default_factory=dict)
 
 
 def to_prompt_completion(record: dict) -> dict:
@@ -122,43 +111,11 @@ def split_records(records: list[dict], eval_fraction: float) -> tuple[list[dict]
     return [r for r in records if id(r) not in held_ids], held
 
 
-def _load_model(base_spec: str, settings: SFTSettings):
-    """(model, tokenizer) ready for training; QLoRA loads the base in 4 bits on the local GPU."""
-    import torch
-
-    from cai.models import load_causal_lm, load_tokenizer, parse_spec, resolve_local
-
-    spec = parse_spec(base_spec)
-    if not spec.in_process:
-        raise UserError(f"cannot fine-tune {base_spec!r}: it is served over HTTP; set the model to a local "
-                        "folder, a hub id or smollm2-135m")
-    if not settings.qlora:
-        model, tok = load_causal_lm(spec)
-        return model, tok
-    if not torch.cuda.is_available():
-        raise UserError("sft.qlora needs a CUDA GPU (4-bit bitsandbytes); set sft.qlora: false on this machine")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise UserError("sft.qlora needs bitsandbytes: pip install bitsandbytes (or set sft.qlora: false)") from None
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    model = AutoModelForCausalLM.from_pretrained(resolve_local(spec), quantization_config=quant,
-                                                 device_map={"": local_rank}, dtype=torch.bfloat16)
-    return prepare_model_for_kbit_training(model), load_tokenizer(spec)
-
-
 def _sft_config(settings: SFTSettings, ckpt_dir: Path, seed: int, has_eval: bool, progress: bool):
-    import torch
     from trl import SFTConfig
 
-    cuda = torch.cuda.is_available()
     return SFTConfig(
-        output_dir=str(ckpt_dir),
+        **trl_args(ckpt_dir, seed=seed, progress=progress, checkpointing=settings.qlora),  # QLoRA: memory pressure
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps or -1,
         per_device_train_batch_size=settings.batch_size,
@@ -174,47 +131,9 @@ def _sft_config(settings: SFTSettings, ckpt_dir: Path, seed: int, has_eval: bool
         save_strategy="steps",
         save_steps=settings.save_steps,
         save_total_limit=2,
-        logging_steps=1,
-        report_to=[],
-        seed=seed,
         data_seed=seed,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        use_cpu=not cuda,
-        disable_tqdm=not progress,
         dataloader_num_workers=0,
-        activation_checkpointing=settings.qlora,
-        gradient_checkpointing=settings.qlora,  # TRL defaults it on; without memory pressure it only costs time
     )
-
-
-def _lora_config(settings: SFTSettings):
-    from peft import LoraConfig
-
-    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=settings.target_modules, task_type="CAUSAL_LM")
-
-
-def plot_loss(log_history: list[dict], path: Path, title: str = "SFT loss") -> None:
-    """Train loss per step and eval loss points, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1.2)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="held-out eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _merged_dir(output_dir: Path, adapter_dir: Path | None, settings: SFTSettings) -> Path:
@@ -226,11 +145,10 @@ def build_trainer(base_spec: str, train_recs: list[dict], eval_recs: list[dict],
                   settings: SFTSettings, *, seed: int = 0, progress: bool = True):
     """(SFTTrainer, tokenizer) over prompt/completion datasets; checkpoints go to ``output_dir/checkpoints``."""
     from datasets import Dataset
-    from transformers import PrinterCallback, set_seed
+    from transformers import PrinterCallback
     from trl import SFTTrainer
 
-    set_seed(seed)
-    model, tok = _load_model(base_spec, settings)
+    model, tok = load_trainable(base_spec, seed=seed, dtype="auto", qlora=settings.qlora)
     tok.padding_side = "right"
     if any(r.get("prefill") for r in [*train_recs, *eval_recs]):
         def convert(r: dict) -> dict:
@@ -243,7 +161,7 @@ def build_trainer(base_spec: str, train_recs: list[dict], eval_recs: list[dict],
         train_dataset=Dataset.from_list([convert(r) for r in train_recs]),
         eval_dataset=Dataset.from_list([convert(r) for r in eval_recs]) if eval_recs else None,
         processing_class=tok,
-        peft_config=_lora_config(settings) if settings.uses_adapter else None,
+        peft_config=lora_config(settings, target_modules=settings.target_modules) if settings.uses_adapter else None,
     )
     if not progress:
         trainer.remove_callback(PrinterCallback)
@@ -251,7 +169,7 @@ def build_trainer(base_spec: str, train_recs: list[dict], eval_recs: list[dict],
 
 
 def train_sft(base_spec: str, records: list[dict], output_dir: Path, settings: SFTSettings, *, seed: int = 0,
-              progress: bool = True) -> SFTResult:
+              progress: bool = True) -> TrainResult:
     """Fine-tune ``base_spec`` on chat ``records`` into ``output_dir`` (checkpoints/, adapter/, merged/,
     metrics.json, log_history.json, loss_curve.png). Resumes from the newest checkpoint; a finished output
     folder is returned as is."""
@@ -259,15 +177,12 @@ def train_sft(base_spec: str, records: list[dict], output_dir: Path, settings: S
     adapter_dir = output_dir / "adapter" if settings.uses_adapter else None
     if (output_dir / "metrics.json").is_file():  # written last: the folder is complete
         metrics = json.loads((output_dir / "metrics.json").read_text())
-        return SFTResult(output_dir, adapter_dir, _merged_dir(output_dir, adapter_dir, settings), metrics)
+        return TrainResult(output_dir, adapter_dir, _merged_dir(output_dir, adapter_dir, settings), metrics)
     if not records:
         raise UserError("no SFT records to train on; check the critique stage's sft.jsonl")
-    from transformers.trainer_utils import get_last_checkpoint
-
     train_recs, eval_recs = split_records(records, settings.eval_fraction)
     trainer, tok = build_trainer(base_spec, train_recs, eval_recs, output_dir, settings, seed=seed, progress=progress)
-    ckpt_dir = output_dir / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    last = last_checkpoint(output_dir / "checkpoints")
     if last:
         log.info("resuming SFT from %s", last)
     out = trainer.train(resume_from_checkpoint=last)
@@ -281,12 +196,13 @@ def train_sft(base_spec: str, records: list[dict], output_dir: Path, settings: S
     if trainer.is_world_process_zero():
         _save_outputs(trainer, tok, output_dir, adapter_dir, settings, metrics)
     trainer.accelerator.wait_for_everyone()
-    return SFTResult(output_dir, adapter_dir, _merged_dir(output_dir, adapter_dir, settings), metrics)
+    return TrainResult(output_dir, adapter_dir, _merged_dir(output_dir, adapter_dir, settings), metrics)
 
 
 def _save_outputs(trainer, tok, output_dir: Path, adapter_dir: Path | None, settings: SFTSettings,
                   metrics: dict) -> None:
-    """Adapter, merged model (written to a temp folder then renamed), logs, loss curve, metrics (last)."""
+    """Logs, loss curve, the adapter (with the tokenizer: the folder is a model spec), the merged model, and
+    metrics.json last (it marks the folder complete)."""
     model = trainer.model
     history = trainer.state.log_history
     write_json(output_dir / "log_history.json", history)
@@ -295,19 +211,11 @@ def _save_outputs(trainer, tok, output_dir: Path, adapter_dir: Path | None, sett
     if adapter_dir is not None:
         model.save_pretrained(adapter_dir)
         tok.save_pretrained(adapter_dir)
-    merged = output_dir / "merged"
     if settings.save_merged or adapter_dir is None:
-        tmp = output_dir / "merged.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if settings.qlora:  # a 4-bit base cannot be merged in place; reload it in bf16 and merge the adapter
-            full = _merge_qlora(adapter_dir)
-        else:
-            full = model.merge_and_unload() if adapter_dir is not None else model
+        # a 4-bit base cannot be merged in place; reload it in bf16 and merge the adapter
+        full = _merge_qlora(adapter_dir) if settings.qlora else model
         tok.padding_side = "left"
-        full.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        shutil.rmtree(merged, ignore_errors=True)
-        os.replace(tmp, merged)
+        save_merged(full, tok, output_dir / "merged")
     write_json(output_dir / "metrics.json", metrics)
 
 
@@ -333,7 +241,7 @@ def heldout_nll(spec: str, records: list[dict]) -> dict[str, float]:
     usr = backend.logprobs([before_user] * len(users), [[u] for u in users])
 
     def per_token(lps: list[list[float]], texts: list[str]) -> float:
-        n = sum(len(backend._encode(t)) for t in texts)
+        n = sum(len(backend.encode(t)) for t in texts)
         return round(-sum(x[0] for x in lps) / max(1, n), 4)
 
     out = {"answer_nll": per_token(ans, answers), "prompt_nll": per_token(usr, users)}

@@ -1,0 +1,168 @@
+"""What every trainer here (sft, reward, rl, dpo) shares: loading the model to train, the TRL arguments set
+the same way everywhere, LoRA, checkpoint resume, the main-process check, the merged save and the result type."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+from cai.errors import UserError
+
+
+@dataclass
+class TrainResult:
+    """Where a trainer wrote its outputs. ``merged_dir`` is a plain HF model folder usable as a model spec (for
+    SFT without a merged save: the adapter folder, which model specs also accept)."""
+
+    output_dir: Path
+    adapter_dir: Path | None
+    merged_dir: Path
+    metrics: dict = field(default_factory=dict)
+
+
+def _bf16_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def trl_args(output_dir: Path, *, seed: int, progress: bool, checkpointing: bool | None = None) -> dict:
+    """The TRL config arguments every trainer here sets alike, each where TRL's default (trl/trainer/base_config.py,
+    over transformers' TrainingArguments) does not fit. ``checkpointing`` defaults to "on a CUDA GPU"."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    checkpointing = cuda if checkpointing is None else checkpointing
+    return dict(
+        output_dir=str(output_dir),
+        seed=seed,
+        # TRL logs every 10 steps; runs here are a few dozen steps and steps.csv, the curves and log_history.json
+        # want every one.
+        logging_steps=1,
+        # The run folder is the record: never report to a tracker (wandb, tensorboard, ...) that happens to be
+        # installed (older transformers defaulted to "all").
+        report_to=[],
+        disable_tqdm=not progress,
+        # Without CUDA, the CPU: transformers would otherwise take any other device torch sees (MPS, XPU), which
+        # nothing here is tested on.
+        use_cpu=not cuda,
+        # TRL's default (bf16 unless fp16) autocasts CPUs to bf16 too, which made each CPU step ~9x slower (GRPO
+        # 114 s -> 13 s); bf16 only on a GPU that has it.
+        bf16=_bf16_gpu(),
+        # TRL defaults checkpointing on (less memory for ~20% more time); without memory pressure (CPU, small
+        # models) it only costs time. transformers calls it activation_checkpointing and keeps
+        # gradient_checkpointing, which TRL's config sets to True, as a deprecated alias: set both.
+        activation_checkpointing=checkpointing,
+        gradient_checkpointing=checkpointing,
+    )
+
+
+def load_trainable(spec: str, *, seed: int, head: Literal["causal-lm", "reward"] = "causal-lm",
+                   dtype: Literal["float32", "auto"] = "float32", qlora: bool = False):
+    """(model, tokenizer) to train from an in-process model spec, on the CPU (the trainer places it).
+
+    The seed is set first, so a reward model's new scalar head (``head="reward"``: one label, the tokenizer's pad
+    token) is the same every run. ``dtype="auto"`` loads bf16 weights on a GPU that has bf16, else float32.
+    ``qlora`` loads a causal LM in 4 bits on this process's GPU, ready for LoRA."""
+    from transformers import set_seed
+
+    from cai.models import load_causal_lm, load_tokenizer, parse_spec, resolve_local
+
+    s = parse_spec(spec)
+    if not s.in_process:
+        raise UserError(f"cannot fine-tune {spec!r}: it is served over HTTP; set the model to a local folder, a hub "
+                        "id or smollm2-135m")
+    set_seed(seed)
+    if qlora:
+        return _load_4bit(resolve_local(s)), load_tokenizer(s)
+    if head == "causal-lm":
+        return load_causal_lm(s, dtype="bfloat16" if dtype == "auto" and _bf16_gpu() else "float32", device="cpu")
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    tok = load_tokenizer(s)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_local(s), num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _load_4bit(path: str):
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("sft.qlora needs a CUDA GPU (4-bit bitsandbytes); set sft.qlora: false on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("sft.qlora needs bitsandbytes: pip install bitsandbytes (or set sft.qlora: false)") from None
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": local_rank},
+                                                 dtype=torch.bfloat16)
+    return prepare_model_for_kbit_training(model)
+
+
+def lora_config(settings, task_type: str = "CAUSAL_LM", target_modules: str | list[str] = "all-linear"):
+    """A PEFT LoRA config from settings with lora_r/lora_alpha/lora_dropout."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=target_modules, task_type=task_type)
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    """The newest ``checkpoint-N`` in ``folder`` (to resume a killed run), or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if Path(folder).is_dir() else None
+
+
+def is_main_process() -> bool:
+    """False in the non-main processes of ``accelerate launch`` (which must not write run artifacts)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def save_merged(model, tokenizer, out: Path, adapter_dir: Path | None = None) -> Path:
+    """Save the adapter (when ``adapter_dir``) and a merged plain HF model folder to ``out``, written to
+    ``out.tmp`` and renamed, so ``out`` is never half written."""
+    from peft import PeftModel
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(model, PeftModel):
+        if adapter_dir is not None:
+            model.save_pretrained(str(adapter_dir))
+        model = model.merge_and_unload()
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def save_training_outputs(trainer, tok, output_dir: Path, *, adapter: bool,
+                          curves: tuple[Path, Sequence[str], str] | None = None) -> Path | None:
+    """On the main process: ``model/`` (merged), ``adapter/`` when ``adapter``, ``log_history.json`` and, given
+    ``curves`` = (steps CSV, columns, title), ``curves.png``; then every process waits. Returns the adapter folder."""
+    from cai.training.curves import plot_curves
+
+    adapter_dir = output_dir / "adapter" if adapter else None
+    if trainer.accelerator.is_main_process:
+        save_merged(trainer.model, tok, output_dir / "model", adapter_dir)
+        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        if curves is not None:
+            steps_csv, columns, title = curves
+            plot_curves(steps_csv, columns, output_dir / "curves.png", title)
+    trainer.accelerator.wait_for_everyone()
+    return adapter_dir
