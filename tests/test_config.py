@@ -46,3 +46,18 @@ def test_bundled_configs_validate():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_one_decoding_config_greedy_for_experiments_with_stable_step_hashes():
+    from cai.experiments.unalign import UnalignConfig
+    from cai.runs import config_hash
+    from cai.settings import GreedyGenerationConfig
+
+    assert load_config(None).generation.temperature == 0.7  # the pipeline samples by default
+    partial = UnalignConfig.model_validate({"decode": {"max_new_tokens": 64}})
+    assert (partial.decode.temperature, partial.decode.top_p) == (0.0, 1.0)  # a partial section stays greedy
+    assert partial.decode.sampling(3, 7).max_new_tokens == 7 and partial.decode.sampling(3).seed == 3
+    # steps recorded before `decode` had `stop` keep their hash (pinned: the old DecodeConfig(max_new_tokens=64))
+    assert config_hash(GreedyGenerationConfig(max_new_tokens=64).step_config()) == "6b41c25cc6985428"
+    with_stop = UnalignConfig.model_validate({"decode": {"stop": ["\n\n"]}})
+    assert with_stop.decode.step_config()["stop"] == ["\n\n"] and with_stop.decode.sampling(0).stop == ["\n\n"]
