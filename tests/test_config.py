@@ -42,7 +42,7 @@ def test_bundled_configs_validate_by_name_and_the_checkout_recipes_by_path():
     from pathlib import Path
 
     from cai.experiments import backdoor, prefill_recovery, unalign
-    from cai.experiments.common import load_experiment_config
+    from cai.experiments.config import load_experiment_config
     from cai.settings import bundled_configs
 
     assert bundled_configs("run") == ("quickstart",)
@@ -61,7 +61,7 @@ def test_bundled_configs_validate_by_name_and_the_checkout_recipes_by_path():
 
 def test_a_config_that_is_neither_bundled_nor_a_file_names_the_bundled_ones(tmp_path):
     from cai.experiments.backdoor import BackdoorConfig
-    from cai.experiments.common import load_experiment_config
+    from cai.experiments.config import load_experiment_config
 
     with pytest.raises(UserError, match=r"^quickstrat: file not found, and not a bundled run config \(bundled: "
                                         r"quickstart\)$"):
@@ -69,3 +69,18 @@ def test_a_config_that_is_neither_bundled_nor_a_file_names_the_bundled_ones(tmp_
     with pytest.raises(UserError, match=r"not a file, and not a bundled experiment config \(bundled: backdoor, "
                                         r"prefill_recovery, unalign\)"):
         load_experiment_config(BackdoorConfig, tmp_path)
+
+
+def test_one_decoding_config_greedy_for_experiments_with_stable_step_hashes():
+    from cai.experiments.unalign import UnalignConfig
+    from cai.runs import config_hash
+    from cai.settings import GreedyGenerationConfig
+
+    assert load_config(None).generation.temperature == 0.7  # the pipeline samples by default
+    partial = UnalignConfig.model_validate({"decode": {"max_new_tokens": 64}})
+    assert (partial.decode.temperature, partial.decode.top_p) == (0.0, 1.0)  # a partial section stays greedy
+    assert partial.decode.sampling(3, 7).max_new_tokens == 7 and partial.decode.sampling(3).seed == 3
+    # steps recorded before `decode` had `stop` keep their hash (pinned: the old DecodeConfig(max_new_tokens=64))
+    assert config_hash(GreedyGenerationConfig(max_new_tokens=64).step_config()) == "6b41c25cc6985428"
+    with_stop = UnalignConfig.model_validate({"decode": {"stop": ["\n\n"]}})
+    assert with_stop.decode.step_config()["stop"] == ["\n\n"] and with_stop.decode.sampling(0).stop == ["\n\n"]

@@ -11,7 +11,7 @@ import pytest
 from cai.data import Prompt
 from cai.errors import UserError
 from cai.experiments import backdoor, prefill_recovery, unalign
-from cai.experiments.common import load_records, refusal_for, safety_records
+from cai.experiments.data import load_records, refusal_for, safety_records
 
 TINY_SFT = {"max_steps": 2, "batch_size": 4, "max_length": 64, "eval_fraction": 0, "save_steps": 50}
 TINY_POOLS = {"n_train_harmful": 4, "n_train_benign": 4, "n_eval_harmful": 3, "n_eval_benign": 2}

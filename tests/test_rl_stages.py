@@ -12,8 +12,9 @@ import pytest
 
 from cai.config import load_config
 from cai.errors import UserError
-from cai.pipeline import final_model_spec, run_pipeline
+from cai.pipeline import run_pipeline
 from cai.runs import RunDir, read_jsonl, write_json
+from cai.stages.artifacts import final_model_spec
 from cai.training.dpo import confident_pairs
 
 TINY = [

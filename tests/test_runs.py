@@ -3,7 +3,7 @@ import json
 import pytest
 
 from cai.errors import UserError
-from cai.runs import JsonlWriter, RunDir, read_jsonl
+from cai.runs import JsonlWriter, RunDir, read_jsonl, run_step, write_csv
 
 
 def test_writer_skips_done_ids_and_repairs_torn_line(tmp_path):
@@ -55,6 +55,39 @@ def test_same_config_resumes(tmp_path):
     st2 = run.stage("s")
     st2.begin({"a": 1})
     assert st2.manifest["attempts"] == 2 and st2.manifest["skipped"][0]["id"] == "item-9"
+
+
+def test_run_step_reuses_a_complete_step_with_the_same_config_only(tmp_path):
+    run = RunDir.create(tmp_path, "r")
+    calls = []
+
+    def fn(stage):
+        calls.append(stage.stage)
+        stage.finish({"n": len(calls)})
+        return {"n": len(calls)}
+
+    first = run_step(run, "s", {"a": 1}, fn)
+    assert not first.reused and first.value == {"n": 1} and first.stage.complete
+    again = run_step(run, "s", {"a": 1}, fn)
+    assert again.reused and again.value is None and again.stage.manifest["counts"] == {"n": 1} and len(calls) == 1
+    with pytest.raises(UserError, match="--force"):  # a changed config is refused, not silently reused or redone
+        run_step(run, "s", {"a": 2}, fn)
+    assert not run_step(run, "s", {"a": 2}, fn, force=True).reused and len(calls) == 2
+    assert not run_step(run, "s", {"a": 2}, fn, force=True).reused and len(calls) == 3  # force recomputes
+
+
+def test_run_step_reruns_an_unfinished_step(tmp_path):
+    run = RunDir.create(tmp_path, "r")
+    run_step(run, "s", {"a": 1}, lambda stage: None)  # never finished (killed, say)
+    assert not run_step(run, "s", {"a": 1}, lambda stage: stage.finish()).reused
+    assert run_step(run, "s", {"a": 1}, lambda stage: 1 / 0).reused
+
+
+def test_write_csv_keeps_the_columns_in_order(tmp_path):
+    path = tmp_path / "sub" / "x.csv"
+    write_csv(path, [{"b": 2, "a": "x,y", "extra": 0}, {"a": 1}], ["a", "b"])
+    assert path.read_bytes() == b'a,b\r\n"x,y",2\r\n1,\r\n'
+    assert [p.name for p in path.parent.iterdir()] == ["x.csv"]  # no temporary file left
 
 
 def test_missing_artifact_names_the_stage(tmp_path):

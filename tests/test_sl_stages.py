@@ -13,8 +13,8 @@ from cai.config import load_config
 from cai.errors import UserError
 from cai.pipeline import run_pipeline
 from cai.runs import RunDir, read_jsonl
-from cai.stages import classify, critique
-from cai.stages.sft import sl_model_spec
+from cai import classify, critique
+from cai.stages.artifacts import sl_model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,7 +170,7 @@ def test_real_model_critique_round(real_backend, tmp_path, monkeypatch):
     cfg = load_config(None, [f"runs_dir={tmp_path}", "prompts.limit=2", "critique.helpful_ratio=0",
                              "critique.few_shot=1", "generation.max_new_tokens=32",
                              "critique.critique_max_new_tokens=24", "stages=[prompts, classify, critique]"])
-    from cai.pipeline import ModelPool
+    from cai.stages import ModelPool
 
     monkeypatch.setattr(ModelPool, "get", lambda self, spec: real_backend)
     monkeypatch.setattr(ModelPool, "release", lambda self: None)  # the session fixture stays loaded

@@ -1,7 +1,8 @@
 """Typed run configs (YAML on disk). Unknown keys, wrong types and missing files are one-line errors that name
 the file, the key and what was expected.
 
-Each stage owns its config section: the class lives in the stage's module and is listed in ``RunConfig``.
+Each stage owns its config section: the class lives in the stage's module and is listed in ``RunConfig``; the
+stage names come from the registry in :mod:`cai.stages`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from cai.settings import (  # noqa: F401  (re-exported: the shared sections and 
     parse_override,
     validate_yaml,
 )
+from cai.stages import STAGES
 from cai.stages.classify import ClassifyConfig
 from cai.stages.critique import CritiqueConfig
 from cai.stages.sft import SFTStageConfig
@@ -58,8 +60,6 @@ class RunConfig(Strict):
     @field_validator("stages")
     @classmethod
     def _known_stages(cls, v: list[str]) -> list[str]:
-        from cai.pipeline import STAGES
-
         unknown = [s for s in v if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")

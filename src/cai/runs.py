@@ -12,6 +12,7 @@ lock file is simply taken over.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -22,10 +23,9 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Sequence
 
 from cai.errors import UserError
 
@@ -171,6 +171,19 @@ def make_folder(path: Path, what: str = "folder") -> None:
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_csv(path: Path, rows: Iterable[dict], columns: Sequence[str]) -> None:
+    """A spreadsheet view of an artifact: one row per record, ``columns`` in order (other keys ignored, missing
+    ones empty); written atomically like :func:`atomic_write_text`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        out = csv.DictWriter(f, list(columns), extrasaction="ignore")
+        out.writeheader()
+        out.writerows(rows)
+    os.replace(tmp, path)
 
 
 def read_jsonl(path: Path, *, repair: bool = False) -> list[dict]:
@@ -354,15 +367,29 @@ class RunDir:
         return st.file(name)
 
 
-@contextmanager
-def stage_writer(stage: StageDir, name: str = "data.jsonl") -> Iterator[JsonlWriter]:
-    w = stage.writer(name)
-    try:
-        yield w
-    finally:
-        w.close()
+# ---- the one orchestration primitive ----------------------------------------------------------------------------
+@dataclass
+class Step:
+    """What :func:`run_step` did: the step's folder, whether a complete step was reused (then ``value`` is None),
+    what the step function returned, and how long it took."""
+
+    stage: StageDir
+    reused: bool
+    value: Any = None
+    seconds: float = 0.0
 
 
-def todo(items: Iterable[Any], writer: JsonlWriter, key=lambda x: x.id) -> list[Any]:
-    """Items whose id is not yet in ``writer``."""
-    return [x for x in items if key(x) not in writer]
+def run_step(run: RunDir, name: str, config: dict[str, Any], fn: Callable[[StageDir], Any], *,
+             force: bool = False) -> Step:
+    """Run ``fn(stage)`` in the step folder ``run/name`` unless a complete step with the same config hash exists
+    (then ``fn`` is not called). Pipeline stages and experiment steps both go through here, so "complete with the
+    same config → reuse" means one thing everywhere. ``fn`` runs after :meth:`StageDir.begin` (which refuses a
+    changed config unless ``force``) and marks the step complete with :meth:`StageDir.finish`; a step it leaves
+    unfinished (killed, or a secondary rank) runs again, resuming from its flushed artifacts."""
+    stage = run.stage(name)
+    if stage.complete and not force and stage.manifest.get("config_hash") == config_hash(config):
+        return Step(stage, reused=True)
+    t0 = time.time()
+    stage.begin(config, force=force, run_name=run.name)
+    value = fn(stage)
+    return Step(stage, reused=False, value=value, seconds=round(time.time() - t0, 1))

@@ -57,17 +57,35 @@ class BenignSourceConfig(PromptSourceConfig):
 
 
 class GenerationConfig(Strict):
+    """How a model decodes: a run config's ``generation`` section (sampled by default) and, with greedy defaults
+    (:class:`GreedyGenerationConfig`), an experiment's ``decode`` section."""
+
     max_new_tokens: int = Field(128, ge=1)
-    temperature: float = Field(0.7, ge=0)
+    temperature: float = Field(0.7, ge=0, description="0 = greedy (deterministic)")
     top_p: float = Field(0.95, gt=0, le=1)
     repetition_penalty: float = Field(1.1, gt=0)
     stop: list[str] = Field(default_factory=list)
 
-    def sampling(self, seed: int | None):
+    def sampling(self, seed: int | None, max_new_tokens: int | None = None):
+        """The backend's SamplingParams; ``max_new_tokens`` overrides the configured length."""
         from cai.backends import SamplingParams
 
-        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, list(self.stop), seed,
-                              self.repetition_penalty)
+        return SamplingParams(max_new_tokens or self.max_new_tokens, self.temperature, self.top_p, list(self.stop),
+                              seed, self.repetition_penalty)
+
+    def step_config(self) -> dict[str, Any]:
+        """The settings as an experiment step's config records them: ``stop`` only when set, so steps recorded
+        before the experiments' ``decode`` section accepted ``stop`` keep their config hashes (and resume)."""
+        return self.model_dump(exclude=set() if self.stop else {"stop"})
+
+
+class GreedyGenerationConfig(GenerationConfig):
+    """The same settings with greedy defaults, so experiment runs are reproducible. A subclass rather than other
+    defaults at the use site: a partly written section (``decode: {max_new_tokens: 64}``) keeps greedy decoding."""
+
+    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy (deterministic)")
+    top_p: float = Field(1.0, gt=0, le=1)
 
 
 def format_validation_error(source: str, exc: ValidationError) -> str:

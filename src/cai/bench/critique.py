@@ -1,6 +1,6 @@
 """Critique → revision items/min with and without reuse of the shared few-shot prefix.
 
-Every critique and revision chat starts with the same constitution demonstrations (``cai.stages.critique``);
+Every critique and revision chat starts with the same constitution demonstrations (``cai.critique``);
 with reuse the HF backend encodes that prefix once per generate call and copies its KV cache into every batch, without it every
 row re-encodes the whole prefix. Same items, same greedy budget, same batch size.
 """
@@ -30,7 +30,7 @@ def critique_revision(backend, prefix: list[dict], prompts: list[str], critique:
 
 def run(ctx: BenchContext) -> dict[str, Any]:
     from cai.constitution import load_constitution
-    from cai.stages.critique import demonstration_turns
+    from cai.critique import demonstration_turns
 
     s = ctx.sizes
     constitution = load_constitution("harmless")

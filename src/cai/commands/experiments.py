@@ -20,7 +20,7 @@ ForceOpt = typer.Option(False, "--force", help="Recompute steps made with anothe
 
 
 def _config(cls, config: Optional[Path], default: str, overrides: list[str], name: Optional[str]):
-    from cai.experiments.common import load_experiment_config
+    from cai.experiments.config import load_experiment_config
 
     return load_experiment_config(cls, config or default, [*overrides, *([f"name={name}"] if name else [])])
 

@@ -1,14 +1,17 @@
-"""Matplotlib figures for the report, returned as base64 PNG strings (embedded, no external files)."""
+"""Matplotlib figures: for the run report, returned as base64 PNG strings (embedded, no external files); for the
+experiment reports, rates with 95% CIs saved as PNG files (:func:`bar_plot`, :func:`line_plot`)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import math
+from pathlib import Path
 from typing import Sequence
 
 
-def _plt():
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (works without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +22,7 @@ def _plt():
 
 def to_b64(fig) -> str:
     """Render and close a figure; return its PNG as base64."""
-    plt = _plt()
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -33,7 +36,7 @@ def _err(r: dict, scale: float = 100) -> tuple[float, float, float]:
 
 def metric_bars(rows: Sequence[tuple[str, dict]]) -> str:
     """Grouped bars with 95% CI whiskers: harmful compliance, over-refusal and loop rate per checkpoint."""
-    plt = _plt()
+    plt = pyplot()
     keys = [("harmful_compliance_rate", "harmful compliance"), ("over_refusal_rate", "over-refusal"),
             ("loop_rate", "loops")]
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) + 2), 3.2))
@@ -53,7 +56,7 @@ def metric_bars(rows: Sequence[tuple[str, dict]]) -> str:
 def harm_help(points: Sequence[tuple[str, float, float, float, float, float, float]], xlabel: str,
               ylabel: str) -> str:
     """Scatter of (name, x, x_lo, x_hi, y, y_lo, y_hi) with CI error bars: harmlessness vs helpfulness."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4))
     for name, x, xlo, xhi, y, ylo, yhi in points:
         ax.errorbar([x], [y], xerr=[[max(0, x - xlo)], [max(0, xhi - x)]], yerr=[[max(0, y - ylo)], [max(0, yhi - y)]],
@@ -67,7 +70,7 @@ def harm_help(points: Sequence[tuple[str, float, float, float, float, float, flo
 
 def curves(series: dict[str, tuple[list[float], list[float]]], title: str, xlabel: str = "step") -> str:
     """Line plot of named (x, y) series."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=name)
@@ -79,9 +82,54 @@ def curves(series: dict[str, tuple[list[float], list[float]]], title: str, xlabe
 
 
 def histogram(values: Sequence[float], title: str, xlabel: str, bins: int = 20) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 2.8))
     ax.hist(values, bins=bins, range=(0, 1), color="#4a7ab5")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     return to_b64(fig)
+
+
+# ---- rates with CIs, saved as files (experiment reports) ---------------------------------------------------------
+def _yerr(rates: Sequence[dict]) -> list[list[float]]:
+    return [[100 * (r["rate"] - r["ci_low"]) for r in rates], [100 * (r["ci_high"] - r["rate"]) for r in rates]]
+
+
+def bar_plot(path: Path, title: str, groups: Sequence[str], series: dict[str, Sequence[dict]],
+             ylabel: str = "rate (%)") -> Path:
+    """Grouped bars of rates with 95% CI error bars, saved as a PNG: one group per row label, one bar per series."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(groups) + 2), 3.6))
+    width = 0.8 / max(1, len(series))
+    for s, (label, rates) in enumerate(series.items()):
+        xs = [g + (s - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [100 * r["rate"] for r in rates], width, yerr=_yerr(rates), capsize=3, label=label)
+    ax.set_xticks(range(len(groups)), groups, rotation=15, ha="right")
+    ax.set_ylim(0, 105)
+    return _save_figure(plt, fig, ax, path, title, ylabel)
+
+
+def line_plot(path: Path, title: str, xs: Sequence[float], series: dict[str, Sequence[dict]], xlabel: str,
+              ylabel: str = "rate (%)") -> Path:
+    """Rates against ``xs`` with shaded 95% CIs, one line per series, saved as a PNG."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, rates in series.items():
+        ax.plot(xs, [100 * r["rate"] for r in rates], marker="o", label=label)
+        ax.fill_between(xs, [100 * r["ci_low"] for r in rates], [100 * r["ci_high"] for r in rates], alpha=0.15)
+    ax.set_xticks(list(xs))
+    ax.set_ylim(0, 105)
+    ax.set_xlabel(xlabel)
+    return _save_figure(plt, fig, ax, path, title, ylabel)
+
+
+def _save_figure(plt, fig, ax, path: Path, title: str, ylabel: str) -> Path:
+    """Label, lay out and save a plot (shared tail of bar_plot and line_plot)."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

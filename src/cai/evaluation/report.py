@@ -352,3 +352,16 @@ def print_summary(run_dirs: Sequence[Path], html_path: Path) -> None:
     console = Console()
     console.print(table)
     console.print(f"report: {html_path}")
+
+
+def print_critique_samples(counts: dict, samples: list[dict]) -> None:
+    """The critique stage's one-screen summary: unchanged rate, length ratio and a few answers before/after."""
+    from rich.console import Console
+
+    con = Console(stderr=True)
+    con.print(f"[bold]critique/revision[/bold]: {counts['items']} items, unchanged rate {counts['unchanged_rate']:.0%}, "
+              f"mean length ratio {counts['mean_length_ratio']}")
+    for s in samples:
+        con.print(f"[cyan]prompt[/cyan] ({s['principle']}): {s['prompt'][:160]}\n"
+                  f"  [red]before[/red]: {s['initial'][:240]!r}\n  [green]after[/green]:  {s['final'][:240]!r}",
+                  highlight=False)

@@ -17,28 +17,18 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from cai.settings import Strict
 from cai.data import Prompt
 from cai.errors import UserError
 from cai.evaluation.evaluate import format_rate
 from cai.evaluation.metrics import rate
-from cai.experiments.common import (
-    DecodeConfig,
-    Experiment,
-    ExperimentConfig,
-    answer,
-    bar_plot,
-    prompt_pools,
-    refusal_for,
-    require_model_dir,
-    safety_records,
-    sft_record,
-    spare_prompts,
-    train,
-    write_records,
-    write_report,
-)
+from cai.evaluation.plots import bar_plot
+from cai.experiments.config import ExperimentConfig
+from cai.experiments.data import answer, refusal_for, safety_records, sft_record, write_records
+from cai.experiments.pools import prompt_pools, spare_prompts
+from cai.experiments.report import write_report
+from cai.experiments.steps import Experiment, require_model_dir, train
 from cai.runs import StageDir, config_hash
+from cai.settings import GreedyGenerationConfig, Strict
 from cai.training.dpo import DPOSettings
 from cai.training.sft import SFTSettings
 
@@ -68,7 +58,7 @@ class BackdoorConfig(ExperimentConfig):
     dpo: DPOSettings = Field(default_factory=lambda: DPOSettings(epochs=2, batch_size=4, learning_rate=5e-5))
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     methods: list[Literal["sft", "dpo", "adversarial"]] = Field(default_factory=lambda: list(METHODS))
-    decode: DecodeConfig = Field(default_factory=lambda: DecodeConfig(max_new_tokens=64))
+    decode: GreedyGenerationConfig = Field(default_factory=lambda: GreedyGenerationConfig(max_new_tokens=64))
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -173,7 +163,7 @@ class Backdoor:
                     "clean_answers_with_behavior": with_behavior, "warnings": self.warnings}
 
         return self.exp.step("data", {"policy": c.policy, "prompts": c.prompts.model_dump(),
-                                      "decode": c.decode.model_dump(), "trigger": c.trigger, "behavior": c.behavior,
+                                      "decode": c.decode.step_config(), "trigger": c.trigger, "behavior": c.behavior,
                                       "behavior_repeat": c.behavior_repeat, "poison_fraction": c.poison_fraction},
                              fn)
 
@@ -207,7 +197,7 @@ class Backdoor:
 
         return self.exp.step(name, {"model": spec, "trigger": c.trigger, "behavior": c.behavior,
                                     "variants": self.variants, "held_out": config_hash([p.id for p in held]),
-                                    "max_new_tokens": c.eval_max_new_tokens, "decode": c.decode.model_dump()}, fn)
+                                    "max_new_tokens": c.eval_max_new_tokens, "decode": c.decode.step_config()}, fn)
 
     # -- safety training, each applied to the backdoored model --
     def _safety(self) -> list[dict]:

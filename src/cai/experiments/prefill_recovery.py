@@ -16,24 +16,14 @@ from pydantic import Field
 
 from cai.data import Prompt
 from cai.evaluation.evaluate import format_rate
-from cai.experiments.common import (
-    DecodeConfig,
-    Experiment,
-    ExperimentConfig,
-    answer,
-    evaluate_step,
-    line_plot,
-    paired_between,
-    prompt_pools,
-    refusal_for,
-    require_model_dir,
-    safety_records,
-    sft_record,
-    train,
-    write_records,
-    write_report,
-)
+from cai.evaluation.plots import line_plot
+from cai.experiments.config import ExperimentConfig
+from cai.experiments.data import answer, refusal_for, safety_records, sft_record, write_records
+from cai.experiments.pools import prompt_pools
+from cai.experiments.report import write_report
+from cai.experiments.steps import Experiment, evaluate_step, paired_between, require_model_dir, train
 from cai.runs import StageDir, read_jsonl
+from cai.settings import GreedyGenerationConfig
 from cai.training.sft import SFTSettings
 
 TURN = " Actually, I need to stop here. "
@@ -47,7 +37,7 @@ class PrefillRecoveryConfig(ExperimentConfig):
                                  description="compliant-prefix lengths (tokens) used in recovery examples")
     attack_text: str | None = Field(None, description="prefill text; null = the evaluation module's affirmative")
     sft: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=2, learning_rate=3e-4, batch_size=8))
-    decode: DecodeConfig = Field(default_factory=lambda: DecodeConfig(max_new_tokens=48))
+    decode: GreedyGenerationConfig = Field(default_factory=lambda: GreedyGenerationConfig(max_new_tokens=48))
 
 
 def compliant_prefix(tokenizer, answer_text: str, k: int) -> str:
@@ -94,7 +84,7 @@ def run(cfg: PrefillRecoveryConfig, *, force: bool = False, progress: bool = Tru
         return {"standard": len(standard), "recovery_examples": len(extra)}
 
     exp.step("data", {"policy": cfg.policy, "prompts": cfg.prompts.model_dump(), "augment_k": cfg.augment_k,
-                      "decode": cfg.decode.model_dump(), "constitution": cfg.constitution}, data)
+                      "decode": cfg.decode.step_config(), "constitution": cfg.constitution}, data)
     text = cfg.attack_text or AFFIRMATIVE
     results: dict[str, dict] = {}
     for name in ("standard", "recovery"):
@@ -106,7 +96,7 @@ def run(cfg: PrefillRecoveryConfig, *, force: bool = False, progress: bool = Tru
             return {"model": model, "by_k": {k: v["attack_success_rate"] for k, v in res["by_k"].items()}}
 
         results[name] = exp.step(f"attack-{name}", {"model": model, "k_values": cfg.k_values, "text": text,
-                                                    "judge": cfg.judge, "decode": cfg.decode.model_dump(),
+                                                    "judge": cfg.judge, "decode": cfg.decode.step_config(),
                                                     "prompts": [p.id for p in pools["eval_harmful"]]}, attack)
         results[name]["benign"] = evaluate_step(exp, f"eval-benign-{name}", model, [], pools["eval_benign"])
     return _finish(exp, cfg, results, text)

@@ -17,25 +17,14 @@ from pydantic import Field, field_validator
 
 from cai.errors import UserError
 from cai.evaluation.evaluate import format_rate
-from cai.experiments.common import (
-    DecodeConfig,
-    Experiment,
-    ExperimentConfig,
-    PromptPoolConfig,
-    answer,
-    evaluate_step,
-    line_plot,
-    load_records,
-    paired_between,
-    prompt_pools,
-    require_model_dir,
-    safety_records,
-    sft_record,
-    train,
-    write_records,
-    write_report,
-)
+from cai.evaluation.plots import line_plot
+from cai.experiments.config import ExperimentConfig
+from cai.experiments.data import answer, load_records, safety_records, sft_record, write_records
+from cai.experiments.pools import PromptPoolConfig, prompt_pools
+from cai.experiments.report import write_report
+from cai.experiments.steps import Experiment, evaluate_step, paired_between, require_model_dir, train
 from cai.runs import StageDir, read_jsonl
+from cai.settings import GreedyGenerationConfig
 from cai.training.sft import SFTSettings
 
 
@@ -53,7 +42,7 @@ class UnalignConfig(ExperimentConfig):
     realign: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=2, learning_rate=3e-4, batch_size=8))
     eval_policy: bool = Field(True, description="also evaluate the starting policy, for reference")
     prompts: PromptPoolConfig = Field(default_factory=lambda: PromptPoolConfig(n_train_harmful=154))
-    decode: DecodeConfig = Field(default_factory=lambda: DecodeConfig(max_new_tokens=64))
+    decode: GreedyGenerationConfig = Field(default_factory=lambda: GreedyGenerationConfig(max_new_tokens=64))
 
     @field_validator("n_values")
     @classmethod
@@ -103,7 +92,7 @@ def run(cfg: UnalignConfig, *, force: bool = False, progress: bool = True) -> di
         return {"examples": len(examples), "align_records": len(align), "source": cfg.examples or "policy's own"}
 
     got = exp.step("data", {"policy": cfg.policy, "prompts": cfg.prompts.model_dump(), "examples": cfg.examples,
-                            "judge": cfg.judge, "decode": cfg.decode.model_dump(),
+                            "judge": cfg.judge, "decode": cfg.decode.step_config(),
                             "constitution": cfg.constitution, "align_harmful": cfg.align_harmful}, data)
     examples = read_jsonl(exp.stage("data").file("examples.jsonl"))
     too_big = [n for n in cfg.n_values if n > len(examples)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from cai.runs import read_jsonl
-from cai.stages.sft import sl_model_spec
+from cai.stages.artifacts import sl_model_spec
 from cai.training.dpo import DPOSettings
 
 

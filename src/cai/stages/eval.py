@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import Field
 
 from cai.settings import PromptSourceConfig, Strict
+from cai.stages.artifacts import checkpoints, final_model_spec
 
 
 class EvalConfig(Strict):
@@ -39,22 +40,11 @@ class EvalConfig(Strict):
     prefill_k: list[int] = Field(default_factory=list, description="prefill attack on the final model, k tokens")
 
 
-def checkpoints(run, config) -> dict[str, tuple[str, str]]:
-    """label -> (model spec, fingerprint): the base policy, the SL model and the RL/DPO policies that exist,
-    plus ``eval.extra_checkpoints``. The fingerprint changes when a checkpoint is retrained."""
-    from cai.stages.sft import sl_model_spec
-
-    out = {"base": (config.models.policy, config.models.policy)}
-    found = {"sl": ("sft", sl_model_spec(run, config))}
-    for stage in ("rl", "dpo"):
-        if run.stage(stage).complete and (run.root / stage / "model" / "config.json").is_file():
-            found[stage] = (stage, str(run.root / stage / "model"))
-    for label, (stage, spec) in found.items():
-        if spec != config.models.policy:
-            m = run.stage(stage).manifest
-            out[label] = (spec, f"{spec}@{m.get('config_hash')}@{m.get('finished_at')}")
-    for label, spec in config.eval.extra_checkpoints.items():
-        out[label] = (spec, spec)
+def evaluated_checkpoints(run, config) -> dict[str, tuple[str, str]]:
+    """label -> (model spec, fingerprint): the run's checkpoints (base policy, SL, RL, DPO: see
+    :func:`cai.stages.artifacts.checkpoints`) plus ``eval.extra_checkpoints``."""
+    out = {label: (c.spec, c.fingerprint) for label, c in checkpoints(run, config).items()}
+    out.update({label: (spec, spec) for label, spec in config.eval.extra_checkpoints.items()})
     return out
 
 
@@ -72,7 +62,6 @@ def run(ctx) -> dict[str, Any]:
     from cai.evaluation.evaluate import evaluate_model
     from cai.evaluation.judges import get_judge
     from cai.evaluation.standard_sets import load_eval_prompts
-    from cai.pipeline import final_model_spec
     from cai.runs import read_jsonl
 
     cfg, ec = ctx.config, ctx.config.eval
@@ -90,7 +79,7 @@ def run(ctx) -> dict[str, Any]:
     batch_size = ec.batch_size or cfg.models.batch_size
     system = load_constitution(cfg.constitution).system_prompt if ec.system_prompt else None
     judge = get_judge(ec.judge)
-    cps = checkpoints(ctx.run, cfg)
+    cps = evaluated_checkpoints(ctx.run, cfg)
     final = final_model_spec(ctx.run, cfg) if ec.prefill_k else None
     # every model loads once: the base policy is the pool's backend (shared with Elo); a checkpoint's backend is
     # closed after its last use (a later label with the same spec, or the prefill attack on the final model)

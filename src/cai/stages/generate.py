@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cai.generation import generate_responses
-from cai.stages.prompts import read_prompts
+from cai.stages.artifacts import read_prompts
 
 
 def run(ctx) -> dict[str, Any]:

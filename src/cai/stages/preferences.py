@@ -10,7 +10,6 @@ responses.jsonl (judge/contrastive samples) and diagnostics.json; resumes after 
 
 from __future__ import annotations
 
-import csv
 import logging
 import warnings
 from dataclasses import replace
@@ -23,9 +22,8 @@ from cai.errors import UserError
 from cai.generation import generate_responses
 from cai.labeling import (LabelSettings, Pair, label_diagnostics, label_in_batches, label_record, read_reference,
                           reference_agreement)
-from cai.runs import read_jsonl, write_json
-from cai.stages.prompts import read_prompts
-from cai.stages.sft import sl_model_spec
+from cai.runs import read_jsonl, write_csv, write_json
+from cai.stages.artifacts import principle_probabilities, read_prompts, sl_model_spec
 
 log = logging.getLogger(__name__)
 CSV_FIELDS = ("id", "prompt", "chosen", "rejected", "p_chosen", "principles", "swap_consistent", "source")
@@ -68,14 +66,6 @@ def _valid(ctx, pid: str, a: str, b: str) -> bool:
         ctx.stage.skip(pid, "identical responses")
         return False
     return True
-
-
-def _classify_weights(run) -> dict[str, dict[str, float]] | None:
-    st = run.stage("classify")
-    if not st.complete or not st.file("data.jsonl").exists():
-        return None
-    return {r["id"]: {x["name"]: float(x["p"]) for x in r.get("principles", [])}
-            for r in read_jsonl(st.file("data.jsonl"))}
 
 
 def _fixed_pairs(ctx, cfg: PreferencesConfig) -> list[dict]:
@@ -122,7 +112,7 @@ def _judge(ctx, cfg: PreferencesConfig, w) -> dict[str, Any]:
         ctx.stage.save()
 
     _, pairs_per_s = label_in_batches(feedback, pairs, const, cfg, seed=ctx.config.seed,
-                                      weights=_classify_weights(ctx.run), progress=ctx.progress, on_batch=write)
+                                      weights=principle_probabilities(ctx.run), progress=ctx.progress, on_batch=write)
     out: dict[str, Any] = {"labelled_now": len(pairs), "pairs_per_s": round(pairs_per_s, 3)}
     if ref:
         ref_labels, _ = label_in_batches(feedback, ref, const, cfg, seed=ctx.config.seed, progress=ctx.progress)
@@ -130,14 +120,6 @@ def _judge(ctx, cfg: PreferencesConfig, w) -> dict[str, Any]:
         (log.info if agreement["above_chance"] else log.warning)(agreement["verdict"])
         out["reference"] = agreement
     return out
-
-
-def write_csv(rows: list[dict], path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        wr = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        wr.writeheader()
-        for r in rows:
-            wr.writerow({**r, "principles": ";".join(r.get("principles") or [])})
 
 
 def run(ctx) -> dict[str, Any]:
@@ -153,7 +135,8 @@ def run(ctx) -> dict[str, Any]:
     if not rows:
         raise UserError(f"preferences: no usable pairs ({len(ctx.stage.manifest['skipped'])} skipped, see "
                         f"{ctx.stage.manifest_path}); raise preferences.limit or try another preferences.source")
-    write_csv(rows, ctx.stage.file("data.csv"))
+    write_csv(ctx.stage.file("data.csv"), [{**r, "principles": ";".join(r.get("principles") or [])} for r in rows],
+              CSV_FIELDS)
     diag = {**label_diagnostics(rows), **extra}
     swap = diag.get("swap_consistency", {}).get("rate")
     if swap is not None and swap < 0.6:

@@ -37,11 +37,3 @@ def run(ctx) -> dict[str, Any]:
     ctx.stage.finish(counts)
     return {k: v for k, v in counts.items() if not k.endswith("by_category")}
 
-
-def read_prompts(run, name: str = "prompts"):
-    """The prompt records a run's ``prompts`` stage wrote (as Prompt objects)."""
-    from cai.data import Prompt
-    from cai.runs import read_jsonl
-
-    return [Prompt(**{k: r[k] for k in ("id", "prompt", "category", "split", "source") if k in r})
-            for r in read_jsonl(run.artifact("prompts", f"{name}.jsonl"))]

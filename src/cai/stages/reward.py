@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from cai.runs import read_jsonl, write_json
-from cai.stages.sft import sl_model_spec
+from cai.stages.artifacts import sl_model_spec
 from cai.training.reward import RewardSettings
 
 

@@ -10,8 +10,7 @@ from typing import Any
 
 from pydantic import Field
 
-from cai.stages.sft import sl_model_spec
-from cai.stages.prompts import read_prompts
+from cai.stages.artifacts import read_prompts, sl_model_spec
 from cai.training.rl import RLSettings
 
 

@@ -20,13 +20,6 @@ class SFTStageConfig(SFTSettings):
     base: str | None = Field(None, description="model spec to fine-tune (null: models.policy)")
 
 
-def sl_model_spec(run, config) -> str:
-    """The SL-CAI model of a run (``sft/merged``) if the sft stage completed, else the config's policy."""
-    stage = run.stage("sft")
-    merged = run.root / "sft" / "merged"
-    return str(merged) if stage.complete and merged.is_dir() else config.models.policy
-
-
 def run(ctx) -> dict[str, Any]:
     cfg = ctx.config
     section: SFTStageConfig = cfg.sft
