@@ -326,3 +326,39 @@ def test_eval_stage_loads_each_model_once_and_caps_elo(tmp_path, tiny_path, monk
         assert m["n_harmful"] == 3 and m["sampling"]["stop_loops"] is True
     elo = json.loads((tmp_path / "t" / "eval" / "elo.json").read_text())  # on 2 of the 4 prompts
     assert elo["harmlessness"]["n_prompts"] + elo["helpfulness"]["n_prompts"] == 2
+
+
+def test_eval_stage_rejudges_in_place_when_the_judge_version_changes(tmp_path, tiny_path, monkeypatch):
+    import cai.backends.hf
+    from cai.config import load_config
+    from cai.evaluation.judges import judge_revision
+    from cai.pipeline import run_pipeline
+    from cai.runs import read_jsonl
+
+    cfg = load_config(None, [
+        f"runs_dir={tmp_path}", "name=t", "models.policy=tiny-random", "stages=[eval]", "eval.harmful.limit=3",
+        "eval.benign.limit=1", "eval.max_new_tokens=4", "eval.elo=false"])
+    run_pipeline(cfg, progress=False)
+    stage = tmp_path / "t" / "eval"
+    samples = stage / "base" / "samples.jsonl"
+    current = judge_revision("refusal")
+    assert json.loads((stage / "manifest.json").read_text())["revision"] == current
+    # as if an older judge had labelled this finished stage
+    rows = read_jsonl(samples)
+    assert [r["labels"]["judge"] for r in rows] == [current] * 4
+    for r in rows:
+        r["labels"] = {**r["labels"], "judge": "refusal@v0", "verdict": "complied", "refused": False}
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = json.loads((stage / "manifest.json").read_text())
+    (stage / "manifest.json").write_text(json.dumps({**manifest, "revision": "refusal@v0"}))
+    generated = []
+    real = cai.backends.hf.HFBackend.generate
+    monkeypatch.setattr(cai.backends.hf.HFBackend, "generate",
+                        lambda self, chats, *a, **kw: generated.append(len(chats)) or real(self, chats, *a, **kw))
+    summaries = run_pipeline(cfg, progress=False)
+    assert summaries["eval"].get("status") != "already complete" and generated == []  # re-judged, not regenerated
+    after = read_jsonl(samples)
+    assert [r["response"] for r in after] == [r["response"] for r in rows]
+    assert [r["labels"]["judge"] for r in after] == [current] * 4
+    assert json.loads((stage / "manifest.json").read_text())["revision"] == current
+    assert run_pipeline(cfg, progress=False)["eval"]["status"] == "already complete"

@@ -76,6 +76,27 @@ def test_run_step_reuses_a_complete_step_with_the_same_config_only(tmp_path):
     assert not run_step(run, "s", {"a": 2}, fn, force=True).reused and len(calls) == 3  # force recomputes
 
 
+def test_run_step_reruns_in_place_when_the_revision_changes(tmp_path):
+    run = RunDir.create(tmp_path, "r")
+    calls = []
+
+    def fn(stage):  # appends one line per call to an artifact that a rerun in place must keep
+        calls.append(stage.manifest.get("revision"))
+        with stage.writer("answers.jsonl") as w:
+            w.write({"id": f"call-{len(calls)}"})
+        stage.finish()
+
+    assert not run_step(run, "eval", {"a": 1}, fn, revision="judge@v1").reused
+    assert run_step(run, "eval", {"a": 1}, fn, revision="judge@v1").reused and len(calls) == 1
+    step = run_step(run, "eval", {"a": 1}, fn, revision="judge@v2")  # the judge changed, the config did not
+    assert not step.reused and calls == ["judge@v1", "judge@v2"]
+    assert [r["id"] for r in read_jsonl(step.stage.file("answers.jsonl"))] == ["call-1", "call-2"]  # kept
+    assert not list(tmp_path.joinpath("r").glob("eval.old-*"))  # not moved aside as a changed config would be
+    assert json.loads(step.stage.manifest_path.read_text())["revision"] == "judge@v2"
+    assert run_step(run, "eval", {"a": 1}, fn, revision="judge@v2").reused
+    assert run_step(run, "eval", {"a": 1}, fn).reused and len(calls) == 2  # a step that names no revision
+
+
 def test_run_step_reruns_an_unfinished_step(tmp_path):
     run = RunDir.create(tmp_path, "r")
     run_step(run, "s", {"a": 1}, lambda stage: None)  # never finished (killed, say)

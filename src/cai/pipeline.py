@@ -24,11 +24,16 @@ def run_pipeline(config: RunConfig, *, force: bool = False, only: list[str] | No
             if only and name not in only:
                 continue
 
-            def stage_run(stage, name: str = name) -> dict[str, Any]:
-                ctx = StageContext(config=config, run=run, stage=stage, pool=pool, force=force, progress=progress)
-                return importlib.import_module(STAGES[name]).run(ctx)
+            module = importlib.import_module(STAGES[name])
 
-            step = run_step(run, name, config.section(name), stage_run, force=force)
+            def stage_run(stage, module=module) -> dict[str, Any]:
+                ctx = StageContext(config=config, run=run, stage=stage, pool=pool, force=force, progress=progress)
+                return module.run(ctx)
+
+            # a stage whose result also depends on something outside its config (eval: the judge's version)
+            # names it, and re-runs in place when it changes (see run_step)
+            revision = module.revision(config) if hasattr(module, "revision") else None
+            step = run_step(run, name, config.section(name), stage_run, force=force, revision=revision)
             if step.reused:
                 summaries[name] = {"status": "already complete", **step.stage.manifest.get("counts", {})}
             else:

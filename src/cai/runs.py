@@ -380,16 +380,24 @@ class Step:
 
 
 def run_step(run: RunDir, name: str, config: dict[str, Any], fn: Callable[[StageDir], Any], *,
-             force: bool = False) -> Step:
+             force: bool = False, revision: str | None = None) -> Step:
     """Run ``fn(stage)`` in the step folder ``run/name`` unless a complete step with the same config hash exists
     (then ``fn`` is not called). Pipeline stages and experiment steps both go through here, so "complete with the
     same config → reuse" means one thing everywhere. ``fn`` runs after :meth:`StageDir.begin` (which refuses a
     changed config unless ``force``) and marks the step complete with :meth:`StageDir.finish`; a step it leaves
-    unfinished (killed, or a secondary rank) runs again, resuming from its flushed artifacts."""
+    unfinished (killed, or a secondary rank) runs again, resuming from its flushed artifacts.
+
+    ``revision`` names what shapes the result besides the config, and can change under a finished step: the judge
+    that labels an evaluation's answers (``refusal@v3``). A complete step recorded under another revision runs
+    again *in place* — same folder, its answers kept and only re-labelled — rather than being reused stale or
+    recomputed from scratch."""
     stage = run.stage(name)
-    if stage.complete and not force and stage.manifest.get("config_hash") == config_hash(config):
+    unchanged = stage.complete and not force and stage.manifest.get("config_hash") == config_hash(config)
+    if unchanged and (revision is None or stage.manifest.get("revision") == revision):
         return Step(stage, reused=True)
     t0 = time.time()
     stage.begin(config, force=force, run_name=run.name)
+    if revision is not None:
+        stage.manifest["revision"] = revision
     value = fn(stage)
     return Step(stage, reused=False, value=value, seconds=round(time.time() - t0, 1))

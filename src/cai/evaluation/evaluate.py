@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 from cai.backends import Backend, SamplingParams
 from cai.data import Prompt
-from cai.evaluation.judges import Judge, get_judge
+from cai.evaluation.judges import Judge, get_judge, judge_id
 from cai.evaluation.metrics import VERDICTS, harmful_complied, is_loop, mean_ci, over_refused, rate, verdict_of
 from cai.generation import chat_for
 from cai.runs import JsonlWriter, atomic_write_text, read_jsonl, write_json
@@ -85,12 +85,6 @@ def answer_and_judge(backend: Backend, items: Sequence[tuple[str, Prompt]], writ
             bar.update(len(part))
     bar.close()
     return skipped
-
-
-def judge_id(judge: Judge) -> str:
-    """``name@version``: samples labelled by another version are re-judged (see :func:`rejudge_stale`)."""
-    version = getattr(judge, "version", None)
-    return f"{judge.name}@{version}" if version else judge.name
 
 
 def rejudge_stale(path: Path, judge: Judge) -> list[dict]:

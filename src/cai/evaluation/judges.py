@@ -164,6 +164,26 @@ class LLMJudge(Judge):
         return out
 
 
+def judge_id(judge: Judge) -> str:
+    """``name@version`` (``refusal@v3``), or the name of a judge without versions: what every sample records in
+    ``labels.judge``, so answers labelled by another version are re-judged."""
+    version = getattr(judge, "version", None)
+    return f"{judge.name}@{version}" if version else judge.name
+
+
+def judge_revision(name_or_spec: str | Judge) -> str:
+    """:func:`judge_id` of the judge ``get_judge(name_or_spec)`` would build, without building it (no weights or
+    models load): an evaluation step records it, and runs again in place when it changes."""
+    if isinstance(name_or_spec, Judge):
+        return judge_id(name_or_spec)
+    name = (name_or_spec or "refusal").strip()
+    if name == "refusal":
+        from cai.evaluation.refusal_classifier import FEATURE_VERSION
+
+        return f"refusal@v{FEATURE_VERSION}"
+    return name  # reward:<path> and LLM judges carry no version
+
+
 def get_judge(name_or_spec: str | Judge, **kw) -> Judge:
     """``refusal``, ``reward:<path>``, or a model spec for the LLM judge (a Judge is returned as is);
     UserError for unknown names."""

@@ -63,6 +63,7 @@ def recovery_records(harmful: list[Prompt], answers: dict[str, dict], tokenizer,
 def run(cfg: PrefillRecoveryConfig, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Build both data sets, train both models, attack both for every k; returns metrics.json's content."""
     from cai.constitution import load_constitution
+    from cai.evaluation.judges import judge_revision
     from cai.evaluation.prefill import AFFIRMATIVE, prefill_attack
     from cai.models import load_tokenizer
 
@@ -97,7 +98,8 @@ def run(cfg: PrefillRecoveryConfig, *, force: bool = False, progress: bool = Tru
 
         results[name] = exp.step(f"attack-{name}", {"model": model, "k_values": cfg.k_values, "text": text,
                                                     "judge": cfg.judge, "decode": cfg.decode.step_config(),
-                                                    "prompts": [p.id for p in pools["eval_harmful"]]}, attack)
+                                                    "prompts": [p.id for p in pools["eval_harmful"]]}, attack,
+                                    revision=judge_revision(cfg.judge))
         results[name]["benign"] = evaluate_step(exp, f"eval-benign-{name}", model, [], pools["eval_benign"])
     return _finish(exp, cfg, results, text)
 

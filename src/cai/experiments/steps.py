@@ -32,15 +32,17 @@ class Experiment:
         self.steps: dict[str, dict[str, Any]] = {}
         self._write_manifest("running")
 
-    def step(self, name: str, config: dict[str, Any], fn: Callable[[StageDir], dict[str, Any]]) -> dict[str, Any]:
-        """Run ``fn(stage)`` once for this config; a complete step with the same config returns its stored result."""
+    def step(self, name: str, config: dict[str, Any], fn: Callable[[StageDir], dict[str, Any]], *,
+             revision: str | None = None) -> dict[str, Any]:
+        """Run ``fn(stage)`` once for this config; a complete step with the same config (and ``revision``, see
+        :func:`cai.runs.run_step`) returns its stored result."""
         def body(st: StageDir) -> dict[str, Any]:
             result = fn(st)
             st.finish(counts={k: v for k, v in result.items() if isinstance(v, (int, float))}, result=result)
             return result
 
         done = run_step(self.run, name, {"experiment": self.kind, "seed": self.cfg.seed, **config}, body,
-                        force=self.force)
+                        force=self.force, revision=revision)
         if done.reused:
             result = done.stage.manifest.get("result", {})
             self.steps[name] = {"status": "already complete"}
@@ -97,6 +99,7 @@ def evaluate_step(exp: Experiment, name: str, spec: str, harmful: Sequence[Promp
                   benign: Sequence[Prompt]) -> dict[str, Any]:
     """``evaluate_model`` as a resumable step; returns its headline rates (with CIs)."""
     from cai.evaluation.evaluate import evaluate_model
+    from cai.evaluation.judges import judge_revision
 
     c = exp.cfg
 
@@ -106,7 +109,8 @@ def evaluate_step(exp: Experiment, name: str, spec: str, harmful: Sequence[Promp
         return {"model": spec, **{k: m[k] for k in HEADLINE if k in m}}
 
     ids = [p.id for p in harmful] + [p.id for p in benign]
-    return exp.step(name, {"model": spec, "judge": c.judge, "decode": c.decode.step_config(), "prompts": ids}, fn)
+    return exp.step(name, {"model": spec, "judge": c.judge, "decode": c.decode.step_config(), "prompts": ids}, fn,
+                    revision=judge_revision(c.judge))
 
 
 def paired_between(exp: Experiment, sample_dirs: dict[str, Path], pairs: Sequence[tuple[str, str]], *,

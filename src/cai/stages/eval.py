@@ -56,6 +56,14 @@ def spread(items: list, n: int | None) -> list:
     return [items[i * len(items) // n] for i in range(n)]
 
 
+def revision(config) -> str:
+    """The judge version behind the stage's labels: when it changes, a finished eval stage runs again in place —
+    its answers are kept and only re-judged (then paired tests, Elo and the prefill attack are recomputed)."""
+    from cai.evaluation.judges import judge_revision
+
+    return judge_revision(config.eval.judge)
+
+
 def run(ctx) -> dict[str, Any]:
     from cai.backends import SamplingParams, get_backend
     from cai.constitution import load_constitution
