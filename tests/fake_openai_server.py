@@ -29,8 +29,8 @@ def make_app(backend, *, with_tokenize: bool = True, fail_first: int = 0) -> Fas
         if state["calls"] <= fail_first:
             raise HTTPException(503, "warming up")
         msgs = body["messages"]
-        sp = SamplingParams(body.get("max_tokens", 16), body.get("temperature", 0.0), body.get("top_p", 1.0),
-                            body.get("stop") or [], body.get("seed"))
+        sp = SamplingParams(max_new_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 0.0),
+                            top_p=body.get("top_p", 1.0), stop=body.get("stop") or [], seed=body.get("seed"))
         g = backend.generate([msgs], sp)[0]
         return {"choices": [{"message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason}],
                 "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens}}

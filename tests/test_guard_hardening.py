@@ -112,18 +112,18 @@ def test_stop_strings_are_cheap_and_still_stop(tiny_backend):
 
     from cai.backends import SamplingParams
 
-    greedy = SamplingParams(12, 0.0, 1.0, [], 0, 1.0)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0, top_p=1.0, seed=0, repetition_penalty=1.0)
     chat = [{"role": "user", "content": "Count to ten."}]
     free = tiny_backend.generate([chat], greedy)[0]
     assert free.completion_tokens > 4 and len(free.text) > 6
     stop = free.text[len(free.text) // 2:][:3]
-    cut = tiny_backend.generate([chat], SamplingParams(12, 0.0, 1.0, [stop], 0, 1.0))[0]
+    cut = tiny_backend.generate([chat], SamplingParams(max_new_tokens=12, temperature=0.0, top_p=1.0, stop=[stop], seed=0, repetition_penalty=1.0))[0]
     assert cut.finish_reason == "stop" and cut.text == free.text[:free.text.find(stop)]
     assert cut.completion_tokens < free.completion_tokens
     rnd = random.Random(0)
     junk = ["".join(rnd.choice("abcdefghij <>{}") for _ in range(64)) for _ in range(4)]
     t0 = time.perf_counter()
-    tiny_backend.generate([chat], SamplingParams(4, 0.0, 1.0, junk, 0, 1.0))
+    tiny_backend.generate([chat], SamplingParams(max_new_tokens=4, temperature=0.0, top_p=1.0, stop=junk, seed=0, repetition_penalty=1.0))
     assert time.perf_counter() - t0 < 2.5  # was 8.4 s (4 × 64 characters) before
 
 
@@ -244,12 +244,12 @@ def test_deadline_stops_hf_generation_between_tokens(tiny_backend):
 
     chat = [{"role": "user", "content": "Write a long story."}]
     with deadline(time.monotonic() - 1), pytest.raises(DeadlineExceeded):
-        tiny_backend.generate([chat], SamplingParams(8, 0.0, 1.0, [], 0, 1.0))
+        tiny_backend.generate([chat], SamplingParams(max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0, repetition_penalty=1.0))
     with deadline(time.monotonic() - 1), pytest.raises(DeadlineExceeded):
         tiny_backend.logprobs([chat], [[" Yes", " No"]])
     t0 = time.perf_counter()
     with deadline(time.monotonic() + 0.2), pytest.raises(DeadlineExceeded):
-        tiny_backend.generate([chat], SamplingParams(1500, 0.0, 1.0, [], 0, 1.0))
+        tiny_backend.generate([chat], SamplingParams(max_new_tokens=1500, temperature=0.0, top_p=1.0, seed=0, repetition_penalty=1.0))
     assert time.perf_counter() - t0 < 2.0
 
 

@@ -10,6 +10,7 @@ from typing import Any, Literal, Sequence, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cai.backends.base import CHAT_REPETITION_PENALTY
 from cai.errors import UserError
 
 SEED_MAX = 2**32 - 1  # numpy's limit; torch, random and transformers accept it too
@@ -63,15 +64,16 @@ class GenerationConfig(Strict):
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.7, ge=0, description="0 = greedy (deterministic)")
     top_p: float = Field(0.95, gt=0, le=1)
-    repetition_penalty: float = Field(1.1, gt=0)
+    repetition_penalty: float = Field(CHAT_REPETITION_PENALTY, gt=0)
     stop: list[str] = Field(default_factory=list)
 
     def sampling(self, seed: int | None, max_new_tokens: int | None = None):
         """The backend's SamplingParams; ``max_new_tokens`` overrides the configured length."""
         from cai.backends import SamplingParams
 
-        return SamplingParams(max_new_tokens or self.max_new_tokens, self.temperature, self.top_p, list(self.stop),
-                              seed, self.repetition_penalty)
+        return SamplingParams(max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature,
+                              top_p=self.top_p, stop=list(self.stop), seed=seed,
+                              repetition_penalty=self.repetition_penalty)
 
     def step_config(self) -> dict[str, Any]:
         """The settings as an experiment step's config records them: ``stop`` only when set, so steps recorded

@@ -52,6 +52,7 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     from cai.backends import SamplingParams
+    from cai.backends.base import CHAT_REPETITION_PENALTY
     from cai.data import load_prompts
     from cai.evaluation.judges import get_judge
     from cai.evaluation.metrics import rate
@@ -65,7 +66,8 @@ def main() -> None:
     guard = Guard.from_config(cfg)
     prompts = ([(p, True) for p in spread(load_prompts("redteam", split="eval").prompts, args.harmful)]
                + [(p, False) for p in spread(load_prompts("benign", split="eval").prompts, args.benign)])
-    sampling = SamplingParams(args.max_tokens, 0.7, 0.95, [], 0, 1.1)
+    sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.7, top_p=0.95, seed=0,
+                              repetition_penalty=CHAT_REPETITION_PENALTY)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     with (args.out / "samples.jsonl").open("w") as fh:

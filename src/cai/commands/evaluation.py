@@ -56,7 +56,8 @@ def eval_(
     ks = _int_list(prefill_k, "--prefill-k") if prefill_k else []
     harmful = load_eval_prompts(prompts, field, split=split, limit=limit)
     benign_set = load_eval_prompts(benign, benign_field, split=split, limit=benign_limit) if benign else None
-    sampling = SamplingParams(max_new_tokens, temperature, 1.0, [], seed, repetition_penalty, stop_loops=stop_loops)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, seed=seed,
+                              repetition_penalty=repetition_penalty, stop_loops=stop_loops)
     stage = StageDir(out, "eval")
     stage.begin({"model": model, "prompts": prompts, "field": field, "benign": benign, "benign_field": benign_field,
                  "judge": judge, "split": split, "limit": limit, "benign_limit": benign_limit, "system": system,

@@ -28,6 +28,7 @@ def generate(
 ) -> None:
     """Generate one response per prompt with any backend; resumable (a rerun skips finished ids)."""
     from cai.backends import SamplingParams, get_backend
+    from cai.backends.base import CHAT_REPETITION_PENALTY
     from cai.data import load_prompts
     from cai.generation import generate_responses
     from cai.runs import StageDir
@@ -35,7 +36,8 @@ def generate(
     ps = load_prompts(prompts, field, split=split, limit=limit)
     if len(ps) == 0:
         raise UserError(f"{prompts}: no prompts left after --split/--limit")
-    sampling = SamplingParams(max_new_tokens, temperature, top_p, [], seed, 1.1)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                              repetition_penalty=CHAT_REPETITION_PENALTY)
     stage = StageDir(out, "generate")
     cfg = {"model": model, "prompts": prompts, "field": field, "split": split, "limit": limit, "system": system,
            "sampling": sampling.__dict__}

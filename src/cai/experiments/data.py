@@ -50,8 +50,11 @@ _REFUSALS = (
 
 
 def refusal_for(prompt: Prompt, constitution) -> str:
-    """A refusal written the way the constitution's ``refusal_style`` asks (a limit of the assistant, no
-    moralising, an alternative offered), naming the topic of the principle that covers the prompt's category."""
+    """One of three fixed refusals (chosen by a hash of the prompt id), naming the topic of the constitution's
+    principle that covers the prompt's category. The texts are written to the bundled constitutions'
+    ``refusal_style`` (a limit of the assistant, no moralising, an alternative offered); ``refusal_style`` itself
+    is an instruction to a model, not a template, so it is not read here — experiments train on the same
+    refusal wording whatever the constitution."""
     topic = next((p.label for p in constitution.principles if prompt.category in p.categories),
                  constitution.principles[0].label)
     k = int(hashlib.sha1(prompt.id.encode()).hexdigest(), 16) % len(_REFUSALS)

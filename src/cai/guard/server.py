@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cai.backends import SamplingParams
+from cai.backends.base import CHAT_REPETITION_PENALTY
 from cai.guard.audit import AuditLog, Metrics, digest, scrub
 from cai.guard.config import GuardConfig
 from cai.guard.supervisor import ContextTooLong, Guard, GuardResult, PolicyError, SupervisorError
@@ -300,7 +301,8 @@ def create_app(guard: Guard, cfg: GuardConfig, audit: AuditLog) -> FastAPI:
             except UnicodeEncodeError:
                 raise ApiError(400, "a message or stop string holds an unpaired UTF-16 surrogate (not Unicode text)",
                                "invalid_unicode", "messages") from None
-        return messages, SamplingParams(max_tokens, req.temperature, req.top_p, stop, req.seed, 1.1)
+        return messages, SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                        stop=stop, seed=req.seed, repetition_penalty=CHAT_REPETITION_PENALTY)
 
     def _abandoned_done(_f) -> None:
         metrics.abandoned -= 1

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from cai.backends import (Backend, Chat, ContextLengthError, DeadlineExceeded, SamplingParams, check_deadline,
                           choice_probs, deadline)
-from cai.backends.base import finite_logprob
+from cai.backends.base import CHAT_REPETITION_PENALTY, finite_logprob
 from cai.constitution import Constitution, Principle, load_constitution
 from cai.errors import UserError
 
@@ -207,7 +207,8 @@ class Guard:
         chat = critique_chat(principle, quote_conversation(messages, answer))
         check_deadline("critique")
         try:
-            g = self.supervisor.generate([chat], SamplingParams(self.critique_tokens, 0.0, 1.0, [], 0, 1.1))[0]
+            g = self.supervisor.generate([chat], SamplingParams(max_new_tokens=self.critique_tokens, temperature=0.0, top_p=1.0, seed=0,
+                                                          repetition_penalty=CHAT_REPETITION_PENALTY))[0]
         except DeadlineExceeded:
             raise
         except Exception as exc:

@@ -82,8 +82,8 @@ def run(ctx) -> dict[str, Any]:
         for s in ps.skipped:
             ctx.stage.skip(f"{name}:{s.get('line', '?')}", s.get("reason", "skipped"))
         sets[name] = ps.prompts
-    sampling = SamplingParams(ec.max_new_tokens, ec.temperature, 1.0, [], cfg.seed, ec.repetition_penalty,
-                              stop_loops=ec.stop_loops)
+    sampling = SamplingParams(max_new_tokens=ec.max_new_tokens, temperature=ec.temperature, top_p=1.0, seed=cfg.seed,
+                              repetition_penalty=ec.repetition_penalty, stop_loops=ec.stop_loops)
     batch_size = ec.batch_size or cfg.models.batch_size
     system = load_constitution(cfg.constitution).system_prompt if ec.system_prompt else None
     judge = get_judge(ec.judge)
