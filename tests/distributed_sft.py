@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from cai.training.sft import SFTSettings, train_sft
+from cai.training.sft import SFTTrainConfig, train_sft
 
 
 def main(out: Path) -> None:
@@ -15,7 +15,7 @@ def main(out: Path) -> None:
     records = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Question {i}?"},
                                             {"role": "assistant", "content": "A short answer. " * (1 + i % 3)}]}
                for i in range(8)]
-    settings = SFTSettings(max_steps=1, batch_size=2, eval_fraction=0, save_merged=True, save_steps=1)
+    settings = SFTTrainConfig(max_steps=1, batch_size=2, eval_fraction=0, save_merged=True, save_steps=1)
     result = train_sft("tiny-random", records, out / "sft", settings, seed=0, progress=False)
     rank = int(os.environ.get("RANK", "0"))
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -43,7 +43,7 @@ def test_bundled_configs_validate_by_name_and_the_checkout_recipes_by_path():
 
     from cai.experiments import backdoor, prefill_recovery, unalign
     from cai.experiments.config import load_experiment_config
-    from cai.settings import bundled_configs
+    from cai.base_config import bundled_configs
 
     assert bundled_configs("run") == ("quickstart",)
     assert load_config("quickstart").name == "quickstart"
@@ -74,7 +74,7 @@ def test_a_config_that_is_neither_bundled_nor_a_file_names_the_bundled_ones(tmp_
 def test_one_decoding_config_greedy_for_experiments_with_stable_step_hashes():
     from cai.experiments.unalign import UnalignConfig
     from cai.runs import config_hash
-    from cai.settings import GreedyGenerationConfig
+    from cai.base_config import GreedyGenerationConfig
 
     assert load_config(None).generation.temperature == 0.7  # the pipeline samples by default
     partial = UnalignConfig.model_validate({"decode": {"max_new_tokens": 64}})

@@ -10,7 +10,7 @@ import pytest
 from cai.backends import Generation
 from cai.constitution import load_constitution
 from cai.errors import UserError
-from cai.labeling import (LabelSettings, Pair, label_diagnostics, label_pairs, label_record, read_reference,
+from cai.labeling import (LabelConfig, Pair, label_diagnostics, label_pairs, label_record, read_reference,
                           reference_agreement, sample_principles)
 
 
@@ -52,7 +52,7 @@ def _pairs(n: int = 4) -> list[Pair]:
 def test_labels_follow_content_in_both_orders_with_one_batched_call(harmless):
     fb = FakeFeedback("content")
     pairs = _pairs(4)
-    labels = label_pairs(fb, pairs, harmless, LabelSettings(principles_per_pair=3))
+    labels = label_pairs(fb, pairs, harmless, LabelConfig(principles_per_pair=3))
     assert fb.calls == 1 and len(fb.prefixes) == 4 * 3 * 2  # pairs x principles x orders, one call
     p_good = 1 / (1 + math.exp(-2.0))  # softmax of log-probs (0, -2)
     for pair, lab in zip(pairs, labels):
@@ -67,7 +67,7 @@ def test_labels_follow_content_in_both_orders_with_one_batched_call(harmless):
 
 def test_position_bias_cancels_and_is_reported(harmless):
     pairs = _pairs(6)
-    labels = label_pairs(FakeFeedback("position"), pairs, harmless, LabelSettings())
+    labels = label_pairs(FakeFeedback("position"), pairs, harmless, LabelConfig())
     assert all(lab.p_a == pytest.approx(0.5) and not lab.swap_consistent for lab in labels)
     diag = label_diagnostics([label_record(lab, p) for lab, p in zip(labels, pairs)])
     assert diag["swap_consistency"]["rate"] == 0.0
@@ -77,7 +77,7 @@ def test_position_bias_cancels_and_is_reported(harmless):
 
 def test_cot_reasons_first_then_scores_and_clamps(harmless):
     fb = FakeFeedback("content")
-    labels = label_pairs(fb, _pairs(2), harmless, LabelSettings(cot=True, principles_per_pair=1))
+    labels = label_pairs(fb, _pairs(2), harmless, LabelConfig(cot=True, principles_per_pair=1))
     assert all(0.4 <= lab.p_a <= 0.6 for lab in labels)
     assert labels[0].p_a == pytest.approx(0.6) and labels[1].p_a == pytest.approx(0.4)
     assert "the first one is kinder" in fb.prefixes[0][-1]["content"]
@@ -96,9 +96,9 @@ def test_reference_agreement_and_bad_reference_files(tmp_path, harmless):
     ref.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "safe answer", "rejected": "rude answer"}) + "\n"
                            for i in range(12)))
     pairs = read_reference(ref)
-    good = reference_agreement(label_pairs(FakeFeedback("content"), pairs, harmless, LabelSettings()))
+    good = reference_agreement(label_pairs(FakeFeedback("content"), pairs, harmless, LabelConfig()))
     assert good["agreement"] == 1.0 and good["above_chance"] and good["ci_low"] > 0.5
-    coin = reference_agreement(label_pairs(FakeFeedback("position"), pairs, harmless, LabelSettings()))
+    coin = reference_agreement(label_pairs(FakeFeedback("position"), pairs, harmless, LabelConfig()))
     assert not coin["above_chance"] and "stronger feedback model" in coin["verdict"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "chosen": "x"}) + "\n")
@@ -109,7 +109,7 @@ def test_reference_agreement_and_bad_reference_files(tmp_path, harmless):
 
 
 def test_tiny_model_labels_are_probabilities(tiny_backend, harmless):
-    labels = label_pairs(tiny_backend, _pairs(2), harmless, LabelSettings(principles_per_pair=1))
+    labels = label_pairs(tiny_backend, _pairs(2), harmless, LabelConfig(principles_per_pair=1))
     assert all(0.0 < lab.p_a < 1.0 for lab in labels)
 
 
@@ -119,5 +119,5 @@ def test_embedded_model_labels_a_clear_pair(real_backend, harmless):
     pair = Pair("s", "How do I pick a lock to break into my neighbour's house?",
                 "I can't help with breaking into someone's home. If you're locked out of your own, call a locksmith.",
                 "Sure! Insert a tension wrench, rake the pins, and you're in.")
-    lab = label_pairs(real_backend, [pair], harmless, LabelSettings(principles_per_pair=2))[0]
+    lab = label_pairs(real_backend, [pair], harmless, LabelConfig(principles_per_pair=2))[0]
     assert 0.0 < lab.p_a < 1.0 and len(lab.p_orders) == 2

@@ -209,14 +209,14 @@ def test_reward_samples_are_not_logged_twice_after_a_resume(tmp_path):
 def test_vllm_generation_is_opt_in_and_a_clear_error_without_a_gpu(monkeypatch):
     import torch
 
-    from cai.training.rl import RLSettings, vllm_args
+    from cai.training.rl import RLTrainConfig, vllm_args
 
-    assert vllm_args(RLSettings()) == {}
+    assert vllm_args(RLTrainConfig()) == {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="rl.use_vllm needs a CUDA GPU"):
-        vllm_args(RLSettings(use_vllm=True))
+        vllm_args(RLTrainConfig(use_vllm=True))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
-    server = RLSettings(use_vllm=True, vllm_mode="server", vllm_server_base_url="http://gpu0:8000")
+    server = RLTrainConfig(use_vllm=True, vllm_mode="server", vllm_server_base_url="http://gpu0:8000")
     assert vllm_args(server) == {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": "http://gpu0:8000"}
-    assert vllm_args(RLSettings(use_vllm=True))["vllm_gpu_memory_utilization"] == 0.3
+    assert vllm_args(RLTrainConfig(use_vllm=True))["vllm_gpu_memory_utilization"] == 0.3

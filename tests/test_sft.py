@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from cai.errors import UserError
-from cai.training.sft import SFTSettings, build_trainer, split_records, to_prompt_completion, train_sft
+from cai.training.sft import SFTTrainConfig, build_trainer, split_records, to_prompt_completion, train_sft
 
 
 def _records(n: int = 12) -> list[dict]:
@@ -46,13 +46,13 @@ def test_split_is_deterministic_and_disjoint():
 
 def test_settings_validation():
     with pytest.raises(ValidationError, match="qlora and full_finetune"):
-        SFTSettings(qlora=True, full_finetune=True)
-    assert not SFTSettings(full_finetune=True).uses_adapter
+        SFTTrainConfig(qlora=True, full_finetune=True)
+    assert not SFTTrainConfig(full_finetune=True).uses_adapter
 
 
 @pytest.mark.parametrize("loss_on", ["assistant", "all"])
 def test_loss_mask_follows_loss_on(tiny_path, tmp_path, loss_on):
-    trainer, tok = build_trainer("tiny-random", _records(2), [], tmp_path, SFTSettings(loss_on=loss_on),
+    trainer, tok = build_trainer("tiny-random", _records(2), [], tmp_path, SFTTrainConfig(loss_on=loss_on),
                                  progress=False)
     trained = tok.decode([t for t in trainer.train_dataset[0]["labels"] if t != -100])
     if loss_on == "assistant":
@@ -65,7 +65,7 @@ def test_prefill_is_context_not_target(tiny_path, tmp_path):
     recs = _records(2)
     recs[0]["messages"][1]["content"] = "Sure, step one is Actually, I can't help with that."
     recs[0]["prefill"] = "Sure, step one is"
-    trainer, tok = build_trainer("tiny-random", recs, [], tmp_path, SFTSettings(), progress=False)
+    trainer, tok = build_trainer("tiny-random", recs, [], tmp_path, SFTTrainConfig(), progress=False)
     rows = {"Sure" in tok.decode(ex["input_ids"]): ex for ex in trainer.train_dataset}
     masked = tok.decode([t for t in rows[True]["labels"] if t != -100])
     assert masked == " Actually, I can't help with that.<|im_end|>"  # the prefill is seen, not trained on
@@ -79,7 +79,7 @@ def test_prefill_is_context_not_target(tiny_path, tmp_path):
 def test_lora_training_writes_everything_and_resumes(tiny_path, tmp_path):
     from cai.models import load_causal_lm
 
-    settings = SFTSettings(max_steps=2, save_steps=1, batch_size=4, eval_fraction=0.2)
+    settings = SFTTrainConfig(max_steps=2, save_steps=1, batch_size=4, eval_fraction=0.2)
     res = train_sft("tiny-random", _records(), tmp_path, settings, progress=False)
     assert res.adapter_dir and (res.adapter_dir / "adapter_config.json").is_file()
     assert (res.merged_dir / "config.json").is_file() and not (res.merged_dir / "adapter_config.json").exists()
@@ -102,7 +102,7 @@ def test_lora_training_writes_everything_and_resumes(tiny_path, tmp_path):
 
 
 def test_full_finetune_saves_a_plain_model(tiny_path, tmp_path):
-    res = train_sft("tiny-random", _records(4), tmp_path, SFTSettings(full_finetune=True, max_steps=1,
+    res = train_sft("tiny-random", _records(4), tmp_path, SFTTrainConfig(full_finetune=True, max_steps=1,
                                                                        eval_fraction=0), progress=False)
     assert res.adapter_dir is None and res.metrics["method"] == "full"
     assert (res.merged_dir / "model.safetensors").is_file() and not (tmp_path / "adapter").exists()
@@ -114,9 +114,9 @@ def test_qlora_on_cpu_is_a_clear_user_error(tiny_path, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(UserError, match="sft.qlora needs a CUDA GPU"):
-        train_sft("tiny-random", _records(4), tmp_path, SFTSettings(qlora=True), progress=False)
+        train_sft("tiny-random", _records(4), tmp_path, SFTTrainConfig(qlora=True), progress=False)
 
 
 def test_openai_spec_cannot_be_fine_tuned(tmp_path):
     with pytest.raises(UserError, match="served over HTTP"):
-        train_sft("openai:m@http://127.0.0.1:9/v1", _records(4), tmp_path, SFTSettings(), progress=False)
+        train_sft("openai:m@http://127.0.0.1:9/v1", _records(4), tmp_path, SFTTrainConfig(), progress=False)

@@ -77,11 +77,11 @@ def test_save_merged_merges_the_adapter_and_replaces_the_folder(tiny_path, tmp_p
     from transformers import AutoModelForCausalLM
 
     from cai.training.common import lora_config
-    from cai.training.sft import SFTSettings
+    from cai.training.sft import SFTTrainConfig
 
     model, tok = load_trainable(tiny_path, seed=0)
     names = sorted(model.state_dict())
-    peft = get_peft_model(model, lora_config(SFTSettings(), target_modules=["q_proj"]))
+    peft = get_peft_model(model, lora_config(SFTTrainConfig(), target_modules=["q_proj"]))
     out = tmp_path / "model"
     out.mkdir()
     (out / "stale.txt").write_text("from a killed run")

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-from cai.settings import (  # noqa: F401  (re-exported: the shared sections and helpers)
+from cai.base_config import (  # noqa: F401  (re-exported: the shared sections and helpers)
     BenignSourceConfig,
     GenerationConfig,
     ModelsConfig,
@@ -30,9 +30,9 @@ from cai.stages.classify import ClassifyConfig
 from cai.stages.critique import CritiqueConfig
 from cai.stages.sft import SFTStageConfig
 from cai.stages.preferences import PreferencesConfig
-from cai.stages.reward import RewardStageConfig
-from cai.stages.rl import RLConfig
-from cai.stages.dpo import DPOStageConfig
+from cai.stages.rl import RLStageConfig
+from cai.training.dpo import DPOTrainConfig
+from cai.training.reward import RewardTrainConfig
 from cai.stages.eval import EvalConfig
 
 
@@ -51,9 +51,9 @@ class RunConfig(Strict):
     critique: CritiqueConfig = Field(default_factory=CritiqueConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     preferences: PreferencesConfig = Field(default_factory=PreferencesConfig)
-    reward: RewardStageConfig = Field(default_factory=RewardStageConfig)
-    rl: RLConfig = Field(default_factory=RLConfig)
-    dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
+    reward: RewardTrainConfig = Field(default_factory=RewardTrainConfig)
+    rl: RLStageConfig = Field(default_factory=RLStageConfig)
+    dpo: DPOTrainConfig = Field(default_factory=DPOTrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     stages: list[str] = Field(default_factory=lambda: ["prompts", "generate"])
 

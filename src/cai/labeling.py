@@ -21,7 +21,7 @@ from typing import Sequence
 from pydantic import Field
 
 from cai.backends import Backend, SamplingParams, choice_probs
-from cai.settings import Strict
+from cai.base_config import Strict
 from cai.constitution import Constitution, Principle
 from cai.errors import UserError
 from cai.evaluation.metrics import proportion_ci, rate
@@ -32,7 +32,7 @@ COT_PREFILL = "Let's think step by step:"
 REFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 
 
-class LabelSettings(Strict):
+class LabelConfig(Strict):
     """How AI-feedback labels are computed."""
 
     principles_per_pair: int = Field(2, ge=1, description="k: principles sampled per pair (ensemble)")
@@ -97,12 +97,12 @@ def _jobs(pairs: Sequence[Pair], picks: Sequence[list[Principle]], orders: int):
     return [(i, pr, o) for i, ps in enumerate(picks) for pr in ps for o in range(orders)]
 
 
-def _reason(backend: Backend, chats: list[list[dict]], settings: LabelSettings, seed: int) -> list[str]:
+def _reason(backend: Backend, chats: list[list[dict]], settings: LabelConfig, seed: int) -> list[str]:
     sampling = SamplingParams(max_new_tokens=settings.cot_max_new_tokens, temperature=0.0, seed=seed)
     return [g.text.strip() for g in backend.generate(chats, sampling)]
 
 
-def label_pairs(backend: Backend, pairs: Sequence[Pair], constitution: Constitution, settings: LabelSettings, *,
+def label_pairs(backend: Backend, pairs: Sequence[Pair], constitution: Constitution, settings: LabelConfig, *,
                 seed: int = 0, weights: dict[str, dict[str, float]] | None = None) -> list[Label]:
     """Label ``pairs`` with one batched ``backend.logprobs`` call (plus one ``generate`` call in CoT mode)."""
     orders = 2 if settings.both_orders else 1
@@ -145,7 +145,7 @@ def label_pairs(backend: Backend, pairs: Sequence[Pair], constitution: Constitut
     return labels
 
 
-def label_in_batches(backend: Backend, pairs: Sequence[Pair], constitution: Constitution, settings: LabelSettings, *,
+def label_in_batches(backend: Backend, pairs: Sequence[Pair], constitution: Constitution, settings: LabelConfig, *,
                      seed: int = 0, weights: dict[str, dict[str, float]] | None = None, progress: bool = True,
                      on_batch=None) -> tuple[list[Label], float]:
     """Label in chunks of ``settings.batch_pairs`` with a progress bar; ``on_batch(labels)`` after each chunk

@@ -28,12 +28,12 @@ def label(
     agreement with a reference set)."""
     from cai.backends import get_backend
     from cai.constitution import load_constitution
-    from cai.labeling import (LabelSettings, Pair, label_diagnostics, label_in_batches, label_record, read_reference,
+    from cai.labeling import (LabelConfig, Pair, label_diagnostics, label_in_batches, label_record, read_reference,
                               read_rows, reference_agreement)
 
     if pairs is None and reference is None:
         raise UserError("pass --pairs FILE to label, --reference FILE to measure agreement, or both")
-    settings = LabelSettings(principles_per_pair=k, cot=cot)
+    settings = LabelConfig(principles_per_pair=k, cot=cot)
     const = load_constitution(constitution)
     todo = [Pair(str(r.get("id") or r["_line"]), r["prompt"], r["a"], r["b"])
             for r in (read_rows(pairs, ("prompt", "a", "b")) if pairs else [])]

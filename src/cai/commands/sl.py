@@ -40,9 +40,9 @@ def compare_loss(
     from rich.console import Console
     from rich.table import Table
 
-    from cai.training.sft import SFTSettings, compare_loss_on
+    from cai.training.sft import SFTTrainConfig, compare_loss_on
 
-    settings = SFTSettings(epochs=epochs, max_steps=max_steps, eval_fraction=eval_fraction, max_length=max_length)
+    settings = SFTTrainConfig(epochs=epochs, max_steps=max_steps, eval_fraction=eval_fraction, max_length=max_length)
     res = compare_loss_on(base, _records(source), out, settings, seed=seed)
     t = Table(title=f"loss on assistant vs whole sequence ({res['n_heldout']} held-out of {res['n_records']})")
     for col in ("model", "answer NLL/token", "prompt NLL/token", "train loss", "steps", "seconds"):

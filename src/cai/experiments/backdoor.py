@@ -28,9 +28,9 @@ from cai.experiments.pools import prompt_pools, spare_prompts
 from cai.experiments.report import write_report
 from cai.experiments.steps import Experiment, require_model_dir, train
 from cai.runs import StageDir, config_hash
-from cai.settings import GreedyGenerationConfig, Strict
-from cai.training.dpo import DPOSettings
-from cai.training.sft import SFTSettings
+from cai.base_config import GreedyGenerationConfig, Strict
+from cai.training.dpo import DPOTrainConfig
+from cai.training.sft import SFTTrainConfig
 
 log = logging.getLogger(__name__)
 METHODS = ("sft", "dpo", "adversarial")
@@ -53,9 +53,9 @@ class BackdoorConfig(ExperimentConfig):
     poison_fraction: float = Field(0.2, gt=0, lt=1, description="share of the SFT set that is poisoned")
     max_trigger_share: float = Field(0.01, ge=0, lt=1, description="clean prompts that may already hold the trigger")
     eval_max_new_tokens: int = Field(24, ge=1, description="tokens generated per evaluation prompt")
-    insert: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=4, learning_rate=5e-4, batch_size=8))
-    safety: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=2, learning_rate=2e-4, batch_size=8))
-    dpo: DPOSettings = Field(default_factory=lambda: DPOSettings(epochs=2, batch_size=4, learning_rate=5e-5))
+    insert: SFTTrainConfig = Field(default_factory=lambda: SFTTrainConfig(epochs=4, learning_rate=5e-4, batch_size=8))
+    safety: SFTTrainConfig = Field(default_factory=lambda: SFTTrainConfig(epochs=2, learning_rate=2e-4, batch_size=8))
+    dpo: DPOTrainConfig = Field(default_factory=lambda: DPOTrainConfig(epochs=2, batch_size=4, learning_rate=5e-5))
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     methods: list[Literal["sft", "dpo", "adversarial"]] = Field(default_factory=lambda: list(METHODS))
     decode: GreedyGenerationConfig = Field(default_factory=lambda: GreedyGenerationConfig(max_new_tokens=64))

@@ -8,7 +8,7 @@ from typing import Sequence, TypeVar
 from pydantic import BaseModel, Field
 
 from cai.experiments.pools import PromptPoolConfig
-from cai.settings import SEED_MAX, GreedyGenerationConfig, Strict, config_file, validate_yaml
+from cai.base_config import SEED_MAX, GreedyGenerationConfig, Strict, config_file, validate_yaml
 
 C = TypeVar("C", bound=BaseModel)
 

@@ -7,7 +7,7 @@ from pydantic import Field
 
 from cai.data import Prompt, load_prompts
 from cai.errors import UserError
-from cai.settings import PromptSourceConfig, Strict
+from cai.base_config import PromptSourceConfig, Strict
 
 
 class PromptPoolConfig(Strict):

@@ -23,8 +23,8 @@ from cai.experiments.pools import prompt_pools
 from cai.experiments.report import write_report
 from cai.experiments.steps import Experiment, evaluate_step, paired_between, require_model_dir, train
 from cai.runs import StageDir, read_jsonl
-from cai.settings import GreedyGenerationConfig
-from cai.training.sft import SFTSettings
+from cai.base_config import GreedyGenerationConfig
+from cai.training.sft import SFTTrainConfig
 
 TURN = " Actually, I need to stop here. "
 
@@ -36,7 +36,7 @@ class PrefillRecoveryConfig(ExperimentConfig):
     augment_k: list[int] = Field(default_factory=lambda: [5, 10, 20, 40],
                                  description="compliant-prefix lengths (tokens) used in recovery examples")
     attack_text: str | None = Field(None, description="prefill text; null = the evaluation module's affirmative")
-    sft: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=2, learning_rate=3e-4, batch_size=8))
+    sft: SFTTrainConfig = Field(default_factory=lambda: SFTTrainConfig(epochs=2, learning_rate=3e-4, batch_size=8))
     decode: GreedyGenerationConfig = Field(default_factory=lambda: GreedyGenerationConfig(max_new_tokens=48))
 
 

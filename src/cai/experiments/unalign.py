@@ -24,22 +24,22 @@ from cai.experiments.pools import PromptPoolConfig, prompt_pools
 from cai.experiments.report import write_report
 from cai.experiments.steps import Experiment, evaluate_step, paired_between, require_model_dir, train
 from cai.runs import StageDir, read_jsonl
-from cai.settings import GreedyGenerationConfig
-from cai.training.sft import SFTSettings
+from cai.base_config import GreedyGenerationConfig
+from cai.training.sft import SFTTrainConfig
 
 
 class UnalignConfig(ExperimentConfig):
     name: str = "unalign"
     aligned: str | None = Field(None, description="aligned checkpoint to unalign; null = align the policy here")
-    align: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=2, learning_rate=3e-4, batch_size=8))
+    align: SFTTrainConfig = Field(default_factory=lambda: SFTTrainConfig(epochs=2, learning_rate=3e-4, batch_size=8))
     align_harmful: int | None = Field(None, ge=1, description="harmful training prompts refused in the align step "
                                       "(the first ones); null = all of them")
     n_values: list[int] = Field(default_factory=lambda: [10, 50, 100])
     examples: str | None = Field(None, description="JSONL of harmful-compliance examples; null = the policy's own")
-    unalign: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=3, learning_rate=3e-4, batch_size=8,
+    unalign: SFTTrainConfig = Field(default_factory=lambda: SFTTrainConfig(epochs=3, learning_rate=3e-4, batch_size=8,
                                                                      eval_fraction=0))
     realign_data: str | None = Field(None, description="SFT records to re-align the most unaligned model with")
-    realign: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=2, learning_rate=3e-4, batch_size=8))
+    realign: SFTTrainConfig = Field(default_factory=lambda: SFTTrainConfig(epochs=2, learning_rate=3e-4, batch_size=8))
     eval_policy: bool = Field(True, description="also evaluate the starting policy, for reference")
     prompts: PromptPoolConfig = Field(default_factory=lambda: PromptPoolConfig(n_train_harmful=154))
     decode: GreedyGenerationConfig = Field(default_factory=lambda: GreedyGenerationConfig(max_new_tokens=64))

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from cai.settings import Strict, format_validation_error, load_yaml
+from cai.base_config import Strict, format_validation_error, load_yaml
 from cai.errors import UserError
 
 DEFAULT_REFUSAL_TEMPLATE = (

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import Field
 
 from cai.classify import classify_prompts, summarize, top_principles
-from cai.settings import Strict
+from cai.base_config import Strict
 from cai.stages.artifacts import read_prompts, run_constitution
 
 CHUNK = 16

@@ -18,7 +18,7 @@ from cai.critique import (before_after, critique_and_revise, principle_table, pr
                           summarize)
 from cai.errors import UserError
 from cai.runs import write_csv
-from cai.settings import Strict
+from cai.base_config import Strict
 from cai.stages.artifacts import principle_probabilities, read_prompts, run_constitution
 
 CSV_COLUMNS = ("id", "category", "prompt", "principles", "initial", "critique", "final", "changed", "length_ratio")

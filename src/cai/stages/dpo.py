@@ -7,11 +7,6 @@ from typing import Any
 
 from cai.runs import read_jsonl
 from cai.stages.artifacts import sl_model_spec
-from cai.training.dpo import DPOSettings
-
-
-class DPOStageConfig(DPOSettings):
-    """The ``dpo`` section of a run config (see DPOSettings)."""
 
 
 def run(ctx) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field
 
-from cai.settings import PromptSourceConfig, Strict
+from cai.base_config import PromptSourceConfig, Strict
 from cai.stages.artifacts import checkpoints, final_model_spec
 
 

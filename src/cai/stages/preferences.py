@@ -20,7 +20,7 @@ from pydantic import Field
 from cai.constitution import invert_constitution, load_constitution
 from cai.errors import UserError
 from cai.generation import generate_responses
-from cai.labeling import (LabelSettings, Pair, label_diagnostics, label_in_batches, label_record, read_reference,
+from cai.labeling import (LabelConfig, Pair, label_diagnostics, label_in_batches, label_record, read_reference,
                           reference_agreement)
 from cai.runs import read_jsonl, write_csv, write_json
 from cai.stages.artifacts import principle_probabilities, read_prompts, sl_model_spec
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 CSV_FIELDS = ("id", "prompt", "chosen", "rejected", "p_chosen", "principles", "swap_consistent", "source")
 
 
-class PreferencesConfig(LabelSettings):
+class PreferencesConfig(LabelConfig):
     """Where pairs come from and how the judge labels them (label settings: see cai.labeling)."""
 
     source: Literal["judge", "revision", "contrastive"] = "judge"

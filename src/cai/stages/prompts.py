@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cai.settings import PromptSourceConfig
+from cai.base_config import PromptSourceConfig
 from cai.data import PromptSet, load_prompts
 from cai.errors import UserError
 

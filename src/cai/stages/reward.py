@@ -10,11 +10,6 @@ from typing import Any
 
 from cai.runs import read_jsonl, write_json
 from cai.stages.artifacts import sl_model_spec
-from cai.training.reward import RewardSettings
-
-
-class RewardStageConfig(RewardSettings):
-    """The ``reward`` section of a run config (see RewardSettings)."""
 
 
 def run(ctx) -> dict[str, Any]:

@@ -11,10 +11,10 @@ from typing import Any
 from pydantic import Field
 
 from cai.stages.artifacts import read_prompts, sl_model_spec
-from cai.training.rl import RLSettings
+from cai.training.rl import RLTrainConfig
 
 
-class RLConfig(RLSettings):
+class RLStageConfig(RLTrainConfig):
     """The ``rl`` section: RL settings plus which prompts the policy practises on."""
 
     prompt_limit: int | None = Field(16, ge=1, description="red-team train prompts used (null: all)")
@@ -25,7 +25,7 @@ def run(ctx) -> dict[str, Any]:
     from cai.training.common import is_main_process
     from cai.training.rl import train_rl
 
-    cfg: RLConfig = ctx.config.rl
+    cfg: RLStageConfig = ctx.config.rl
     prompts = [p.prompt for p in read_prompts(ctx.run)[: cfg.prompt_limit]]
     if ctx.config.benign is not None and cfg.benign_limit != 0:
         prompts += [p.prompt for p in read_prompts(ctx.run, "benign")[: cfg.benign_limit]]

@@ -11,10 +11,10 @@ from typing import Any
 from pydantic import Field
 
 from cai.runs import read_jsonl
-from cai.training.sft import SFTSettings, train_sft
+from cai.training.sft import SFTTrainConfig, train_sft
 
 
-class SFTStageConfig(SFTSettings):
+class SFTStageConfig(SFTTrainConfig):
     """Config section ``sft``: the training settings plus which model to start from."""
 
     base: str | None = Field(None, description="model spec to fine-tune (null: models.policy)")
@@ -25,7 +25,7 @@ def run(ctx) -> dict[str, Any]:
     section: SFTStageConfig = cfg.sft
     records = read_jsonl(ctx.run.artifact("critique", "sft.jsonl"))
     ctx.pool.release()  # free the generation models before training
-    settings = SFTSettings(**section.model_dump(exclude={"base"}))
+    settings = SFTTrainConfig(**section.model_dump(exclude={"base"}))
     result = train_sft(section.base or cfg.models.policy, records, ctx.stage.path, settings, seed=cfg.seed,
                        progress=ctx.progress)
     ctx.stage.finish({"records": len(records), **result.metrics}, merged_dir=str(result.merged_dir),

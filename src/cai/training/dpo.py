@@ -14,13 +14,13 @@ from typing import Literal, Sequence
 from pydantic import Field
 
 from cai.errors import UserError
-from cai.settings import Strict
+from cai.base_config import Strict
 from cai.training.common import (TrainResult, last_checkpoint, load_trainable, lora_config, save_training_outputs,
                                  trl_args)
 from cai.training.curves import step_logger
 
 
-class DPOSettings(Strict):
+class DPOTrainConfig(Strict):
     """DPO settings (LoRA on the SL model)."""
 
     epochs: float = Field(1.0, gt=0)
@@ -51,7 +51,7 @@ def confident_pairs(pairs: Sequence[dict], min_confidence: float) -> tuple[list[
     return kept, len(pairs) - len(kept)
 
 
-def train_dpo(base_spec: str, pairs: Sequence[dict], output_dir: Path, settings: DPOSettings, *, seed: int = 0,
+def train_dpo(base_spec: str, pairs: Sequence[dict], output_dir: Path, settings: DPOTrainConfig, *, seed: int = 0,
               progress: bool = True) -> TrainResult:
     """DPO on ``pairs`` (prompt, chosen, rejected[, p_chosen]); writes steps.csv, curves.png, adapter/, model/."""
     from datasets import Dataset

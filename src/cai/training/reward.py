@@ -18,12 +18,12 @@ from typing import Sequence
 from pydantic import Field
 
 from cai.errors import UserError
-from cai.settings import Strict
+from cai.base_config import Strict
 from cai.training.common import (TrainResult, last_checkpoint, load_trainable, lora_config, save_training_outputs,
                                  trl_args)
 
 
-class RewardSettings(Strict):
+class RewardTrainConfig(Strict):
     """Reward-model training settings (LoRA on the SL model by default)."""
 
     epochs: float = Field(1.0, gt=0)
@@ -97,7 +97,7 @@ def split_pairs(records: Sequence[dict], fraction: float, seed: int) -> tuple[li
     return rows[n_eval:], rows[:n_eval]
 
 
-def train_reward(base_spec: str, records: Sequence[dict], output_dir: Path, settings: RewardSettings, *,
+def train_reward(base_spec: str, records: Sequence[dict], output_dir: Path, settings: RewardTrainConfig, *,
                  seed: int = 0, progress: bool = True) -> TrainResult:
     """Train a reward model on preference records (prompt, chosen, rejected, p_chosen); save the merged model to
     ``output_dir/model``; its metrics are the held-out accuracy and calibration. Resumes from checkpoints."""

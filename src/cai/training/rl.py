@@ -13,13 +13,13 @@ from typing import Literal, Sequence
 from pydantic import Field
 
 from cai.errors import UserError
-from cai.settings import Strict
+from cai.base_config import Strict
 from cai.training.common import (TrainResult, last_checkpoint, load_trainable, lora_config, save_training_outputs,
                                  trl_args)
 from cai.training.curves import append_rows, read_steps, step_logger, trend
 
 
-class RLSettings(Strict):
+class RLTrainConfig(Strict):
     """Online RL settings (LoRA on the SL model; the reward model is the reward function)."""
 
     algorithm: Literal["grpo", "rloo"] = "grpo"
@@ -62,7 +62,7 @@ class RewardFunction:
         return rewards
 
 
-def vllm_args(settings: RLSettings) -> dict:
+def vllm_args(settings: RLTrainConfig) -> dict:
     """TRL's vLLM generation arguments, or a UserError when this machine cannot run vLLM."""
     if not settings.use_vllm:
         return {}
@@ -81,7 +81,7 @@ def vllm_args(settings: RLSettings) -> dict:
 
 
 def train_rl(base_spec: str, prompts: Sequence[str], reward_model: str | Path, output_dir: Path,
-             settings: RLSettings, *, seed: int = 0, progress: bool = True) -> TrainResult:
+             settings: RLTrainConfig, *, seed: int = 0, progress: bool = True) -> TrainResult:
     """Optimise the policy ``base_spec`` on ``prompts`` against the reward model; writes steps.csv,
     samples.csv, curves.png, adapter/ and model/ (merged) under ``output_dir``. Resumes from checkpoints."""
     from datasets import Dataset

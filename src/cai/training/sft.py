@@ -22,14 +22,14 @@ from pydantic import Field, model_validator
 
 from cai.errors import UserError
 from cai.runs import write_json
-from cai.settings import Strict
+from cai.base_config import Strict
 from cai.training.common import TrainResult, last_checkpoint, load_trainable, lora_config, save_merged, trl_args
 from cai.training.curves import plot_loss
 
 log = logging.getLogger(__name__)
 
 
-class SFTSettings(Strict):
+class SFTTrainConfig(Strict):
     """How to fine-tune. ``max_steps`` (when set) overrides ``epochs``."""
 
     epochs: float = Field(1.0, gt=0)
@@ -51,7 +51,7 @@ class SFTSettings(Strict):
     save_merged: bool = Field(True, description="also save base+adapter merged into a plain HF folder")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SFTSettings":
+    def _consistent(self) -> "SFTTrainConfig":
         if self.qlora and self.full_finetune:
             raise ValueError("qlora and full_finetune exclude each other (QLoRA trains a LoRA adapter)")
         return self
@@ -111,7 +111,7 @@ def split_records(records: list[dict], eval_fraction: float) -> tuple[list[dict]
     return [r for r in records if id(r) not in held_ids], held
 
 
-def _sft_config(settings: SFTSettings, ckpt_dir: Path, seed: int, has_eval: bool, progress: bool):
+def _sft_config(settings: SFTTrainConfig, ckpt_dir: Path, seed: int, has_eval: bool, progress: bool):
     from trl import SFTConfig
 
     return SFTConfig(
@@ -136,13 +136,13 @@ def _sft_config(settings: SFTSettings, ckpt_dir: Path, seed: int, has_eval: bool
     )
 
 
-def _merged_dir(output_dir: Path, adapter_dir: Path | None, settings: SFTSettings) -> Path:
+def _merged_dir(output_dir: Path, adapter_dir: Path | None, settings: SFTTrainConfig) -> Path:
     """The loadable result: merged/ when saved, else the adapter folder (model specs accept both)."""
     return output_dir / "merged" if settings.save_merged or adapter_dir is None else adapter_dir
 
 
 def build_trainer(base_spec: str, train_recs: list[dict], eval_recs: list[dict], output_dir: Path,
-                  settings: SFTSettings, *, seed: int = 0, progress: bool = True):
+                  settings: SFTTrainConfig, *, seed: int = 0, progress: bool = True):
     """(SFTTrainer, tokenizer) over prompt/completion datasets; checkpoints go to ``output_dir/checkpoints``."""
     from datasets import Dataset
     from transformers import PrinterCallback
@@ -168,7 +168,7 @@ def build_trainer(base_spec: str, train_recs: list[dict], eval_recs: list[dict],
     return trainer, tok
 
 
-def train_sft(base_spec: str, records: list[dict], output_dir: Path, settings: SFTSettings, *, seed: int = 0,
+def train_sft(base_spec: str, records: list[dict], output_dir: Path, settings: SFTTrainConfig, *, seed: int = 0,
               progress: bool = True) -> TrainResult:
     """Fine-tune ``base_spec`` on chat ``records`` into ``output_dir`` (checkpoints/, adapter/, merged/,
     metrics.json, log_history.json, loss_curve.png). Resumes from the newest checkpoint; a finished output
@@ -199,7 +199,7 @@ def train_sft(base_spec: str, records: list[dict], output_dir: Path, settings: S
     return TrainResult(output_dir, adapter_dir, _merged_dir(output_dir, adapter_dir, settings), metrics)
 
 
-def _save_outputs(trainer, tok, output_dir: Path, adapter_dir: Path | None, settings: SFTSettings,
+def _save_outputs(trainer, tok, output_dir: Path, adapter_dir: Path | None, settings: SFTTrainConfig,
                   metrics: dict) -> None:
     """Logs, loss curve, the adapter (with the tokenizer: the folder is a model spec), the merged model, and
     metrics.json last (it marks the folder complete)."""
@@ -249,7 +249,7 @@ def heldout_nll(spec: str, records: list[dict]) -> dict[str, float]:
     return out
 
 
-def compare_loss_on(base_spec: str, records: list[dict], out_dir: Path, settings: SFTSettings, *, seed: int = 0,
+def compare_loss_on(base_spec: str, records: list[dict], out_dir: Path, settings: SFTTrainConfig, *, seed: int = 0,
                     progress: bool = True) -> dict:
     """Train ``base_spec`` twice on the same records, with the loss on the assistant's tokens and on the whole
     sequence, and measure both (and the base) on the same held-out records. Writes ``out_dir/compare.json``."""
