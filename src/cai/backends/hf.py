@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from cai.backends.base import (Chat, ContextLengthError, Generation, Prefix, SamplingParams, check_deadline,
                                current_deadline, truncate_at_stop)
 from cai.errors import UserError
+
+if TYPE_CHECKING:
+    from cai.models import ModelSpec
 
 try:
     from transformers import StoppingCriteria
@@ -39,11 +42,12 @@ FALLBACK_TEMPLATE = (
 class HFBackend:
     """A transformers causal LM in this process. ``model`` and ``tokenizer`` are public so trainers can reuse them."""
 
-    def __init__(self, spec: str, *, model=None, tokenizer=None, batch_size: int = 16, dtype: str = "auto",
-                 device: str | None = None, score_batch_size: int | None = None, reuse_prefix: bool = True):
-        from cai.models import load_causal_lm
+    def __init__(self, spec: "str | ModelSpec", *, model=None, tokenizer=None, batch_size: int = 16,
+                 dtype: str = "auto", device: str | None = None, score_batch_size: int | None = None,
+                 reuse_prefix: bool = True):
+        from cai.models import ModelSpec, load_causal_lm
 
-        self.spec = spec
+        self.spec = spec.raw if isinstance(spec, ModelSpec) else spec  # the string, as reports and manifests show it
         if model is None:
             model, tokenizer = load_causal_lm(spec, dtype=dtype, device=device)
         self.model, self.tokenizer = model, tokenizer
