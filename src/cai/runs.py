@@ -40,9 +40,7 @@ _held_lock = threading.Lock()
 
 def _try_lock(fd: int) -> bool:
     """Take an exclusive, non-blocking OS lock on ``fd``; False when another process holds it."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
+    if sys.platform == "win32":
         import msvcrt
 
         try:
@@ -50,6 +48,8 @@ def _try_lock(fd: int) -> bool:
             return True
         except OSError:
             return False
+    import fcntl
+
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True

