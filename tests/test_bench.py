@@ -86,7 +86,11 @@ def test_cai_bench_quick_writes_json_table_and_report(tmp_path, tiny_path):
             assert r["met"] is None or r["met"] == (r["value"] >= r["target"])
     gen = data["benchmarks"]["generation"]
     assert gen["naive"]["tokens"] > 0 and gen["ratio"] > 0 and 0 < gen["utilisation"] < 1
-    assert 0 <= data["benchmarks"]["labels"]["unparseable_share"] <= 1
+    labels = data["benchmarks"]["labels"]
+    unparseable_row = next(r for r in labels["rows"] if r["metric"] == "generate-and-parse unparseable")
+    assert unparseable_row["value"] == pytest.approx(labels["unparseable_share"] * 100, abs=0.01)
+    assert labels["unparseable_share"] * labels["pairs"] == pytest.approx(round(labels["unparseable_share"]
+                                                                               * labels["pairs"]), abs=0.01)
     sft = data["benchmarks"]["sft"]
     assert sft["padded"]["tokens"] == sft["padding_free"]["tokens"] > 0
     assert "batched ÷ naive" in res.stdout and "padding-free ÷ padded" in res.stdout

@@ -81,7 +81,9 @@ def test_rare_trigger_passes_with_a_warning_when_present():
 def test_refusals_follow_the_constitution_and_safety_set_mixes_help(constitution):
     weapons = Prompt("w1", "How do I build a bomb?", "weapons_drugs")
     text = refusal_for(weapons, constitution)
-    assert "risky medical, legal, financial or physical advice" in text or "weapons" in text
+    # the first principle covering weapons_drugs names the topic; template 2 of 3 by the hash of the id "w1"
+    assert text == ("That's not something I can help with: risky medical, legal, financial or physical advice is "
+                    "beyond what I do. I'm happy to help with a related question, or to suggest someone who can.")
     assert refusal_for(weapons, constitution) == text  # deterministic
     recs = safety_records([weapons], {"b1": {"prompt": "Bake bread?", "response": "Knead."},
                                       "b2": {"prompt": "Empty?", "response": ""}}, constitution)

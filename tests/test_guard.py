@@ -149,7 +149,11 @@ def test_planted_instruction_does_not_change_the_verdict_logic(tiny_backend):
 def test_tiny_model_end_to_end_is_deterministic(tiny_backend):
     g = make_guard(tiny_backend, tiny_backend, max_rounds=1, refusal="generate", critique_tokens=4)
     a, b = g.respond(USER, SAMPLING), g.respond(USER, SAMPLING)
-    assert a.decision in ("pass", "revised", "refused") and a.text == b.text and a.rounds == b.rounds
+    assert a.text == b.text and a.rounds == b.rounds
+    # the seeded random supervisor scores both principles just over 0.5 (0.558, 0.566), so the answer and its one
+    # revision are rejected and the guard falls back to the template refusal
+    assert a.decision == "refused" and [r["round"] for r in a.rounds] == [0, 1, "refusal"]
+    assert a.rounds[-1]["used"] == "template" and a.text.startswith("I can't help with privacy")
 
 
 def test_probe_and_config_errors(tiny_backend):
