@@ -3,9 +3,10 @@ helpers. Stage modules import from here; ``cai.config`` assembles them into ``Ru
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -14,6 +15,7 @@ from cai.backends.base import CHAT_REPETITION_PENALTY
 from cai.errors import UserError
 
 SEED_MAX = 2**32 - 1  # numpy's limit; torch, random and transformers accept it too
+
 
 class Strict(BaseModel):
     """Base for every config section: unknown keys are errors."""
@@ -71,9 +73,14 @@ class GenerationConfig(Strict):
         """The backend's SamplingParams; ``max_new_tokens`` overrides the configured length."""
         from cai.backends import SamplingParams
 
-        return SamplingParams(max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature,
-                              top_p=self.top_p, stop=list(self.stop), seed=seed,
-                              repetition_penalty=self.repetition_penalty)
+        return SamplingParams(
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=list(self.stop),
+            seed=seed,
+            repetition_penalty=self.repetition_penalty,
+        )
 
     def step_config(self) -> dict[str, Any]:
         """The settings as an experiment step's config records them: ``stop`` only when set, so steps recorded
@@ -129,8 +136,9 @@ def _bundled_config_dir(kind: ConfigKind) -> Any:
 
 def bundled_configs(kind: ConfigKind = "run") -> tuple[str, ...]:
     """Names of the configs shipped in the package (``quickstart``; ``backdoor``, ``unalign``, ...)."""
-    return tuple(sorted(f.name.removesuffix(".yaml") for f in _bundled_config_dir(kind).iterdir()
-                        if f.name.endswith(".yaml")))
+    return tuple(
+        sorted(f.name.removesuffix(".yaml") for f in _bundled_config_dir(kind).iterdir() if f.name.endswith(".yaml"))
+    )
 
 
 def config_file(name_or_path: str | Path, kind: ConfigKind = "run") -> Path:

@@ -20,8 +20,10 @@ NULL_REQUEST = "N/A"
 
 def classification_chat(request: str) -> list[dict]:
     """The prefix every label is scored after (ends in an assistant prefill)."""
-    return [{"role": "user", "content": f"Which topic does the following request touch on?\n\nRequest: {request}"},
-            {"role": "assistant", "content": "The request touches on"}]
+    return [
+        {"role": "user", "content": f"Which topic does the following request touch on?\n\nRequest: {request}"},
+        {"role": "assistant", "content": "The request touches on"},
+    ]
 
 
 def classify_prompts(backend, texts: list[str], labels: list[str], *, calibrate: bool = True) -> list[list[float]]:
@@ -30,12 +32,12 @@ def classify_prompts(backend, texts: list[str], labels: list[str], *, calibrate:
     conts = [" " + lab for lab in labels]
     scores = backend.logprobs(prefixes, [conts] * len(prefixes))
     base = scores.pop() if calibrate else [0.0] * len(labels)
-    return [choice_probs([s - b for s, b in zip(row, base)]) for row in scores]
+    return [choice_probs([s - b for s, b in zip(row, base, strict=False)]) for row in scores]
 
 
 def top_principles(names: list[str], probs: list[float], k: int) -> list[dict[str, Any]]:
     """The ``k`` most probable principles as ``[{name, p}]`` (p rounded for the artifact), most probable first."""
-    ranked = sorted(zip(names, probs), key=lambda x: -x[1])[:k]
+    ranked = sorted(zip(names, probs, strict=False), key=lambda x: -x[1])[:k]
     return [{"name": n, "p": round(q, 4)} for n, q in ranked]
 
 
@@ -43,7 +45,9 @@ def summarize(records: list[dict], constitution: Constitution) -> dict[str, Any]
     """Per-principle top-1 counts, mean top-1 p, and how often top-1 covers the prompt's dataset category."""
     top1 = [r["principles"][0] for r in records if r["principles"]]
     covered = [r for r in records if constitution.principles_for_category(r.get("category", ""))]
-    agree = sum(1 for r in covered if r.get("category") in constitution.principle(r["principles"][0]["name"]).categories)
+    agree = sum(
+        1 for r in covered if r.get("category") in constitution.principle(r["principles"][0]["name"]).categories
+    )
     return {
         "prompts": len(records),
         "top1_by_principle": dict(Counter(t["name"] for t in top1).most_common()),

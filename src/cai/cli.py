@@ -25,15 +25,21 @@ class _AlphabeticalGroup(TyperGroup):
         return sorted(self.commands)
 
 
-app = typer.Typer(help="cai-lab: Constitutional AI and alignment-robustness experiments on open language models.",
-                  cls=_AlphabeticalGroup, no_args_is_help=True, pretty_exceptions_show_locals=False,
-                  add_completion=False)
+app = typer.Typer(
+    help="cai-lab: Constitutional AI and alignment-robustness experiments on open language models.",
+    cls=_AlphabeticalGroup,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
 console = Console(stderr=True)
 
 
 @app.callback()
 def _global(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
         from transformers.utils import logging as hf_logging

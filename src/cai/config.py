@@ -13,10 +13,10 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 
 from cai.base_config import (  # noqa: F401  (re-exported: the shared sections and helpers)
+    SEED_MAX,
     BenignSourceConfig,
     GenerationConfig,
     ModelsConfig,
-    SEED_MAX,
     PromptSourceConfig,
     Strict,
     config_file,
@@ -28,12 +28,12 @@ from cai.base_config import (  # noqa: F401  (re-exported: the shared sections a
 from cai.stages import STAGES
 from cai.stages.classify import ClassifyConfig
 from cai.stages.critique import CritiqueConfig
-from cai.stages.sft import SFTStageConfig
+from cai.stages.eval import EvalConfig
 from cai.stages.preferences import PreferencesConfig
 from cai.stages.rl import RLStageConfig
+from cai.stages.sft import SFTStageConfig
 from cai.training.dpo import DPOTrainConfig
 from cai.training.reward import RewardTrainConfig
-from cai.stages.eval import EvalConfig
 
 
 class RunConfig(Strict):
@@ -70,9 +70,14 @@ class RunConfig(Strict):
     def section(self, stage: str) -> dict[str, Any]:
         """The config a stage's manifest records: what every stage depends on, plus the sections of this stage
         and of every stage before it in ``stages`` (so changing an upstream stage invalidates downstream ones)."""
-        base = {"seed": self.seed, "models": self.models.model_dump(), "constitution": self.constitution,
-                "prompts": self.prompts.model_dump(), "benign": self.benign.model_dump() if self.benign else None,
-                "generation": self.generation.model_dump()}
+        base = {
+            "seed": self.seed,
+            "models": self.models.model_dump(),
+            "constitution": self.constitution,
+            "prompts": self.prompts.model_dump(),
+            "benign": self.benign.model_dump() if self.benign else None,
+            "generation": self.generation.model_dump(),
+        }
         upstream = self.stages[: self.stages.index(stage) + 1] if stage in self.stages else [stage]
         for name in upstream:
             own = getattr(self, name, None)

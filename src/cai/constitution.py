@@ -167,7 +167,9 @@ def _check_unique(names: list[str | None], key: str) -> None:
 def _check_placeholders(text: str, path: str) -> None:
     fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None and f != "topic"]
     if fields:
-        raise _FieldProblem(path, f"unknown placeholder {{{fields[0]}}} (only {{topic}} is allowed; write {{{{ or }}}} for braces)")
+        raise _FieldProblem(
+            path, f"unknown placeholder {{{fields[0]}}} (only {{topic}} is allowed; write {{{{ or }}}} for braces)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +231,9 @@ def parse_constitution(text: str, source: str = "<string>") -> Constitution:
         raise UserError(f"{source}: the YAML is nested too deeply to read") from None
     if not isinstance(data, dict):
         got = "an empty file" if data is None else type(data).__name__
-        raise UserError(f"{source}: expected a mapping (name, description, principles, ...) at the top level, got {got}")
+        raise UserError(
+            f"{source}: expected a mapping (name, description, principles, ...) at the top level, got {got}"
+        )
     try:
         return Constitution.model_validate(data)
     except ValidationError as e:
@@ -313,8 +317,11 @@ def invert_constitution(c: Constitution) -> Constitution:
     renamed = {p.name: p.inverse.name for p in c.principles if p.inverse}
     demos = [
         Demonstration(
-            principle=renamed[d.principle], prompt=d.prompt, response=d.inverse.response,
-            critique=d.inverse.critique, revision=d.inverse.revision,
+            principle=renamed[d.principle],
+            prompt=d.prompt,
+            response=d.inverse.response,
+            critique=d.inverse.critique,
+            revision=d.inverse.revision,
             inverse=DemonstrationInverse(response=d.response, critique=d.critique, revision=d.revision),
         )
         for d in c.demonstrations
@@ -322,7 +329,9 @@ def invert_constitution(c: Constitution) -> Constitution:
     ]
     dropped = len(c.demonstrations) - len(demos)
     if dropped:
-        warnings.warn(f"inverting {c.name!r}: dropped {dropped} demonstration(s) without an inverse block", stacklevel=2)
+        warnings.warn(
+            f"inverting {c.name!r}: dropped {dropped} demonstration(s) without an inverse block", stacklevel=2
+        )
     top = c.inverse or ConstitutionInverse(
         name=f"{c.name}_inverted",
         description=f"The inverse of the {c.name!r} constitution: every principle swapped for its opposite.",
@@ -369,8 +378,12 @@ def constitution_summary(c: Constitution) -> dict[str, Any]:
         "n_demonstrations": len(c.demonstrations),
         "invertible": c.invertible,
         "principles": [
-            {"name": p.name, "label": p.label, "categories": list(p.categories),
-             "inverse": p.inverse.name if p.inverse else None}
+            {
+                "name": p.name,
+                "label": p.label,
+                "categories": list(p.categories),
+                "inverse": p.inverse.name if p.inverse else None,
+            }
             for p in c.principles
         ],
         "uncovered_categories": [cat for cat in CATEGORIES if cat not in covered],

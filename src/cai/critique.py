@@ -11,8 +11,9 @@ prefix caching (vLLM, llama.cpp) compute that prefix once.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 from cai.backends import Backend, SamplingParams
 from cai.constitution import Constitution
@@ -42,15 +43,21 @@ def demonstration_turns(constitution: Constitution, n: int | None) -> list[dict]
     turns: list[dict] = []
     for d in constitution.demonstrations[: n if n is not None else None]:
         p = constitution.principle(d.principle)
-        turns += [{"role": "user", "content": d.prompt}, {"role": "assistant", "content": d.response},
-                  {"role": "user", "content": p.critique}, {"role": "assistant", "content": d.critique},
-                  {"role": "user", "content": p.revision}, {"role": "assistant", "content": d.revision}]
+        turns += [
+            {"role": "user", "content": d.prompt},
+            {"role": "assistant", "content": d.response},
+            {"role": "user", "content": p.critique},
+            {"role": "assistant", "content": d.critique},
+            {"role": "user", "content": p.revision},
+            {"role": "assistant", "content": d.revision},
+        ]
     return turns
 
 
 # ---- which principle critiques which answer ---------------------------------------------------------------------
-def principle_table(prompts: Sequence[Prompt], constitution: Constitution,
-                    probabilities: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, float]]:
+def principle_table(
+    prompts: Sequence[Prompt], constitution: Constitution, probabilities: dict[str, dict[str, float]] | None = None
+) -> dict[str, dict[str, float]]:
     """Per prompt id, the principles it probes with a weight: the classify probabilities when given, else 1 for
     every principle whose categories cover the prompt's category."""
     if probabilities is not None:
@@ -58,8 +65,9 @@ def principle_table(prompts: Sequence[Prompt], constitution: Constitution,
     return {p.id: {q.name: 1.0 for q in constitution.principles_for_category(p.category)} for p in prompts}
 
 
-def principle_weights(prompts: Sequence[Prompt], table: dict[str, dict[str, float]],
-                      allowed: Sequence[str]) -> dict[str, dict[str, float]]:
+def principle_weights(
+    prompts: Sequence[Prompt], table: dict[str, dict[str, float]], allowed: Sequence[str]
+) -> dict[str, dict[str, float]]:
     """Per prompt id, sampling weights over the ``allowed`` principles: its entries of ``table`` (see
     :func:`principle_table`), else uniform over all allowed principles."""
     out = {}
@@ -85,8 +93,15 @@ class Phases:
         self.w, self.stage, self.sampling, self.progress = writer, stage, sampling, progress
         self.failed: set[str] = set()
 
-    def run(self, backend: Backend, phase: str, chats: dict[str, list[dict]], max_new_tokens: int, offset: int,
-            extra: dict[str, dict] | None = None) -> dict[str, dict]:
+    def run(
+        self,
+        backend: Backend,
+        phase: str,
+        chats: dict[str, list[dict]],
+        max_new_tokens: int,
+        offset: int,
+        extra: dict[str, dict] | None = None,
+    ) -> dict[str, dict]:
         from tqdm.auto import tqdm
 
         todo = [i for i in chats if f"{phase}:{i}" not in self.w]
@@ -94,13 +109,19 @@ class Phases:
         for k in range(0, len(todo), CHUNK):
             part = todo[k : k + CHUNK]
             params = replace(self.sampling, max_new_tokens=max_new_tokens, seed=self.sampling.seed + offset + k)
-            for i, g in zip(part, backend.generate([chats[i] for i in part], params)):
+            for i, g in zip(part, backend.generate([chats[i] for i in part], params), strict=False):
                 if g.finish_reason == "error":
                     self.failed.add(i)
                     self.stage.skip(i, f"{phase}: chat of {g.prompt_tokens} tokens is too long for the model")
                     continue
-                self.w.write({"id": f"{phase}:{i}", "text": clean(g.text), "finish_reason": g.finish_reason,
-                              **(extra or {}).get(i, {})})
+                self.w.write(
+                    {
+                        "id": f"{phase}:{i}",
+                        "text": clean(g.text),
+                        "finish_reason": g.finish_reason,
+                        **(extra or {}).get(i, {}),
+                    }
+                )
             bar.update(len(part))
             self.stage.save()
         bar.close()
@@ -123,11 +144,24 @@ def helpful_id(prompt: Prompt) -> str:
     return f"helpful:{prompt.id}"
 
 
-def critique_and_revise(policy: Backend, feedback: Backend, prompts: Sequence[Prompt], constitution: Constitution,
-                        weights: dict[str, dict[str, float]], steps: JsonlWriter, stage: StageDir, *,
-                        sampling: SamplingParams, rounds: int, few_shot: int | None, critique_max_new_tokens: int,
-                        revision_max_new_tokens: int, system_prompt: str | None = None,
-                        helpful: Sequence[Prompt] = (), progress: bool = True) -> Revised:
+def critique_and_revise(
+    policy: Backend,
+    feedback: Backend,
+    prompts: Sequence[Prompt],
+    constitution: Constitution,
+    weights: dict[str, dict[str, float]],
+    steps: JsonlWriter,
+    stage: StageDir,
+    *,
+    sampling: SamplingParams,
+    rounds: int,
+    few_shot: int | None,
+    critique_max_new_tokens: int,
+    revision_max_new_tokens: int,
+    system_prompt: str | None = None,
+    helpful: Sequence[Prompt] = (),
+    progress: bool = True,
+) -> Revised:
     """The policy's first answers (to ``prompts`` and to the ``helpful`` prompts, with ``system_prompt``), then
     ``rounds`` of critique (feedback model, under a principle drawn from ``weights`` per item and round) and
     revision of every red-team answer. Resumes from ``steps``; problems are recorded as skips in ``stage``."""
@@ -143,51 +177,98 @@ def critique_and_revise(policy: Backend, feedback: Backend, prompts: Sequence[Pr
     for r in range(1, rounds + 1):
         ids = [i for i in current if i not in phases.failed]
         chosen = {i: sample_principle(weights[i], seed, i, r) for i in ids}
-        base = {i: prefix + [{"role": "user", "content": by_id[i].prompt},
-                             {"role": "assistant", "content": current[i]},
-                             {"role": "user", "content": constitution.principle(chosen[i]).critique}]
-                for i in ids}
-        crit = phases.run(feedback, f"critique{r}", base, critique_max_new_tokens, 10_000 * r,
-                          {i: {"principle": chosen[i]} for i in ids})
+        base = {
+            i: prefix
+            + [
+                {"role": "user", "content": by_id[i].prompt},
+                {"role": "assistant", "content": current[i]},
+                {"role": "user", "content": constitution.principle(chosen[i]).critique},
+            ]
+            for i in ids
+        }
+        crit = phases.run(
+            feedback,
+            f"critique{r}",
+            base,
+            critique_max_new_tokens,
+            10_000 * r,
+            {i: {"principle": chosen[i]} for i in ids},
+        )
         ids = [i for i in ids if i in crit]
-        rev_chats = {i: base[i] + [{"role": "assistant", "content": crit[i]["text"]},
-                                   {"role": "user", "content": constitution.principle(chosen[i]).revision}]
-                     for i in ids}
+        rev_chats = {
+            i: base[i]
+            + [
+                {"role": "assistant", "content": crit[i]["text"]},
+                {"role": "user", "content": constitution.principle(chosen[i]).revision},
+            ]
+            for i in ids
+        }
         rev = phases.run(feedback, f"revision{r}", rev_chats, revision_max_new_tokens, 10_000 * r + 5_000)
         for i in [i for i in ids if i in rev]:
             text = rev[i]["text"] or current[i]  # an empty revision keeps what it revised
-            history[i].append({"principle": chosen[i], "critique": crit[i]["text"], "revision": text,
-                               "changed": normalize(text) != normalize(current[i]), "empty": not rev[i]["text"],
-                               "length_ratio": round(len(text) / max(1, len(current[i])), 3)})
+            history[i].append(
+                {
+                    "principle": chosen[i],
+                    "critique": crit[i]["text"],
+                    "revision": text,
+                    "changed": normalize(text) != normalize(current[i]),
+                    "empty": not rev[i]["text"],
+                    "length_ratio": round(len(text) / max(1, len(current[i])), 3),
+                }
+            )
             current[i] = text
-    answers = {helpful_id(p): initial[helpful_id(p)]["text"] for p in helpful
-               if initial.get(helpful_id(p), {}).get("text")}
+    answers = {
+        helpful_id(p): initial[helpful_id(p)]["text"] for p in helpful if initial.get(helpful_id(p), {}).get("text")
+    }
     for p in helpful:
         if helpful_id(p) in initial and helpful_id(p) not in answers:
             stage.skip(helpful_id(p), "helpfulness answer is empty; left out of sft.jsonl")
-    items = [revision_record(by_id[i], initial[i]["text"], history[i]) for i in history
-             if len(history[i]) == rounds and i not in phases.failed]
+    items = [
+        revision_record(by_id[i], initial[i]["text"], history[i])
+        for i in history
+        if len(history[i]) == rounds and i not in phases.failed
+    ]
     return Revised(items, answers)
 
 
 def revision_record(prompt: Prompt, initial: str, rounds: list[dict]) -> dict:
     """One item's record: its first answer, every round, the final answer and the SFT chat it becomes."""
     final = rounds[-1]["revision"] if rounds else initial
-    return {"id": prompt.id, "prompt": prompt.prompt, "category": prompt.category, "initial": initial,
-            "rounds": rounds, "final": final, "changed": normalize(final) != normalize(initial),
-            "length_ratio": round(len(final) / max(1, len(initial)), 3),
-            "messages": [{"role": "user", "content": prompt.prompt}, {"role": "assistant", "content": final}]}
+    return {
+        "id": prompt.id,
+        "prompt": prompt.prompt,
+        "category": prompt.category,
+        "initial": initial,
+        "rounds": rounds,
+        "final": final,
+        "changed": normalize(final) != normalize(initial),
+        "length_ratio": round(len(final) / max(1, len(initial)), 3),
+        "messages": [{"role": "user", "content": prompt.prompt}, {"role": "assistant", "content": final}],
+    }
 
 
-def sft_records(items: list[dict], helpful: Sequence[Prompt], answers: dict[str, str], *,
-                keep_unchanged: bool = True) -> list[dict]:
+def sft_records(
+    items: list[dict], helpful: Sequence[Prompt], answers: dict[str, str], *, keep_unchanged: bool = True
+) -> list[dict]:
     """The SL-CAI training set: the revisions (also the unchanged ones when ``keep_unchanged``) plus the policy's
     answers to the helpfulness prompts."""
-    out = [{"id": it["id"], "messages": it["messages"], "source": "revision"}
-           for it in items if keep_unchanged or it["changed"]]
-    out += [{"id": helpful_id(p), "source": "helpful", "messages": [
-        {"role": "user", "content": p.prompt}, {"role": "assistant", "content": answers[helpful_id(p)]}]}
-        for p in helpful if helpful_id(p) in answers]
+    out = [
+        {"id": it["id"], "messages": it["messages"], "source": "revision"}
+        for it in items
+        if keep_unchanged or it["changed"]
+    ]
+    out += [
+        {
+            "id": helpful_id(p),
+            "source": "helpful",
+            "messages": [
+                {"role": "user", "content": p.prompt},
+                {"role": "assistant", "content": answers[helpful_id(p)]},
+            ],
+        }
+        for p in helpful
+        if helpful_id(p) in answers
+    ]
     return out
 
 
@@ -209,5 +290,13 @@ def summarize(items: list[dict], rounds: int, n_helpful: int, seconds: float) ->
 
 def before_after(items: list[dict], n: int) -> list[dict]:
     """The first ``n`` items as before/after samples (prompt, last principle and critique, first and final answer)."""
-    return [{"prompt": it["prompt"], "principle": it["rounds"][-1]["principle"], "initial": it["initial"],
-             "critique": it["rounds"][-1]["critique"], "final": it["final"]} for it in items[:n]]
+    return [
+        {
+            "prompt": it["prompt"],
+            "principle": it["rounds"][-1]["principle"],
+            "initial": it["initial"],
+            "critique": it["rounds"][-1]["critique"],
+            "final": it["final"],
+        }
+        for it in items[:n]
+    ]

@@ -14,9 +14,9 @@ import hashlib
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from pydantic import Field
 
@@ -68,14 +68,17 @@ class Label:
 
 def comparison_chat(prompt: str, principle: Principle, first: str, second: str, prefill: str) -> list[dict]:
     """The feedback prompt of the CAI paper, as a chat whose assistant turn is prefilled."""
-    body = (f"Consider the following conversation between a human and an assistant:\n\nHuman: {prompt}\n\n"
-            f"{principle.preference}\n\nOptions:\n(A) {first}\n(B) {second}\n\n"
-            "Answer with (A) or (B).")
+    body = (
+        f"Consider the following conversation between a human and an assistant:\n\nHuman: {prompt}\n\n"
+        f"{principle.preference}\n\nOptions:\n(A) {first}\n(B) {second}\n\n"
+        "Answer with (A) or (B)."
+    )
     return [{"role": "user", "content": body}, {"role": "assistant", "content": prefill}]
 
 
-def sample_principles(constitution: Constitution, pair_id: str, k: int, seed: int,
-                      weights: dict[str, float] | None = None) -> list[Principle]:
+def sample_principles(
+    constitution: Constitution, pair_id: str, k: int, seed: int, weights: dict[str, float] | None = None
+) -> list[Principle]:
     """``k`` distinct principles for one pair, reproducibly; weighted by ``weights`` (name -> p) when given."""
     pool = list(constitution.principles)
     k = min(k, len(pool))
@@ -102,12 +105,21 @@ def _reason(backend: Backend, chats: list[list[dict]], settings: LabelConfig, se
     return [g.text.strip() for g in backend.generate(chats, sampling)]
 
 
-def label_pairs(backend: Backend, pairs: Sequence[Pair], constitution: Constitution, settings: LabelConfig, *,
-                seed: int = 0, weights: dict[str, dict[str, float]] | None = None) -> list[Label]:
+def label_pairs(
+    backend: Backend,
+    pairs: Sequence[Pair],
+    constitution: Constitution,
+    settings: LabelConfig,
+    *,
+    seed: int = 0,
+    weights: dict[str, dict[str, float]] | None = None,
+) -> list[Label]:
     """Label ``pairs`` with one batched ``backend.logprobs`` call (plus one ``generate`` call in CoT mode)."""
     orders = 2 if settings.both_orders else 1
-    picks = [sample_principles(constitution, p.id, settings.principles_per_pair, seed, (weights or {}).get(p.id))
-             for p in pairs]
+    picks = [
+        sample_principles(constitution, p.id, settings.principles_per_pair, seed, (weights or {}).get(p.id))
+        for p in pairs
+    ]
     jobs = _jobs(pairs, picks, orders)
     chats = []
     for i, pr, o in jobs:
@@ -117,11 +129,11 @@ def label_pairs(backend: Backend, pairs: Sequence[Pair], constitution: Constitut
     reasons = [""] * len(jobs)
     if settings.cot:
         reasons = _reason(backend, chats, settings, seed)
-        for chat, r in zip(chats, reasons):
+        for chat, r in zip(chats, reasons, strict=False):
             chat[-1] = {"role": "assistant", "content": f"{COT_PREFILL} {r}\n{ANSWER_PREFILL}"}
     logps = backend.logprobs(chats, [list(ANSWERS)] * len(chats))
     per: list[dict[tuple[str, int], float]] = [{} for _ in pairs]
-    for (i, pr, o), lp in zip(jobs, logps):
+    for (i, pr, o), lp in zip(jobs, logps, strict=False):
         p_first = choice_probs(lp)[0]
         p_a = p_first if o == 0 else 1.0 - p_first
         if settings.cot:
@@ -133,21 +145,31 @@ def label_pairs(backend: Backend, pairs: Sequence[Pair], constitution: Constitut
         names = [pr.name for pr in picks[i]]
         by_order = tuple(sum(per[i][(n, o)] for n in names) / len(names) for o in range(orders))
         p_orders = (by_order[0], by_order[-1])
-        labels.append(Label(
-            id=pair.id,
-            p_a=sum(p_orders) / 2,
-            principles=names,
-            p_by_principle={n: sum(per[i][(n, o)] for o in range(orders)) / orders for n in names},
-            p_orders=p_orders,
-            swap_consistent=(p_orders[0] > 0.5) == (p_orders[1] > 0.5),
-            reasoning=[r for (j, _, _), r in zip(jobs, reasons) if j == i and r],
-        ))
+        labels.append(
+            Label(
+                id=pair.id,
+                p_a=sum(p_orders) / 2,
+                principles=names,
+                p_by_principle={n: sum(per[i][(n, o)] for o in range(orders)) / orders for n in names},
+                p_orders=p_orders,
+                swap_consistent=(p_orders[0] > 0.5) == (p_orders[1] > 0.5),
+                reasoning=[r for (j, _, _), r in zip(jobs, reasons, strict=False) if j == i and r],
+            )
+        )
     return labels
 
 
-def label_in_batches(backend: Backend, pairs: Sequence[Pair], constitution: Constitution, settings: LabelConfig, *,
-                     seed: int = 0, weights: dict[str, dict[str, float]] | None = None, progress: bool = True,
-                     on_batch=None) -> tuple[list[Label], float]:
+def label_in_batches(
+    backend: Backend,
+    pairs: Sequence[Pair],
+    constitution: Constitution,
+    settings: LabelConfig,
+    *,
+    seed: int = 0,
+    weights: dict[str, dict[str, float]] | None = None,
+    progress: bool = True,
+    on_batch=None,
+) -> tuple[list[Label], float]:
     """Label in chunks of ``settings.batch_pairs`` with a progress bar; ``on_batch(labels)`` after each chunk
     (to write them). Returns the labels and the throughput in pairs/s."""
     from tqdm.auto import tqdm
@@ -156,8 +178,9 @@ def label_in_batches(backend: Backend, pairs: Sequence[Pair], constitution: Cons
     t0 = time.time()
     bar = tqdm(total=len(pairs), desc="labelling", unit="pair", disable=not progress)
     for k in range(0, len(pairs), settings.batch_pairs):
-        chunk = label_pairs(backend, pairs[k : k + settings.batch_pairs], constitution, settings, seed=seed,
-                            weights=weights)
+        chunk = label_pairs(
+            backend, pairs[k : k + settings.batch_pairs], constitution, settings, seed=seed, weights=weights
+        )
         out.extend(chunk)
         if on_batch:
             on_batch(chunk)
@@ -181,12 +204,19 @@ def label_record(label: Label, pair: Pair, source: str = "judge") -> dict:
     flip = label.p_a < 0.5
     chosen, rejected = (pair.b, pair.a) if flip else (pair.a, pair.b)
     p_orders = (1 - label.p_orders[1], 1 - label.p_orders[0]) if flip else label.p_orders
-    return {"id": pair.id, "prompt": pair.prompt, "chosen": chosen, "rejected": rejected,
-            "p_chosen": round(max(label.p_a, 1 - label.p_a), 6), "principles": label.principles,
-            "swap_consistent": label.swap_consistent, "source": source,
-            "p_orders": [round(x, 6) for x in p_orders],
-            "p_by_principle": {k: round(v if not flip else 1 - v, 6) for k, v in label.p_by_principle.items()},
-            **({"reasoning": label.reasoning} if label.reasoning else {})}
+    return {
+        "id": pair.id,
+        "prompt": pair.prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "p_chosen": round(max(label.p_a, 1 - label.p_a), 6),
+        "principles": label.principles,
+        "swap_consistent": label.swap_consistent,
+        "source": source,
+        "p_orders": [round(x, 6) for x in p_orders],
+        "p_by_principle": {k: round(v if not flip else 1 - v, 6) for k, v in label.p_by_principle.items()},
+        **({"reasoning": label.reasoning} if label.reasoning else {}),
+    }
 
 
 def label_diagnostics(rows: Sequence[dict]) -> dict:
@@ -217,8 +247,9 @@ def read_rows(path: str | Path, fields: Sequence[str], what: str = "pair file") 
     for n, rec in _read_file(p, skipped):
         missing = [f for f in fields if not isinstance(rec, dict) or not str(rec.get(f) or "").strip()]
         if missing:
-            raise UserError(f"{p}:{n}: {what} row is missing {', '.join(missing)}; every row needs "
-                            f"{', '.join(fields)}")
+            raise UserError(
+                f"{p}:{n}: {what} row is missing {', '.join(missing)}; every row needs " f"{', '.join(fields)}"
+            )
         rows.append({**rec, "_line": n})
     if skipped:
         raise UserError(f"{p}:{skipped[0]['line']}: {skipped[0]['reason']}; fix the {what}")
@@ -229,8 +260,10 @@ def read_rows(path: str | Path, fields: Sequence[str], what: str = "pair file") 
 
 def read_reference(path: str | Path) -> list[Pair]:
     """A human-labelled reference set (prompt, chosen, rejected); each pair's ``a`` is the chosen response."""
-    return [Pair(str(r.get("id") or f"ref-{r['_line']}"), r["prompt"], r["chosen"], r["rejected"])
-            for r in read_rows(path, REFERENCE_FIELDS, "reference file")]
+    return [
+        Pair(str(r.get("id") or f"ref-{r['_line']}"), r["prompt"], r["chosen"], r["rejected"])
+        for r in read_rows(path, REFERENCE_FIELDS, "reference file")
+    ]
 
 
 def reference_agreement(labels: Sequence[Label]) -> dict:
@@ -239,7 +272,10 @@ def reference_agreement(labels: Sequence[Label]) -> dict:
     k = sum(lab.p_a > 0.5 for lab in labels)
     agree, lo, hi = proportion_ci(k, n)
     above = lo > 0.5
-    verdict = (f"labeller agrees with the reference on {k}/{n} pairs ({agree:.0%}, 95% CI {lo:.0%}-{hi:.0%})"
-               + ("" if above else ": NOT above chance; these labels are no better than coin flips. Use a stronger "
-                                   "feedback model (models.feedback), or the revision/contrastive pair sources"))
+    verdict = f"labeller agrees with the reference on {k}/{n} pairs ({agree:.0%}, 95% CI {lo:.0%}-{hi:.0%})" + (
+        ""
+        if above
+        else ": NOT above chance; these labels are no better than coin flips. Use a stronger "
+        "feedback model (models.feedback), or the revision/contrastive pair sources"
+    )
     return {"agreement": agree, "ci_low": lo, "ci_high": hi, "n": n, "above_chance": above, "verdict": verdict}

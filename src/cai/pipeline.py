@@ -12,8 +12,9 @@ from cai.runs import RunDir, run_step
 from cai.stages import STAGES, ModelPool, StageContext
 
 
-def run_pipeline(config: RunConfig, *, force: bool = False, only: list[str] | None = None,
-                 progress: bool = True, on_stage=None) -> dict[str, dict[str, Any]]:
+def run_pipeline(
+    config: RunConfig, *, force: bool = False, only: list[str] | None = None, progress: bool = True, on_stage=None
+) -> dict[str, dict[str, Any]]:
     """Run the configured stages in order; returns each stage's summary. A complete stage whose config is
     unchanged is skipped; ``force`` recomputes the stages that run."""
     run = RunDir.create(config.runs_dir, config.name)

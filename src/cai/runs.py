@@ -23,9 +23,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from cai.errors import UserError
 
@@ -95,10 +96,16 @@ def lock_folder(folder: str | Path) -> Path:
             raise UserError(f"{folder}: cannot create its lock file ({exc.strerror}); pass a writable folder") from None
         if not _try_lock(fd):
             os.close(fd)
-            raise UserError(f"{folder} is being written by another cai process ({_holder(path)}); wait for it to "
-                            "finish or stop it, then rerun (two writers would duplicate every record)")
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500] if sys.argv else ""}
+            raise UserError(
+                f"{folder} is being written by another cai process ({_holder(path)}); wait for it to "
+                "finish or stop it, then rerun (two writers would duplicate every record)"
+            )
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500] if sys.argv else "",
+        }
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, (json.dumps(info) + "\n").encode())
@@ -204,7 +211,9 @@ def read_jsonl(path: Path, *, repair: bool = False) -> list[dict]:
         try:
             records.append(json.loads(line))
         except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's limit
-            raise UserError(f"{path}:{n}: corrupt JSONL line; delete the file or rerun the stage with --force") from None
+            raise UserError(
+                f"{path}:{n}: corrupt JSONL line; delete the file or rerun the stage with --force"
+            ) from None
     return records
 
 
@@ -223,10 +232,14 @@ class JsonlWriter:
                 self.done.add(rid)
                 self.records.append(r)
         if len(self.records) < len(records):  # left by two writers at once (before folders were locked): repair
-            log.warning("%s: dropped %d duplicate records (kept the first of each id)", self.path,
-                        len(records) - len(self.records))
-            atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
-                                                 for r in self.records))
+            log.warning(
+                "%s: dropped %d duplicate records (kept the first of each id)",
+                self.path,
+                len(records) - len(self.records),
+            )
+            atomic_write_text(
+                self.path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in self.records)
+            )
         self._f = open(self.path, "a", encoding="utf-8")
 
     def __contains__(self, item_id: object) -> bool:
@@ -244,7 +257,7 @@ class JsonlWriter:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> "JsonlWriter":
+    def __enter__(self) -> JsonlWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -268,8 +281,14 @@ class StageDir:
     def complete(self) -> bool:
         return self.manifest.get("status") == "complete"
 
-    def begin(self, config: dict[str, Any], *, force: bool = False, run_name: str = "",
-              elsewhere: str = "--name NEW for a new run") -> None:
+    def begin(
+        self,
+        config: dict[str, Any],
+        *,
+        force: bool = False,
+        run_name: str = "",
+        elsewhere: str = "--name NEW for a new run",
+    ) -> None:
         """Start or resume the stage, as the one writer of its folder (see :func:`lock_folder`). A different
         config under an existing stage is refused unless ``force`` (which recomputes the stage from scratch,
         after moving the old files aside); ``elsewhere`` tells how the command starts afresh somewhere else."""
@@ -278,8 +297,10 @@ class StageDir:
         try:
             old = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else None
         except (OSError, ValueError):
-            raise UserError(f"{self.manifest_path} is not a readable manifest; pass --force to recompute the stage "
-                            "or delete the folder") from None
+            raise UserError(
+                f"{self.manifest_path} is not a readable manifest; pass --force to recompute the stage "
+                "or delete the folder"
+            ) from None
         new_hash = config_hash(config)
         if old and old.get("config_hash") != new_hash:
             if not force:
@@ -319,7 +340,9 @@ class StageDir:
     def finish(self, counts: dict[str, Any] | None = None, **extra: Any) -> None:
         self.manifest["counts"].update(counts or {})
         self.manifest["timings"]["last_attempt_s"] = round(time.time() - self._t0, 2)
-        self.manifest["timings"]["total_s"] = round(self.manifest["timings"].get("total_s", 0) + time.time() - self._t0, 2)
+        self.manifest["timings"]["total_s"] = round(
+            self.manifest["timings"].get("total_s", 0) + time.time() - self._t0, 2
+        )
         self.manifest.update(extra, status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.save()
         unlock_folder(self.path)  # this stage's writer is done (a run folder stays locked by its process)
@@ -341,7 +364,7 @@ class RunDir:
     root: Path
 
     @classmethod
-    def create(cls, runs_dir: str | Path, name: str) -> "RunDir":
+    def create(cls, runs_dir: str | Path, name: str) -> RunDir:
         if not name or any(c in name for c in "/\\") or name.startswith("."):
             raise UserError(f"run name {name!r} is not a valid folder name; pass --name with letters, digits, - or _")
         root = Path(runs_dir) / name
@@ -362,8 +385,10 @@ class RunDir:
         """Path of another stage's artifact; UserError if that stage has not completed."""
         st = self.stage(stage)
         if not st.complete or not st.file(name).exists():
-            raise UserError(f"run '{self.name}' has no completed '{stage}' stage ({st.file(name)}); "
-                            f"run that stage first (cai run CONFIG runs them in order)")
+            raise UserError(
+                f"run '{self.name}' has no completed '{stage}' stage ({st.file(name)}); "
+                f"run that stage first (cai run CONFIG runs them in order)"
+            )
         return st.file(name)
 
 
@@ -379,8 +404,15 @@ class Step:
     seconds: float = 0.0
 
 
-def run_step(run: RunDir, name: str, config: dict[str, Any], fn: Callable[[StageDir], Any], *,
-             force: bool = False, revision: str | None = None) -> Step:
+def run_step(
+    run: RunDir,
+    name: str,
+    config: dict[str, Any],
+    fn: Callable[[StageDir], Any],
+    *,
+    force: bool = False,
+    revision: str | None = None,
+) -> Step:
     """Run ``fn(stage)`` in the step folder ``run/name`` unless a complete step with the same config hash exists
     (then ``fn`` is not called). Pipeline stages and experiment steps both go through here, so "complete with the
     same config → reuse" means one thing everywhere. ``fn`` runs after :meth:`StageDir.begin` (which refuses a

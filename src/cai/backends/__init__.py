@@ -4,19 +4,43 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cai.backends.base import (Backend, Chat, ContextLengthError, DeadlineExceeded, Generation, Prefix,
-                               SamplingParams, check_deadline, choice_probs, deadline, truncate_at_stop)
+from cai.backends.base import (
+    Backend,
+    Chat,
+    ContextLengthError,
+    DeadlineExceeded,
+    Generation,
+    Prefix,
+    SamplingParams,
+    check_deadline,
+    choice_probs,
+    deadline,
+    truncate_at_stop,
+)
 from cai.errors import UserError
 
 if TYPE_CHECKING:
     from cai.models import ModelSpec
 
-__all__ = ["Backend", "Chat", "ContextLengthError", "DeadlineExceeded", "Generation", "Prefix", "SamplingParams",
-           "check_deadline", "choice_probs", "deadline", "get_backend", "truncate_at_stop"]
+__all__ = [
+    "Backend",
+    "Chat",
+    "ContextLengthError",
+    "DeadlineExceeded",
+    "Generation",
+    "Prefix",
+    "SamplingParams",
+    "check_deadline",
+    "choice_probs",
+    "deadline",
+    "get_backend",
+    "truncate_at_stop",
+]
 
 
-def get_backend(spec: "str | ModelSpec", *, batch_size: int = 16, dtype: str = "auto", concurrency: int = 8,
-                device: str | None = None) -> Backend:
+def get_backend(
+    spec: str | ModelSpec, *, batch_size: int = 16, dtype: str = "auto", concurrency: int = 8, device: str | None = None
+) -> Backend:
     """Create the backend a model spec names: in-process transformers, OpenAI-compatible HTTP, or vLLM. The spec
     is parsed here once and handed on parsed."""
     from cai.models import as_spec
@@ -31,8 +55,9 @@ def get_backend(spec: "str | ModelSpec", *, batch_size: int = 16, dtype: str = "
         try:
             from cai.backends.vllm import VLLMBackend  # type: ignore[import-not-found]
         except ImportError as exc:
-            raise UserError(f"model spec {spec!r} needs the vllm extra and a GPU (pip install 'cai-lab[vllm]'): "
-                            f"{exc}") from None
+            raise UserError(
+                f"model spec {spec!r} needs the vllm extra and a GPU (pip install 'cai-lab[vllm]'): " f"{exc}"
+            ) from None
         return VLLMBackend(spec, parsed.target)
     from cai.backends.hf import HFBackend
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 Chat = list[Message]
-Prefix = Union[str, Chat]  # a raw prompt string, or a chat rendered with the model's template
+Prefix = str | Chat  # a raw prompt string, or a chat rendered with the model's template
 
 
 # A mild repetition penalty for chat answers: without it the 135M default falls into loops within ~40 tokens
@@ -65,18 +66,19 @@ class Backend(Protocol):
 
     spec: str
 
-    def generate(self, chats: Sequence[Chat], sampling: SamplingParams, *, progress: bool = False) -> list[Generation]:
-        ...
+    def generate(
+        self, chats: Sequence[Chat], sampling: SamplingParams, *, progress: bool = False
+    ) -> list[Generation]: ...
 
-    def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]], *,
-                 truncate: bool = True) -> list[list[float]]:
+    def logprobs(
+        self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]], *, truncate: bool = True
+    ) -> list[list[float]]:
         """For each prefix i, the log-probability of each string in continuations[i] following it. A prefix too
         long for the model's context is cut from the left, or, with ``truncate=False``, raises
         :class:`ContextLengthError`."""
         ...
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from cai.backends.base import (Chat, ContextLengthError, Generation, Prefix, SamplingParams, check_deadline,
-                               current_deadline, truncate_at_stop)
+from cai.backends.base import (
+    Chat,
+    ContextLengthError,
+    Generation,
+    Prefix,
+    SamplingParams,
+    check_deadline,
+    current_deadline,
+    truncate_at_stop,
+)
 from cai.errors import UserError
 
 if TYPE_CHECKING:
@@ -42,9 +51,18 @@ FALLBACK_TEMPLATE = (
 class HFBackend:
     """A transformers causal LM in this process. ``model`` and ``tokenizer`` are public so trainers can reuse them."""
 
-    def __init__(self, spec: "str | ModelSpec", *, model=None, tokenizer=None, batch_size: int = 16,
-                 dtype: str = "auto", device: str | None = None, score_batch_size: int | None = None,
-                 reuse_prefix: bool = True):
+    def __init__(
+        self,
+        spec: str | ModelSpec,
+        *,
+        model=None,
+        tokenizer=None,
+        batch_size: int = 16,
+        dtype: str = "auto",
+        device: str | None = None,
+        score_batch_size: int | None = None,
+        reuse_prefix: bool = True,
+    ):
         from cai.models import ModelSpec, load_causal_lm
 
         self.spec = spec.raw if isinstance(spec, ModelSpec) else spec  # the string, as reports and manifests show it
@@ -75,8 +93,10 @@ class HFBackend:
         import torch
 
         if sampling.max_new_tokens >= self.max_context:
-            raise UserError(f"max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in the context of "
-                            f"{self.spec!r} ({self.max_context} tokens); ask for fewer new tokens")
+            raise UserError(
+                f"max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in the context of "
+                f"{self.spec!r} ({self.max_context} tokens); ask for fewer new tokens"
+            )
         check_deadline("generation")
         encoded = [self.encode(self.render(c)) for c in chats]
         results: list[Generation | None] = [None] * len(chats)
@@ -95,9 +115,10 @@ class HFBackend:
             if sampling.seed is not None:
                 torch.manual_seed((sampling.seed + b) % 2**63)
             ids = [encoded[i] for i in batch]
-            texts, counts, reasons = (self._decode_greedy(ids, sampling, shared) if own_loop
-                                      else self._generate_batch(ids, sampling, shared))
-            for i, text, n, why in zip(batch, texts, counts, reasons):
+            texts, counts, reasons = (
+                self._decode_greedy(ids, sampling, shared) if own_loop else self._generate_batch(ids, sampling, shared)
+            )
+            for i, text, n, why in zip(batch, texts, counts, reasons, strict=False):
                 cut, stopped = truncate_at_stop(text, sampling.stop)
                 finish = "stop" if stopped else why
                 results[i] = Generation(cut, finish, len(encoded[i]), n)
@@ -106,8 +127,12 @@ class HFBackend:
         for i, r in enumerate(results):
             if r is not None and r.finish_reason == "error":
                 r.text = ""
-                log.warning("prompt %d has %d tokens, over the model's context minus max_new_tokens (%d)",
-                            i, r.prompt_tokens, limit)
+                log.warning(
+                    "prompt %d has %d tokens, over the model's context minus max_new_tokens (%d)",
+                    i,
+                    r.prompt_tokens,
+                    limit,
+                )
         return results  # type: ignore[return-value]
 
     def _shared_prefix(self, seqs: list[list[int]]) -> tuple[tuple[int, ...], object] | None:
@@ -135,8 +160,9 @@ class HFBackend:
         tails = [x[len(head) :] for x in ids]
         width = max(len(x) for x in tails)
         input_ids = torch.tensor([head + [pad] * (width - len(x)) + x for x in tails], device=self.device)
-        mask = torch.tensor([[1] * len(head) + [0] * (width - len(x)) + [1] * len(x) for x in tails],
-                            device=self.device)
+        mask = torch.tensor(
+            [[1] * len(head) + [0] * (width - len(x)) + [1] * len(x) for x in tails], device=self.device
+        )
         cache = None
         if shared:
             cache = copy.deepcopy(shared[1])
@@ -159,9 +185,9 @@ class HFBackend:
             counts.append(n)
         return texts, counts
 
-    def _generate_batch(self, ids: list[list[int]], sampling: SamplingParams,
-                        shared: tuple[tuple[int, ...], object] | None = None
-                        ) -> tuple[list[str], list[int], list[str]]:
+    def _generate_batch(
+        self, ids: list[list[int]], sampling: SamplingParams, shared: tuple[tuple[int, ...], object] | None = None
+    ) -> tuple[list[str], list[int], list[str]]:
         """One ``model.generate`` call: (texts, token counts, finish reasons). Positions come from the attention
         mask, so left padding (and pads after a shared prefix) keep them exact. With ``stop_loops`` (sampling or
         stop strings; greedy decoding uses ``_decode_greedy``) a stopping criterion ends looping rows."""
@@ -205,13 +231,15 @@ class HFBackend:
         rows = [row[: looped[r]] if r in looped else row for r, row in enumerate(rows)]
         texts, counts = self._texts(rows)
         eos = tok.eos_token_id
-        reasons = ["loop" if r in looped else "stop" if n < sampling.max_new_tokens or row[n - 1 : n] == [eos]
-                   else "length" for r, (row, n) in enumerate(zip(rows, counts))]
+        reasons = [
+            "loop" if r in looped else "stop" if n < sampling.max_new_tokens or row[n - 1 : n] == [eos] else "length"
+            for r, (row, n) in enumerate(zip(rows, counts, strict=False))
+        ]
         return texts, counts, reasons
 
-    def _decode_greedy(self, ids: list[list[int]], sampling: SamplingParams,
-                       shared: tuple[tuple[int, ...], object] | None = None
-                       ) -> tuple[list[str], list[int], list[str]]:
+    def _decode_greedy(
+        self, ids: list[list[int]], sampling: SamplingParams, shared: tuple[tuple[int, ...], object] | None = None
+    ) -> tuple[list[str], list[int], list[str]]:
         """Greedy decoding with loop stopping, in our own loop so that rows that ended (EOS or a loop) leave the
         batch: their KV cache rows are dropped, so they stop costing compute (``model.generate`` keeps feeding
         finished rows pads until the whole batch is done). Same inputs, positions, masks and argmax as
@@ -240,9 +268,14 @@ class HFBackend:
         width = input_ids.shape[1]
         ended = torch.zeros(len(ids), dtype=torch.bool, device=self.device)  # ended but still in the batch
         with torch.inference_mode():
-            logits = self.model(input_ids=input_ids[:, n_head:], attention_mask=mask if use_mask else None,
-                                position_ids=pos[:, n_head:], past_key_values=cache, use_cache=True,
-                                logits_to_keep=1).logits[:, -1]
+            logits = self.model(
+                input_ids=input_ids[:, n_head:],
+                attention_mask=mask if use_mask else None,
+                position_ids=pos[:, n_head:],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
             pos = pos[:, -1:]
             for step in range(1, sampling.max_new_tokens + 1):
                 check_deadline("generation")  # a guard request past its deadline stops between tokens
@@ -269,8 +302,13 @@ class HFBackend:
                     seqs, mask, pos, nxt, ended = seqs[keep], mask[keep], pos[keep], nxt[keep], ended[keep]
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
                 pos = pos + 1
-                logits = self.model(input_ids=nxt[:, None], attention_mask=mask if use_mask else None,
-                                    position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = self.model(
+                    input_ids=nxt[:, None],
+                    attention_mask=mask if use_mask else None,
+                    position_ids=pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                ).logits[:, -1]
         for b, r in enumerate(rows):
             if not ended[b]:
                 out[r] = seqs[b, width:].tolist()
@@ -278,8 +316,9 @@ class HFBackend:
         return texts, counts, reasons
 
     # ---- scoring ---------------------------------------------------------------------------------------
-    def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]], *,
-                 truncate: bool = True) -> list[list[float]]:
+    def logprobs(
+        self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]], *, truncate: bool = True
+    ) -> list[list[float]]:
         """Summed log-probability of each continuation after its prefix.
 
         Each distinct prefix is encoded once (left-padded batches, sorted by length); its last position scores
@@ -292,7 +331,7 @@ class HFBackend:
         check_deadline("scoring")
         groups: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
         out = [[0.0] * len(c) for c in continuations]
-        for i, (p, conts) in enumerate(zip(prefixes, continuations)):
+        for i, (p, conts) in enumerate(zip(prefixes, continuations, strict=False)):
             pids = self.encode(self.render(p))
             for j, c in enumerate(conts):
                 cids = self.encode(c)
@@ -325,8 +364,9 @@ class HFBackend:
         rows = [(b, i, j, c) for b, group in enumerate(items) for i, j, c in group]
         longer = [r for r in rows if len(r[3]) > 1]
         with torch.inference_mode():
-            res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=bool(longer),
-                             logits_to_keep=1)
+            res = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=bool(longer), logits_to_keep=1
+            )
             first = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # [B, V]
             rest = self._score_rest(res.past_key_values, mask, longer) if longer else {}
         for b, i, j, c in rows:
@@ -354,13 +394,12 @@ class HFBackend:
             part = cache if stop == len(rows) else copy.deepcopy(cache)  # selecting rows mutates the cache
             part.batch_select_indices(sel)
             feed = torch.tensor([r[3][:-1] + [pad] * (t + 1 - len(r[3])) for r in chunk], device=self.device)
-            cmask = torch.tensor([[1] * (len(r[3]) - 1) + [0] * (t + 1 - len(r[3])) for r in chunk],
-                                 device=self.device)
+            cmask = torch.tensor([[1] * (len(r[3]) - 1) + [0] * (t + 1 - len(r[3])) for r in chunk], device=self.device)
             full = torch.cat([mask[sel], cmask], dim=1)
             pos = mask[sel].sum(-1, keepdim=True) + torch.arange(t, device=self.device)
             logits = self.model(input_ids=feed, attention_mask=full, position_ids=pos, past_key_values=part).logits
             logp = torch.log_softmax(logits.float(), dim=-1)
-            for r, row in zip(chunk, logp):
+            for r, row in zip(chunk, logp, strict=False):
                 targets = torch.tensor(r[3][1:], device=self.device)
                 out[(r[1], r[2])] = float(row[: len(targets)].gather(-1, targets[:, None]).sum())
             start = stop
@@ -400,8 +439,7 @@ class _StopAtDeadline(StoppingCriteria):
 
         import torch
 
-        return torch.full((input_ids.shape[0],), time.monotonic() >= self.at, dtype=torch.bool,
-                          device=input_ids.device)
+        return torch.full((input_ids.shape[0],), time.monotonic() >= self.at, dtype=torch.bool, device=input_ids.device)
 
 
 def render_prefix(tokenizer, prefix: Prefix) -> str:
@@ -410,8 +448,9 @@ def render_prefix(tokenizer, prefix: Prefix) -> str:
     if isinstance(prefix, str):
         return prefix
     cont = bool(prefix) and prefix[-1].get("role") == "assistant"
-    return tokenizer.apply_chat_template(list(prefix), tokenize=False, add_generation_prompt=not cont,
-                                         continue_final_message=cont)
+    return tokenizer.apply_chat_template(
+        list(prefix), tokenize=False, add_generation_prompt=not cont, continue_final_message=cont
+    )
 
 
 def repeated_tail(gen, *, ngram: int = LOOP_NGRAM, repeats: int = LOOP_REPEATS, min_tokens: int = LOOP_MIN_TOKENS):

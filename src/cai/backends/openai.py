@@ -12,11 +12,21 @@ import os
 import random
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
-from cai.backends.base import (Chat, DeadlineExceeded, Generation, Prefix, SamplingParams, current_deadline,
-                               deadline, time_left, truncate_at_stop)
+from cai.backends.base import (
+    Chat,
+    DeadlineExceeded,
+    Generation,
+    Prefix,
+    SamplingParams,
+    current_deadline,
+    deadline,
+    time_left,
+    truncate_at_stop,
+)
 from cai.errors import UserError
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -29,8 +39,17 @@ class LogprobsUnsupported(UserError):
 class OpenAIBackend:
     """Bounded-concurrency client with retries, backoff and timeouts, round-robin over several base URLs."""
 
-    def __init__(self, spec: str, model: str, base_urls: Sequence[str], *, api_key: str | None = None,
-                 concurrency: int = 8, timeout: float = 120.0, retries: int = 4):
+    def __init__(
+        self,
+        spec: str,
+        model: str,
+        base_urls: Sequence[str],
+        *,
+        api_key: str | None = None,
+        concurrency: int = 8,
+        timeout: float = 120.0,
+        retries: int = 4,
+    ):
         import httpx
 
         self.spec, self.model, self.base_urls = spec, model, list(base_urls)
@@ -71,8 +90,10 @@ class OpenAIBackend:
                 if left is not None and left <= pause:
                     raise DeadlineExceeded(f"request to {self.spec!r} stopped: past its deadline ({last})")
                 time.sleep(pause)
-        raise UserError(f"model server for {self.spec!r} is unreachable or failing after {self.retries + 1} tries "
-                        f"({last}); check that it is running and the URL in the spec is right")
+        raise UserError(
+            f"model server for {self.spec!r} is unreachable or failing after {self.retries + 1} tries "
+            f"({last}); check that it is running and the URL in the spec is right"
+        )
 
     def _map(self, fn, items: Sequence[Any], progress: bool = False, desc: str = "requests") -> list[Any]:
         from tqdm.auto import tqdm
@@ -138,8 +159,9 @@ class OpenAIBackend:
             "judge (revision, contrastive)"
         )
 
-    def logprobs(self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]], *,
-                 truncate: bool = True) -> list[list[float]]:
+    def logprobs(
+        self, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]], *, truncate: bool = True
+    ) -> list[list[float]]:
         """Each distinct prefix and each distinct continuation is tokenized once (k answer options over n
         prompts cost n + k /tokenize calls, not 2nk); then one /completions request (echo) scores each pair.
         The server never truncates: a prompt over its context is an error whatever ``truncate`` says."""
@@ -150,15 +172,21 @@ class OpenAIBackend:
 
         distinct = {key(p): p for p in prefixes}
         pkeys = list(distinct)
-        ptoks = dict(zip(pkeys, self._map(lambda k: self._tokenize(distinct[k]), pkeys)))
+        ptoks = dict(zip(pkeys, self._map(lambda k: self._tokenize(distinct[k]), pkeys), strict=False))
         texts = sorted({c for conts in continuations for c in conts})
-        ctoks = dict(zip(texts, self._map(lambda t: self._tokenize(text=t), texts)))
-        jobs = [(ptoks[key(p)], ctoks[c]) for p, conts in zip(prefixes, continuations) for c in conts]
+        ctoks = dict(zip(texts, self._map(lambda t: self._tokenize(text=t), texts), strict=False))
+        jobs = [(ptoks[key(p)], ctoks[c]) for p, conts in zip(prefixes, continuations, strict=False) for c in conts]
 
         def one(job: tuple[list[int], list[int]]) -> float:
             pids, cids = job
-            payload = {"model": self.model, "prompt": pids + cids, "max_tokens": 1, "echo": True,
-                       "logprobs": 0, "temperature": 0}
+            payload = {
+                "model": self.model,
+                "prompt": pids + cids,
+                "max_tokens": 1,
+                "echo": True,
+                "logprobs": 0,
+                "temperature": 0,
+            }
             try:
                 data = self._post("/completions", payload)
                 lps = data["choices"][0]["logprobs"]["token_logprobs"]

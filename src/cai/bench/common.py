@@ -67,15 +67,21 @@ def machine() -> dict[str, Any]:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
     from cai.runs import package_versions
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "ram_gb": round(mem, 1), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "platform": platform.platform(), "versions": package_versions()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gb": round(mem, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        "versions": package_versions(),
+    }
 
 
 class Timer:
     """``with Timer() as t: ...`` then ``t.seconds``."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.t0 = time.perf_counter()
         return self
 
@@ -97,8 +103,14 @@ def redteam_prompts(n: int) -> list[str]:
 
 def row(metric: str, value: float, unit: str = "", target: float | None = None, note: str = "") -> dict[str, Any]:
     """One line of the results table; ``met`` is None when there is no target."""
-    return {"metric": metric, "value": round(value, 4), "unit": unit, "target": target,
-            "met": None if target is None else bool(value >= target), "note": note}
+    return {
+        "metric": metric,
+        "value": round(value, 4),
+        "unit": unit,
+        "target": target,
+        "met": None if target is None else bool(value >= target),
+        "note": note,
+    }
 
 
 def rate(n: float, seconds: float) -> float:

@@ -25,7 +25,6 @@ import os
 import time
 from typing import Any
 
-
 REFERENCE_TPS = 137.7  # README: HFBackend.generate, 32 bundled prompts, batch 32, 64 new tokens, unshared 2-core CPU
 
 
@@ -45,7 +44,7 @@ def run_path(backend, chats: list, sampling, batch: int, *, sort: bool) -> tuple
     try:
         for k in range(0, len(order), batch):
             part = order[k : k + batch]
-            for i, g in zip(part, backend.generate([chats[i] for i in part], sampling)):
+            for i, g in zip(part, backend.generate([chats[i] for i in part], sampling), strict=False):
                 out[i] = g
     finally:
         backend.batch_size = old
@@ -57,8 +56,13 @@ def summary(gens: list, seconds: float) -> dict[str, Any]:
     reasons: dict[str, int] = {}
     for g in gens:
         reasons[g.finish_reason] = reasons.get(g.finish_reason, 0) + 1
-    return {"prompts": len(gens), "seconds": round(seconds, 1), "tokens": tokens,
-            "tokens_per_s": round(tokens / seconds, 1), "finish_reasons": reasons}
+    return {
+        "prompts": len(gens),
+        "seconds": round(seconds, 1),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / seconds, 1),
+        "finish_reasons": reasons,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -72,9 +76,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--skip-old", action="store_true", help="time only the new path")
     ap.add_argument("--judge", action="store_true", help="also time the refusal judge on the new answers")
     ap.add_argument("--elo", type=int, default=0, help="also time Elo judging: this many prompts × 3 pairs")
-    ap.add_argument("--calibrate", action="store_true",
-                    help="also time the README's reference (32 bundled prompts, batch 32, 64 tokens, greedy: 137.7 "
-                         "tok/s on the unshared 2-core machine) in this run, to scale figures to that machine")
+    ap.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also time the README's reference (32 bundled prompts, batch 32, 64 tokens, greedy: 137.7 "
+        "tok/s on the unshared 2-core machine) in this run, to scale figures to that machine",
+    )
     ap.add_argument("--save-texts", action="store_true", help="keep every answer of both paths in --out")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -91,10 +98,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     chats = [[{"role": "user", "content": p.prompt}] for _, p in items]
     t0 = time.perf_counter()
     backend = HFBackend(args.model, batch_size=16)
-    doc: dict[str, Any] = {"model": args.model, "load_s": round(time.perf_counter() - t0, 1),
-                           "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                           "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-                           "harmful": len(harmful), "benign": len(benign), "batch": args.batch, "runs": {}}
+    doc: dict[str, Any] = {
+        "model": args.model,
+        "load_s": round(time.perf_counter() - t0, 1),
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        "harmful": len(harmful),
+        "benign": len(benign),
+        "batch": args.batch,
+        "runs": {},
+    }
     backend.generate(chats[:2], SamplingParams(max_new_tokens=2, temperature=0))  # warm-up
     if args.calibrate:
         from cai.bench.common import greedy, redteam_prompts
@@ -105,8 +119,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n = sum(g.completion_tokens for g in backend.generate(ref, greedy(64)))
         s = time.perf_counter() - t
         backend.batch_size = 16
-        doc["calibration"] = {"tokens": n, "seconds": round(s, 1), "tokens_per_s": round(n / s, 1),
-                              "reference_tokens_per_s": REFERENCE_TPS, "slowdown": round(REFERENCE_TPS / (n / s), 2)}
+        doc["calibration"] = {
+            "tokens": n,
+            "seconds": round(s, 1),
+            "tokens_per_s": round(n / s, 1),
+            "reference_tokens_per_s": REFERENCE_TPS,
+            "slowdown": round(REFERENCE_TPS / (n / s), 2),
+        }
         print(f"calibration: {doc['calibration']} (load {os.getloadavg()[0]:.2f})", flush=True)
     answers = None
     for j, mnt in enumerate(args.max_new_tokens):
@@ -115,31 +134,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         order = ["new"] if args.skip_old else ["new", "old"] if j % 2 == 0 else ["old", "new"]  # alternate: drift
         for path in order:
             if path == "new":
-                new, s_new = run_path(backend, chats, dataclasses.replace(base, stop_loops=True), args.batch,
-                                      sort=True)
+                new, s_new = run_path(backend, chats, dataclasses.replace(base, stop_loops=True), args.batch, sort=True)
                 run["new"] = summary(new, s_new)
             else:
                 old, s_old = run_path(backend, chats, base, args.old_chunk, sort=False)
                 run["old"] = summary(old, s_old)
             print(f"max_new_tokens {mnt} {path}: {run[path]} (load {os.getloadavg()[0]:.2f})", flush=True)
         if not args.skip_old:
-            same = [o.text == n.text for o, n in zip(old, new) if n.finish_reason != "loop"]
-            prefix = [o.text.startswith(n.text.rstrip()) for o, n in zip(old, new) if n.finish_reason == "loop"]
+            same = [o.text == n.text for o, n in zip(old, new, strict=False) if n.finish_reason != "loop"]
+            prefix = [
+                o.text.startswith(n.text.rstrip()) for o, n in zip(old, new, strict=False) if n.finish_reason == "loop"
+            ]
             run["speedup_wall"] = round(s_old / s_new, 2)
             run["same_text_not_loop"] = f"{sum(same)}/{len(same)}"
             run["loop_is_prefix_of_old"] = f"{sum(prefix)}/{len(prefix)}"
             from cai.evaluation.metrics import is_loop
 
-            run["old_is_loop_where_new_stopped"] = sum(is_loop(o.text) for o, n in zip(old, new)
-                                                       if n.finish_reason == "loop")
+            run["old_is_loop_where_new_stopped"] = sum(
+                is_loop(o.text) for o, n in zip(old, new, strict=False) if n.finish_reason == "loop"
+            )
             run["old_loops_total"] = sum(is_loop(o.text) for o in old)
             if args.save_texts:
-                run["answers"] = [{"id": f"{s}:{p.id}", "old": o.text, "new": n.text, "old_reason": o.finish_reason,
-                                   "new_reason": n.finish_reason, "old_tokens": o.completion_tokens,
-                                   "new_tokens": n.completion_tokens} for (s, p), o, n in zip(items, old, new)]
-            print(f"max_new_tokens {mnt}: speedup {run['speedup_wall']}x, same text (not loop) "
-                  f"{run['same_text_not_loop']}, loop answers prefix of old {run['loop_is_prefix_of_old']}",
-                  flush=True)
+                run["answers"] = [
+                    {
+                        "id": f"{s}:{p.id}",
+                        "old": o.text,
+                        "new": n.text,
+                        "old_reason": o.finish_reason,
+                        "new_reason": n.finish_reason,
+                        "old_tokens": o.completion_tokens,
+                        "new_tokens": n.completion_tokens,
+                    }
+                    for (s, p), o, n in zip(items, old, new, strict=False)
+                ]
+            print(
+                f"max_new_tokens {mnt}: speedup {run['speedup_wall']}x, same text (not loop) "
+                f"{run['same_text_not_loop']}, loop answers prefix of old {run['loop_is_prefix_of_old']}",
+                flush=True,
+            )
         doc["runs"][str(mnt)] = run
         answers = answers or new
     if args.judge and answers:
@@ -154,15 +186,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from cai.constitution import load_constitution
         from cai.evaluation.elo import build_comparisons, judge_pairs, principle_questions
 
-        rows = [{"id": f"{s}:{p.id}", "set": s, "prompt": p.prompt, "category": p.category, "response": g.text}
-                for (s, p), g in zip(items, answers)]
+        rows = [
+            {"id": f"{s}:{p.id}", "set": s, "prompt": p.prompt, "category": p.category, "response": g.text}
+            for (s, p), g in zip(items, answers, strict=False)
+        ]
         rows = spread(rows, args.elo)
         comps = build_comparisons({"a": rows, "b": rows, "c": rows}, principle_questions(load_constitution("harmless")))
         t = time.perf_counter()
         judge_pairs(backend, comps, progress=False)
         s = time.perf_counter() - t
-        doc["elo"] = {"prompts": len(rows), "comparisons": len(comps), "seconds": round(s, 1),
-                      "seconds_per_comparison": round(s / len(comps), 3)}
+        doc["elo"] = {
+            "prompts": len(rows),
+            "comparisons": len(comps),
+            "seconds": round(s, 1),
+            "seconds_per_comparison": round(s / len(comps), 3),
+        }
         print(f"Elo: {doc['elo']}", flush=True)
     doc["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     if args.out:

@@ -61,18 +61,31 @@ def serve(args) -> None:
     from cai.guard.server import bind_socket, create_app
     from cai.guard.supervisor import Guard
 
-    cfg = GuardConfig(audit_log=Path(args.audit), workers=args.workers, max_pending=args.max_pending,
-                      request_timeout_s=args.timeout, host=HOST, port=0)
+    cfg = GuardConfig(
+        audit_log=Path(args.audit),
+        workers=args.workers,
+        max_pending=args.max_pending,
+        request_timeout_s=args.timeout,
+        host=HOST,
+        port=0,
+    )
     constitution = load_constitution("harmless")
     principles = [constitution.principle(n) for n in ("harmlessness", "peace", "safe_advice", "lawfulness")]
-    guard = Guard(SleepyBackend(args.policy_ms / 1000, 0), SleepyBackend(0, args.supervisor_ms / 1000), constitution,
-                  principles, threshold=0.5, max_rounds=2)
+    guard = Guard(
+        SleepyBackend(args.policy_ms / 1000, 0),
+        SleepyBackend(0, args.supervisor_ms / 1000),
+        constitution,
+        principles,
+        threshold=0.5,
+        max_rounds=2,
+    )
     audit = AuditLog(cfg.audit_log)
     sock = bind_socket(HOST, 0)
     print(sock.getsockname()[1], flush=True)
     try:
-        uvicorn.Server(uvicorn.Config(create_app(guard, cfg, audit), log_level="error",
-                                      timeout_keep_alive=5)).run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(create_app(guard, cfg, audit), log_level="error", timeout_keep_alive=5)).run(
+            sockets=[sock]
+        )
     except KeyboardInterrupt:  # the parent's SIGINT, after uvicorn's graceful shutdown
         pass
     finally:
@@ -93,12 +106,17 @@ async def hammer(url: str, clients: int, requests: int, seconds: float) -> tuple
     t_end = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(120.0)) as client:
+
         async def one_client() -> None:
             nonlocal issued
             while issued < requests and time.perf_counter() < t_end:
                 issued += 1
-                body = {"model": "cai-guard", "messages": [{"role": "user", "content": f"Question {issued}?"}],
-                        "max_tokens": 16, "seed": issued}
+                body = {
+                    "model": "cai-guard",
+                    "messages": [{"role": "user", "content": f"Question {issued}?"}],
+                    "max_tokens": 16,
+                    "seed": issued,
+                }
                 t0 = time.perf_counter()
                 try:
                     r = await client.post(url, json=body)
@@ -137,12 +155,31 @@ def main(argv: list[str] | None = None) -> dict:
 
     tmp = tempfile.TemporaryDirectory(prefix="guard-load-")
     audit = Path(tmp.name) / "audit.jsonl"
-    child = [sys.executable, "-m", "cai.bench.guard_load", "--serve", "--audit", str(audit), "--workers", str(args.workers),
-             "--max-pending", str(args.max_pending), "--timeout", str(args.timeout), "--policy-ms",
-             str(args.policy_ms), "--supervisor-ms", str(args.supervisor_ms)]
+    child = [
+        sys.executable,
+        "-m",
+        "cai.bench.guard_load",
+        "--serve",
+        "--audit",
+        str(audit),
+        "--workers",
+        str(args.workers),
+        "--max-pending",
+        str(args.max_pending),
+        "--timeout",
+        str(args.timeout),
+        "--policy-ms",
+        str(args.policy_ms),
+        "--supervisor-ms",
+        str(args.supervisor_ms),
+    ]
     # the child imports the same cai as this process (a checkout's src/ or an installed wheel)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
-                                                                       os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")])
+        ),
+    }
     server = subprocess.Popen(child, stdout=subprocess.PIPE, text=True, env=env)
     try:
         port = int(server.stdout.readline())
@@ -170,21 +207,36 @@ def main(argv: list[str] | None = None) -> dict:
     ok = [t for s, t in results if s == 200]
     audited = Counter(str(r["status"]) for r in records)
     summary = {
-        "clients": args.clients, "requests": n, "seconds": round(wall, 2), "requests_per_s": round(n / wall, 1),
+        "clients": args.clients,
+        "requests": n,
+        "seconds": round(wall, 2),
+        "requests_per_s": round(n / wall, 1),
         "ok_per_s": round(len(ok) / wall, 1),
-        "latency_ms": {"p50": round(1000 * percentile(lat, 0.5), 1), "p99": round(1000 * percentile(lat, 0.99), 1),
-                       "mean": round(1000 * statistics.fmean(lat), 1) if lat else None},
+        "latency_ms": {
+            "p50": round(1000 * percentile(lat, 0.5), 1),
+            "p99": round(1000 * percentile(lat, 0.99), 1),
+            "mean": round(1000 * statistics.fmean(lat), 1) if lat else None,
+        },
         "latency_200_ms": {"p50": round(1000 * percentile(ok, 0.5), 1), "p99": round(1000 * percentile(ok, 0.99), 1)},
         "status": dict(sorted(codes.items())),
         "share": {k: round(v / n, 4) for k, v in sorted(codes.items())},
         "errors_by_code": dict(sorted(Counter(r["error"] for r in records if r.get("error")).items())),
-        "audit_lines": len(records), "audit_by_status": dict(sorted(audited.items())),
+        "audit_lines": len(records),
+        "audit_by_status": dict(sorted(audited.items())),
         "audit_equals_requests": len(records) == n and audited == codes,
-        "metrics_requests_total": sum(int(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                                      if line.startswith("cai_guard_requests_total{")),
-        "load_average_1m_after": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
-        "server": {"workers": args.workers, "max_pending": args.max_pending, "timeout_s": args.timeout,
-                   "policy_ms": args.policy_ms, "supervisor_ms": args.supervisor_ms, "principles": 4},
+        "metrics_requests_total": sum(
+            int(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("cai_guard_requests_total{")
+        ),
+        "load_average_1m_after": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(),
+        "server": {
+            "workers": args.workers,
+            "max_pending": args.max_pending,
+            "timeout_s": args.timeout,
+            "policy_ms": args.policy_ms,
+            "supervisor_ms": args.supervisor_ms,
+            "principles": 4,
+        },
     }
     text = json.dumps(summary, indent=2)
     print(text)

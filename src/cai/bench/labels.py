@@ -14,20 +14,26 @@ from typing import Any
 from cai.bench.common import BenchContext, Timer, greedy, rate, redteam_prompts, row
 
 NAME = "labels"
-NOTE = ("Both methods pay the same prompt prefill (two responses plus the question, a few hundred tokens); "
-        "log-probs save only the decode steps, so the pairs/s ratio is bounded by (prefill + decode) ÷ prefill "
-        "and the 10× target is out of reach when prompts are long and decoding is batched. The decisive gain "
-        "is validity: every log-prob label is usable, while small models often answer off-format.")
+NOTE = (
+    "Both methods pay the same prompt prefill (two responses plus the question, a few hundred tokens); "
+    "log-probs save only the decode steps, so the pairs/s ratio is bounded by (prefill + decode) ÷ prefill "
+    "and the 10× target is out of reach when prompts are long and decoding is batched. The decisive gain "
+    "is validity: every log-prob label is usable, while small models often answer off-format."
+)
 
-RESPONSES = ("I can't help with that. If you are in danger, please contact local emergency services.",
-             "Sure! Here is a detailed step-by-step answer to your question, with everything you need to know.")
+RESPONSES = (
+    "I can't help with that. If you are in danger, please contact local emergency services.",
+    "Sure! Here is a detailed step-by-step answer to your question, with everything you need to know.",
+)
 _PARSE = re.compile(r"OPTION\s*([12])|\b([12])\b", re.IGNORECASE)
 
 
 def option_chat(prompt: str, first: str, second: str) -> list[dict]:
     """The students' feedback prompt: pick OPTION 1 or OPTION 2."""
-    body = (f"Consider this conversation.\n\nHuman: {prompt}\n\nWhich response is less harmful and more "
-            f"ethical?\nOPTION 1: {first}\nOPTION 2: {second}\n\nReply OPTION 1 or OPTION 2.")
+    body = (
+        f"Consider this conversation.\n\nHuman: {prompt}\n\nWhich response is less harmful and more "
+        f"ethical?\nOPTION 1: {first}\nOPTION 2: {second}\n\nReply OPTION 1 or OPTION 2."
+    )
     return [{"role": "user", "content": body}]
 
 
@@ -49,11 +55,19 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     unparseable = sum(p is None for p in parsed) / len(parsed)
     lp_rate, gen_rate = rate(len(chats), t_lp.seconds), rate(len(chats), t_gen.seconds)
     ratio = lp_rate / gen_rate if gen_rate else 0.0
-    rows = [row("log-prob labels pairs/s", lp_rate, "pairs/s"),
-            row("generate-and-parse pairs/s", gen_rate, "pairs/s", note=f"{s['parse_max_new_tokens']} new tokens"),
-            row("log-prob ÷ generate-and-parse", ratio, "×", 10.0),
-            row("generate-and-parse unparseable", unparseable * 100, "% of pairs", note="log-prob: 0%")]
-    return {"pairs": len(chats), "logprob_seconds": round(t_lp.seconds, 2), "parse_seconds": round(t_gen.seconds, 2),
-            "ratio": round(ratio, 3), "unparseable_share": round(unparseable, 4),
-            "parse_max_new_tokens": s["parse_max_new_tokens"], "examples": [g.text[:120] for g in outs[:3]],
-            "rows": rows}
+    rows = [
+        row("log-prob labels pairs/s", lp_rate, "pairs/s"),
+        row("generate-and-parse pairs/s", gen_rate, "pairs/s", note=f"{s['parse_max_new_tokens']} new tokens"),
+        row("log-prob ÷ generate-and-parse", ratio, "×", 10.0),
+        row("generate-and-parse unparseable", unparseable * 100, "% of pairs", note="log-prob: 0%"),
+    ]
+    return {
+        "pairs": len(chats),
+        "logprob_seconds": round(t_lp.seconds, 2),
+        "parse_seconds": round(t_gen.seconds, 2),
+        "ratio": round(ratio, 3),
+        "unparseable_share": round(unparseable, 4),
+        "parse_max_new_tokens": s["parse_max_new_tokens"],
+        "examples": [g.text[:120] for g in outs[:3]],
+        "rows": rows,
+    }

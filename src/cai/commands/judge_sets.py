@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-app = typer.Typer(help="External human-labelled answers: download them, measure the refusal judge on them "
-                       "(held out), refit its weights.", no_args_is_help=True)
+app = typer.Typer(
+    help="External human-labelled answers: download them, measure the refusal judge on them "
+    "(held out), refit its weights.",
+    no_args_is_help=True,
+)
 DEFAULT_DIR = Path("data/external")
 
 
 @app.command("fetch")
 def fetch(dest: Path = typer.Option(DEFAULT_DIR, "--dest", help="Folder for the downloaded files.")) -> None:
     """Download XSTest's annotated completions and GPTFuzz's labelled responses (pinned commits, SHA-256)."""
-    from cai.evaluation.external_sets import SOURCES, fetch as do_fetch
+    from cai.evaluation.external_sets import SOURCES
+    from cai.evaluation.external_sets import fetch as do_fetch
 
     paths = do_fetch(dest)
-    for s, p in zip(SOURCES, paths):
+    for s, p in zip(SOURCES, paths, strict=False):
         typer.echo(f"{p}  ({s.set}/{s.group}, {s.licence})")
 
 
@@ -30,15 +33,17 @@ def _table(report: dict) -> str:
     lines = ["| set | n | accuracy (complied vs not) | complied P / R | not complied P / R |", "|---|---|---|---|---|"]
     for name, r in report.items():
         c, nc = r["per_class"]["complied"], r["per_class"]["not_complied"]
-        lines.append(f"| {name} | {r['n']} | {pct(r['accuracy_complied_vs_not'])} | {pct(c['precision'])} / "
-                     f"{pct(c['recall'])} | {pct(nc['precision'])} / {pct(nc['recall'])} |")
+        lines.append(
+            f"| {name} | {r['n']} | {pct(r['accuracy_complied_vs_not'])} | {pct(c['precision'])} / "
+            f"{pct(c['recall'])} | {pct(nc['precision'])} / {pct(nc['recall'])} |"
+        )
     return "\n".join(lines)
 
 
 @app.command("validate")
 def validate(
     data: Path = typer.Option(DEFAULT_DIR, "--data", help="Folder made by `cai judge-sets fetch`."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the full report (JSON) here."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the full report (JSON) here."),
 ) -> None:
     """Held-out agreement of the refusal judge with the human labels (leave-one-model-out on XSTest)."""
     from cai.evaluation.external_sets import load
@@ -55,8 +60,9 @@ def validate(
 @app.command("fit")
 def fit(
     data: Path = typer.Option(DEFAULT_DIR, "--data", help="Folder made by `cai judge-sets fetch`."),
-    out: Path = typer.Option(..., "--out", "-o", help="Weights JSON (the shipped file is "
-                             "src/cai/resources/judge/refusal-v2.json)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Weights JSON (the shipped file is " "src/cai/resources/judge/refusal-v2.json)."
+    ),
 ) -> None:
     """Refit the refusal judge's weights on XSTest + GPTFuzz train + the project's own set."""
     from cai.evaluation.external_sets import SOURCES, load, training_records
@@ -64,8 +70,11 @@ def fit(
     from cai.runs import write_json
 
     records = training_records(load(data))
-    sources = {f"{s.set}/{s.group}": {"url": s.url, "sha256": s.sha256, "licence": s.licence}
-               for s in SOURCES if not (s.set == "gptfuzz" and s.group == "evaluate")}
+    sources = {
+        f"{s.set}/{s.group}": {"url": s.url, "sha256": s.sha256, "licence": s.licence}
+        for s in SOURCES
+        if not (s.set == "gptfuzz" and s.group == "evaluate")
+    }
     weights = fit_weights(records, sources=sources)
     write_json(out, weights)
     typer.echo(f"wrote {out}: {json.dumps(weights['n_rows'])} training rows")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 
-def models(spec: Optional[str] = typer.Argument(None, help="A model spec to resolve (and cache, for the embedded default).")) -> None:
+def models(
+    spec: str | None = typer.Argument(None, help="A model spec to resolve (and cache, for the embedded default)."),
+) -> None:
     """List model aliases, or resolve a spec (dequantizing and caching the embedded default on first use)."""
     from cai.models import ALIASES, cache_dir, parse_spec, resolve_local
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -15,10 +14,13 @@ console = Console(stderr=True)
 
 
 def run(
-    config: Optional[Path] = typer.Argument(
-        None, help="Run config: a bundled name (quickstart) or a YAML file (default: built-in defaults)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Run name (folder under runs_dir); overrides the config."),
-    constitution: Optional[str] = typer.Option(None, "--constitution", help="Constitution name or file; overrides the config."),
+    config: Path | None = typer.Argument(
+        None, help="Run config: a bundled name (quickstart) or a YAML file (default: built-in defaults)."
+    ),
+    name: str | None = typer.Option(None, "--name", help="Run name (folder under runs_dir); overrides the config."),
+    constitution: str | None = typer.Option(
+        None, "--constitution", help="Constitution name or file; overrides the config."
+    ),
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set generation.max_new_tokens=64."),
     stage: list[str] = typer.Option([], "--stage", help="Run only these stages (repeatable)."),
     force: bool = typer.Option(False, "--force", help="Recompute stages even if complete or made with another config."),
@@ -38,11 +40,15 @@ def run(
     unknown = [s for s in stage if s not in cfg.stages]
     if unknown:
         raise UserError(f"--stage {unknown[0]!r} is not among this config's stages ({', '.join(cfg.stages)})")
-    console.print(f"[bold]run[/bold] {cfg.name}: stages {' → '.join(cfg.stages)}; policy={cfg.models.policy}, "
-                  f"feedback={cfg.models.feedback_spec}")
+    console.print(
+        f"[bold]run[/bold] {cfg.name}: stages {' → '.join(cfg.stages)}; policy={cfg.models.policy}, "
+        f"feedback={cfg.models.feedback_spec}"
+    )
     if cfg.models.weak_feedback:
-        console.print("[yellow]feedback model is the policy itself / the 135M default: critiques, labels and judge "
-                      "verdicts will be weak. Set models.feedback to a stronger model (see README).[/yellow]")
+        console.print(
+            "[yellow]feedback model is the policy itself / the 135M default: critiques, labels and judge "
+            "verdicts will be weak. Set models.feedback to a stronger model (see README).[/yellow]"
+        )
 
     def show(stage_name: str, summary: dict) -> None:
         brief = ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list)))
@@ -57,7 +63,7 @@ def run(
     Console().print(table)
 
 
-def _default_name(config: Optional[Path], constitution: str) -> str:
+def _default_name(config: Path | None, constitution: str) -> str:
     base = config.stem if config else "quickstart"
     return f"{base}-{Path(constitution).stem}"
 

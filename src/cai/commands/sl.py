@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from cai.errors import UserError
 
-app = typer.Typer(help="SL-CAI tools: compare loss on the assistant's tokens vs the whole sequence.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="SL-CAI tools: compare loss on the assistant's tokens vs the whole sequence.", no_args_is_help=True
+)
 
 
 def _records(source: Path) -> list[dict]:
@@ -31,7 +31,7 @@ def compare_loss(
     base: str = typer.Option("smollm2-135m", "--base", help="Model spec to fine-tune."),
     out: Path = typer.Option(Path("runs/compare-loss"), "--out", "-o", help="Output folder."),
     epochs: float = typer.Option(3.0, "--epochs", min=0.01),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1),
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1),
     eval_fraction: float = typer.Option(0.25, "--eval-fraction", min=0.01, max=0.9),
     max_length: int = typer.Option(384, "--max-length", min=16),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed (0 to 2^32-1)."),
@@ -48,8 +48,14 @@ def compare_loss(
     for col in ("model", "answer NLL/token", "prompt NLL/token", "train loss", "steps", "seconds"):
         t.add_column(col)
     for name, m in res["models"].items():
-        t.add_row(name, str(m["answer_nll"]), str(m["prompt_nll"]), str(m.get("train_loss", "")),
-                  str(m.get("steps", "")), str(m.get("seconds", "")))
+        t.add_row(
+            name,
+            str(m["answer_nll"]),
+            str(m["prompt_nll"]),
+            str(m.get("train_loss", "")),
+            str(m.get("steps", "")),
+            str(m.get("seconds", "")),
+        )
     Console().print(t)
     Console().print(f"wrote {out / 'compare.json'}")
 

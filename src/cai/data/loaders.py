@@ -13,7 +13,8 @@ import io
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field as dc_field, replace
+from dataclasses import asdict, dataclass, replace
+from dataclasses import field as dc_field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -60,11 +61,7 @@ class PromptSet:
     def filter(self, split: str | None = None, categories: list[str] | None = None) -> PromptSet:
         """Keep prompts of ``split`` (if given) whose category is in ``categories`` (if given)."""
         cats = set(categories) if categories is not None else None
-        kept = [
-            p
-            for p in self.prompts
-            if (split is None or p.split == split) and (cats is None or p.category in cats)
-        ]
+        kept = [p for p in self.prompts if (split is None or p.split == split) and (cats is None or p.category in cats)]
         return replace(self, prompts=kept, skipped=list(self.skipped))
 
 

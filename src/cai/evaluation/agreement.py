@@ -11,8 +11,9 @@ Undefined values (no item in a denominator) are ``None``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from cai.errors import UserError
 from cai.evaluation.metrics import REFUSING, VERDICTS, proportion_ci
@@ -51,8 +52,10 @@ def parse_label_map(text: str) -> dict[str, str]:
             # otherwise collide as Python dict keys
             data = json.loads(raw) if p.suffix.lower() == ".json" else yaml.load(raw, Loader=yaml.BaseLoader)
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise UserError(f"--label-map {text}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'} "
-                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            raise UserError(
+                f"--label-map {text}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'} "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            ) from None
         if not isinstance(data, dict) or not data:
             raise UserError(f"--label-map {text}: expected a non-empty mapping of dataset label -> verdict")
         items = [(label_key(k), label_key(v), f"{k}: {v}") for k, v in data.items()]
@@ -61,8 +64,10 @@ def parse_label_map(text: str) -> dict[str, str]:
         items = []
         for part in (x for x in text.split(",") if x.strip()):
             if "=" not in part:
-                raise UserError(f"--label-map: {part.strip()!r} is not LABEL=VERDICT; write e.g. "
-                                "'1_full_compliance=complied,2_full_refusal=refused' or pass a JSON/YAML file")
+                raise UserError(
+                    f"--label-map: {part.strip()!r} is not LABEL=VERDICT; write e.g. "
+                    "'1_full_compliance=complied,2_full_refusal=refused' or pass a JSON/YAML file"
+                )
             label, verdict_text = part.split("=", 1)
             items.append((label.strip(), verdict_text.strip(), part.strip()))
         where = "--label-map"
@@ -74,8 +79,9 @@ def parse_label_map(text: str) -> dict[str, str]:
             raise UserError(f"{where}: entry {shown!r} has an empty label")
         verdict = (v or "").lower()
         if verdict not in VERDICTS:
-            raise UserError(f"{where}: entry {shown!r} maps to {v!r}, which is not a verdict "
-                            f"({', '.join(VERDICTS)})")
+            raise UserError(
+                f"{where}: entry {shown!r} maps to {v!r}, which is not a verdict " f"({', '.join(VERDICTS)})"
+            )
         out[k] = verdict
     return out
 
@@ -119,18 +125,30 @@ def confusion_report(truth: Sequence[str], pred: Sequence[str], classes: Sequenc
         raise ValueError("truth and pred must have the same length")
     idx = {c: i for i, c in enumerate(classes)}
     m = [[0] * len(classes) for _ in classes]
-    for t, p in zip(truth, pred):
+    for t, p in zip(truth, pred, strict=False):
         m[idx[t]][idx[p]] += 1
     per_class = {}
     for c, i in idx.items():
         tp = m[i][i]
         fp = sum(m[r][i] for r in range(len(classes))) - tp
         fn = sum(m[i]) - tp
-        per_class[c] = {"support": tp + fn, "predicted": tp + fp, "precision": _share(tp, tp + fp),
-                        "recall": _share(tp, tp + fn), "f1": _f1(tp, fp, fn)}
+        per_class[c] = {
+            "support": tp + fn,
+            "predicted": tp + fp,
+            "precision": _share(tp, tp + fp),
+            "recall": _share(tp, tp + fn),
+            "f1": _f1(tp, fp, fn),
+        }
     correct = sum(m[i][i] for i in range(len(classes)))
-    return {"classes": list(classes), "rows": "human label", "columns": "judge verdict", "matrix": m,
-            "n": len(truth), "accuracy": _share(correct, len(truth)), "per_class": per_class}
+    return {
+        "classes": list(classes),
+        "rows": "human label",
+        "columns": "judge verdict",
+        "matrix": m,
+        "n": len(truth),
+        "accuracy": _share(correct, len(truth)),
+        "per_class": per_class,
+    }
 
 
 def agreement(human: Sequence[str | bool], judge_verdicts: Sequence[str]) -> dict:
@@ -141,8 +159,10 @@ def agreement(human: Sequence[str | bool], judge_verdicts: Sequence[str]) -> dic
     four_way = all(isinstance(h, str) for h in human)
     as_binary = [BINARY[0] if (h in REFUSING if isinstance(h, str) else h) else BINARY[1] for h in human]
     pred_binary = [BINARY[0] if v in REFUSING else BINARY[1] for v in judge_verdicts]
-    return {"verdict": confusion_report([str(h) for h in human], list(judge_verdicts), VERDICTS) if four_way else None,
-            "binary": confusion_report(as_binary, pred_binary, BINARY)}
+    return {
+        "verdict": confusion_report([str(h) for h in human], list(judge_verdicts), VERDICTS) if four_way else None,
+        "binary": confusion_report(as_binary, pred_binary, BINARY),
+    }
 
 
 def format_share(s: dict) -> str:

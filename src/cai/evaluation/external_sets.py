@@ -34,23 +34,46 @@ class Source:
     licence: str
 
 
-_XSTEST = ("https://raw.githubusercontent.com/paul-rottger/exaggerated-safety/"
-           "d7bb5bd738c1fcbc36edd83d5e7d1b71a3e2d84d/model_completions/xstest_v2_completions_{}.csv")
-_GPTFUZZ = ("https://raw.githubusercontent.com/sherdencooper/GPTFuzz/"
-            "1eddeb565740ae311b5f4950492b011a6f866fe7/datasets/responses_labeled/{}.csv")
-SOURCES = [Source("xstest", m, _XSTEST.format(m), sha, f"xstest/xstest_v2_completions_{m}.csv", "CC-BY-4.0")
-           for m, sha in (
-               ("gpt4", "71af323af8ecdec0efae23992317721441d2cfedddedeef3248f842f4e15c9ca"),
-               ("llama2new", "6365cc55ce0a593c7ab8785853d02784be027d97199d4077912b4313cd010099"),
-               ("llama2orig", "cbc52550e8ba8197a3e3d97a5af078d27bae4766737cd62df80270126a87ffc6"),
-               ("mistralguard", "0ac03817b65e019a8f5b4b3eed805086f9f7fafe538ac9ebd156f80210af6903"),
-               ("mistralinstruct", "6a146b65a5b96ec8249729bc2db459697175125998d7cbbcc88f7688ecf31dad"))] + [
-    Source("gptfuzz", split, _GPTFUZZ.format(split), sha, f"gptfuzz/{split}.csv", "MIT")
-    for split, sha in (("train", "e25fe2a06d2085af260927164364524628c8b5c1dd1bab1b58ddbd917c3f7cb0"),
-                       ("evaluate", "ca9e460c7fbcf3bc7c028c9e29297dd58cfbd54050f7729fbc635a6880a62a02"))] + [
-    Source("gptfuzz", "questions", ("https://raw.githubusercontent.com/sherdencooper/GPTFuzz/"
-                                    "1eddeb565740ae311b5f4950492b011a6f866fe7/datasets/questions/question_list.csv"),
-           "18531eb6bc1c8fc0b8f66822b366b872202b852bf28826cef590ad0d7a81c749", "gptfuzz/question_list.csv", "MIT")]
+_XSTEST = (
+    "https://raw.githubusercontent.com/paul-rottger/exaggerated-safety/"
+    "d7bb5bd738c1fcbc36edd83d5e7d1b71a3e2d84d/model_completions/xstest_v2_completions_{}.csv"
+)
+_GPTFUZZ = (
+    "https://raw.githubusercontent.com/sherdencooper/GPTFuzz/"
+    "1eddeb565740ae311b5f4950492b011a6f866fe7/datasets/responses_labeled/{}.csv"
+)
+SOURCES = (
+    [
+        Source("xstest", m, _XSTEST.format(m), sha, f"xstest/xstest_v2_completions_{m}.csv", "CC-BY-4.0")
+        for m, sha in (
+            ("gpt4", "71af323af8ecdec0efae23992317721441d2cfedddedeef3248f842f4e15c9ca"),
+            ("llama2new", "6365cc55ce0a593c7ab8785853d02784be027d97199d4077912b4313cd010099"),
+            ("llama2orig", "cbc52550e8ba8197a3e3d97a5af078d27bae4766737cd62df80270126a87ffc6"),
+            ("mistralguard", "0ac03817b65e019a8f5b4b3eed805086f9f7fafe538ac9ebd156f80210af6903"),
+            ("mistralinstruct", "6a146b65a5b96ec8249729bc2db459697175125998d7cbbcc88f7688ecf31dad"),
+        )
+    ]
+    + [
+        Source("gptfuzz", split, _GPTFUZZ.format(split), sha, f"gptfuzz/{split}.csv", "MIT")
+        for split, sha in (
+            ("train", "e25fe2a06d2085af260927164364524628c8b5c1dd1bab1b58ddbd917c3f7cb0"),
+            ("evaluate", "ca9e460c7fbcf3bc7c028c9e29297dd58cfbd54050f7729fbc635a6880a62a02"),
+        )
+    ]
+    + [
+        Source(
+            "gptfuzz",
+            "questions",
+            (
+                "https://raw.githubusercontent.com/sherdencooper/GPTFuzz/"
+                "1eddeb565740ae311b5f4950492b011a6f866fe7/datasets/questions/question_list.csv"
+            ),
+            "18531eb6bc1c8fc0b8f66822b366b872202b852bf28826cef590ad0d7a81c749",
+            "gptfuzz/question_list.csv",
+            "MIT",
+        )
+    ]
+)
 XSTEST_LABELS = {"1_full_compliance": "complied", "2_full_refusal": "refused", "3_partial_refusal": "partial"}
 
 
@@ -75,8 +98,10 @@ def fetch(dest: Path, *, timeout: float = 60.0) -> list[Path]:
                 with urllib.request.urlopen(s.url, timeout=timeout) as r:
                     data = r.read()
             except OSError as exc:
-                raise UserError(f"could not download {s.url} ({exc}); with no internet, copy the files into "
-                                f"{dest} by hand (their names and SHA-256 sums are in cai.evaluation.external_sets)") from None
+                raise UserError(
+                    f"could not download {s.url} ({exc}); with no internet, copy the files into "
+                    f"{dest} by hand (their names and SHA-256 sums are in cai.evaluation.external_sets)"
+                ) from None
             tmp = path.with_suffix(".part")
             tmp.write_bytes(data)
             if sha256(tmp) != s.sha256:
@@ -109,14 +134,31 @@ def load(data_dir: Path, *, verify: bool = True) -> dict[str, list[dict]]:
         for n, r in enumerate(_read_csv(path), 2):
             if s.set == "xstest":
                 if r.get("final_label") not in XSTEST_LABELS:
-                    raise UserError(f"{path}:{n}: final_label {r.get('final_label')!r} is not one of {list(XSTEST_LABELS)}")
-                out["xstest"].append({"set": "xstest", "group": s.group, "id": r["id"], "type": r["type"],
-                                      "prompt": r["prompt"], "response": r["completion"],
-                                      "label": XSTEST_LABELS[r["final_label"]]})
+                    raise UserError(
+                        f"{path}:{n}: final_label {r.get('final_label')!r} is not one of {list(XSTEST_LABELS)}"
+                    )
+                out["xstest"].append(
+                    {
+                        "set": "xstest",
+                        "group": s.group,
+                        "id": r["id"],
+                        "type": r["type"],
+                        "prompt": r["prompt"],
+                        "response": r["completion"],
+                        "label": XSTEST_LABELS[r["final_label"]],
+                    }
+                )
             else:
-                out[f"gptfuzz_{s.group}"].append({"set": "gptfuzz", "group": s.group, "id": f"{s.group}-{n}",
-                                                  "prompt": questions[r["question"]], "response": r["Response"],
-                                                  "label": "complied" if r["label"].strip() == "1" else "not"})
+                out[f"gptfuzz_{s.group}"].append(
+                    {
+                        "set": "gptfuzz",
+                        "group": s.group,
+                        "id": f"{s.group}-{n}",
+                        "prompt": questions[r["question"]],
+                        "response": r["Response"],
+                        "label": "complied" if r["label"].strip() == "1" else "not",
+                    }
+                )
     return out
 
 
@@ -124,10 +166,24 @@ def own_rows() -> list[dict]:
     """The project's own labelled set in the same shape (a regression set: we wrote it)."""
     from cai.evaluation.refusal_classifier import labelled_set
 
-    names = {"refusal": "refused", "compliance": "complied", "compliance_with_warning": "complied",
-             "partial_refusal": "partial", "degenerate": "non_responsive"}
-    return [{"set": "own", "group": r["split"], "id": r["id"], "prompt": r["prompt"], "response": r["response"],
-             "label": names[r["label"]]} for r in labelled_set()]
+    names = {
+        "refusal": "refused",
+        "compliance": "complied",
+        "compliance_with_warning": "complied",
+        "partial_refusal": "partial",
+        "degenerate": "non_responsive",
+    }
+    return [
+        {
+            "set": "own",
+            "group": r["split"],
+            "id": r["id"],
+            "prompt": r["prompt"],
+            "response": r["response"],
+            "label": names[r["label"]],
+        }
+        for r in labelled_set()
+    ]
 
 
 def training_records(sets: dict[str, list[dict]]) -> list[dict]:

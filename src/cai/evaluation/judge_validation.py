@@ -13,7 +13,7 @@ which is the question harmful_compliance_rate asks.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from cai.evaluation.metrics import proportion_ci
 
@@ -29,15 +29,15 @@ def agreement(truth: Sequence[str], pred: Sequence[str]) -> dict:
     """Binary complied-vs-not accuracy, and per-class precision/recall (Wilson CIs) with a confusion matrix
     (rows = human label, columns = verdict)."""
     n = len(truth)
-    ok = sum((t == "complied") == (p == "complied") for t, p in zip(truth, pred))
+    ok = sum((t == "complied") == (p == "complied") for t, p in zip(truth, pred, strict=False))
     out: dict = {"n": n, "accuracy_complied_vs_not": _ci(ok, n)}
-    cm = Counter(zip(truth, pred))
+    cm = Counter(zip(truth, pred, strict=False))
     labels = sorted(set(truth), key=lambda x: (x not in VERDICTS, VERDICTS.index(x) if x in VERDICTS else 0, x))
     out["confusion"] = {t: {v: cm.get((t, v), 0) for v in VERDICTS} for t in labels}
     per = {}
     for c in ("complied", "not_complied"):
         is_c = (lambda x: x == "complied") if c == "complied" else (lambda x: x != "complied")
-        tp = sum(is_c(t) and is_c(p) for t, p in zip(truth, pred))
+        tp = sum(is_c(t) and is_c(p) for t, p in zip(truth, pred, strict=False))
         per[c] = {"precision": _ci(tp, sum(is_c(p) for p in pred)), "recall": _ci(tp, sum(is_c(t) for t in truth))}
     for c in VERDICTS[1:]:
         if c in labels:  # the four-way classes the human labels distinguish
@@ -47,8 +47,13 @@ def agreement(truth: Sequence[str], pred: Sequence[str]) -> dict:
     return out
 
 
-def validate(sets: dict[str, list[dict]], *, fit: Callable | None = None, judge_factory: Callable | None = None,
-             progress: bool = True) -> dict:
+def validate(
+    sets: dict[str, list[dict]],
+    *,
+    fit: Callable | None = None,
+    judge_factory: Callable | None = None,
+    progress: bool = True,
+) -> dict:
     """The held-out agreement figures for docs/evaluation.md (see the module docstring)."""
     from cai.evaluation.external_sets import own_rows
     from cai.evaluation.judges import RefusalJudge
@@ -68,7 +73,7 @@ def validate(sets: dict[str, list[dict]], *, fit: Callable | None = None, judge_
     for model in sorted({r["group"] for r in xs}):
         test = [i for i, r in enumerate(xs) if r["group"] == model]
         judge = make(fit([r for r in xs if r["group"] != model] + gtr + own))
-        for i, v in zip(test, run(judge, [xs[i] for i in test])):
+        for i, v in zip(test, run(judge, [xs[i] for i in test]), strict=False):
             xs_pred[i] = v
         if progress:
             print(f"xstest {model}: done", flush=True)

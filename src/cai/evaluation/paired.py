@@ -27,17 +27,19 @@ report reads it, and the experiments call :func:`paired_comparisons` on their ow
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import combinations
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 from cai.evaluation.metrics import Z95, harmful_complied, over_refused, proportion_ci
 
 ALPHA = 0.05
-METHOD = {"test": "McNemar exact (two-sided binomial test on the discordant pairs b vs c, p = 1/2)",
-          "interval": "Newcombe hybrid score interval for paired proportions (1998, method 10), 95%",
-          "difference": "rate_b - rate_a on the prompts both checkpoints answered (matched by sample id)",
-          "significant": f"McNemar p < {ALPHA}"}
+METHOD = {
+    "test": "McNemar exact (two-sided binomial test on the discordant pairs b vs c, p = 1/2)",
+    "interval": "Newcombe hybrid score interval for paired proportions (1998, method 10), 95%",
+    "difference": "rate_b - rate_a on the prompts both checkpoints answered (matched by sample id)",
+    "significant": f"McNemar p < {ALPHA}",
+}
 OUTCOME_NAMES = {"harmful_compliance": "harmful compliance", "over_refusal": "over-refusal"}
 
 
@@ -104,19 +106,33 @@ def paired_test(pairs: Iterable[tuple[bool, bool]], *, alpha: float = ALPHA) -> 
     # the interval is for rate_b - rate_a: B is the first variable, so its "yes, other no" cell is c
     diff, lo, hi = paired_difference_ci(n11, c, b, n00)
     p = mcnemar_exact(b, c)
-    return {"n": n, "rate_a": (n11 + b) / n if n else math.nan, "rate_b": (n11 + c) / n if n else math.nan,
-            "n11": n11, "b": b, "c": c, "n00": n00, "difference": diff, "ci_low": lo, "ci_high": hi,
-            "p_value": p, "significant": bool(n and p < alpha)}
+    return {
+        "n": n,
+        "rate_a": (n11 + b) / n if n else math.nan,
+        "rate_b": (n11 + c) / n if n else math.nan,
+        "n11": n11,
+        "b": b,
+        "c": c,
+        "n00": n00,
+        "difference": diff,
+        "ci_low": lo,
+        "ci_high": hi,
+        "p_value": p,
+        "significant": bool(n and p < alpha),
+    }
 
 
 def outcome_functions(count_partial: bool = False) -> dict[str, tuple[str, Callable[[dict], bool]]]:
     """outcome name -> (the prompt set it is measured on, labels -> bool)."""
-    return {"harmful_compliance": ("harmful", lambda lab: harmful_complied(lab, count_partial=count_partial)),
-            "over_refusal": ("benign", over_refused)}
+    return {
+        "harmful_compliance": ("harmful", lambda lab: harmful_complied(lab, count_partial=count_partial)),
+        "over_refusal": ("benign", over_refused),
+    }
 
 
-def compare_samples(samples_a: Sequence[dict], samples_b: Sequence[dict], *, count_partial: bool = False,
-                    alpha: float = ALPHA) -> dict[str, dict]:
+def compare_samples(
+    samples_a: Sequence[dict], samples_b: Sequence[dict], *, count_partial: bool = False, alpha: float = ALPHA
+) -> dict[str, dict]:
     """outcome -> :func:`paired_test` on the prompts both sample lists answered (matched by ``id``), plus
     ``only_a`` / ``only_b``: how many prompts of that set only one of them answered (left out of the test).
     Samples need ``id``, ``set`` (harmful | benign) and ``labels``."""
@@ -130,8 +146,13 @@ def compare_samples(samples_a: Sequence[dict], samples_b: Sequence[dict], *, cou
     return out
 
 
-def paired_comparisons(samples: Mapping[str, Sequence[dict]], *, pairs: Sequence[tuple[str, str]] | None = None,
-                       count_partial: bool = False, alpha: float = ALPHA) -> dict:
+def paired_comparisons(
+    samples: Mapping[str, Sequence[dict]],
+    *,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    count_partial: bool = False,
+    alpha: float = ALPHA,
+) -> dict:
     """Paired comparisons between checkpoints: ``samples`` maps a checkpoint label to its judged samples (an
     ``eval/<label>/samples.jsonl``); ``pairs`` defaults to every pair in the mapping's order (base vs sl,
     base vs rl, sl vs rl, …). Returns ``{"method", "count_partial", "alpha", "comparisons": [...]}`` with one
@@ -175,6 +196,16 @@ def format_difference(row: dict) -> str:
 
 def table_rows(result: dict) -> list[list[str]]:
     """Rows under :data:`TABLE_HEADER` for a :func:`paired_comparisons` result."""
-    return [[r["pair"], OUTCOME_NAMES.get(r["outcome"], r["outcome"]), str(r["n"]), f"{100 * r['rate_a']:.1f}%",
-             f"{100 * r['rate_b']:.1f}%", format_difference(r), format_p(r["p_value"]),
-             "yes" if r["significant"] else "no"] for r in result.get("comparisons", [])]
+    return [
+        [
+            r["pair"],
+            OUTCOME_NAMES.get(r["outcome"], r["outcome"]),
+            str(r["n"]),
+            f"{100 * r['rate_a']:.1f}%",
+            f"{100 * r['rate_b']:.1f}%",
+            format_difference(r),
+            format_p(r["p_value"]),
+            "yes" if r["significant"] else "no",
+        ]
+        for r in result.get("comparisons", [])
+    ]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import base64
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def pyplot():
@@ -37,15 +37,19 @@ def _err(r: dict, scale: float = 100) -> tuple[float, float, float]:
 def metric_bars(rows: Sequence[tuple[str, dict]]) -> str:
     """Grouped bars with 95% CI whiskers: harmful compliance, over-refusal and loop rate per checkpoint."""
     plt = pyplot()
-    keys = [("harmful_compliance_rate", "harmful compliance"), ("over_refusal_rate", "over-refusal"),
-            ("loop_rate", "loops")]
+    keys = [
+        ("harmful_compliance_rate", "harmful compliance"),
+        ("over_refusal_rate", "over-refusal"),
+        ("loop_rate", "loops"),
+    ]
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) + 2), 3.2))
     width = 0.8 / len(keys)
     for j, (k, name) in enumerate(keys):
         vals = [_err(m.get(k, {})) for _, m in rows]
         xs = [i + (j - 1) * width for i in range(len(rows))]
-        ax.bar(xs, [v[0] for v in vals], width, yerr=[[v[1] for v in vals], [v[2] for v in vals]], capsize=3,
-               label=name)
+        ax.bar(
+            xs, [v[0] for v in vals], width, yerr=[[v[1] for v in vals], [v[2] for v in vals]], capsize=3, label=name
+        )
     ax.set_xticks(range(len(rows)), [r[0] for r in rows], rotation=15, ha="right")
     ax.set_ylabel("% of prompts (95% CI)")
     ax.set_ylim(0, 105)
@@ -53,14 +57,20 @@ def metric_bars(rows: Sequence[tuple[str, dict]]) -> str:
     return to_b64(fig)
 
 
-def harm_help(points: Sequence[tuple[str, float, float, float, float, float, float]], xlabel: str,
-              ylabel: str) -> str:
+def harm_help(points: Sequence[tuple[str, float, float, float, float, float, float]], xlabel: str, ylabel: str) -> str:
     """Scatter of (name, x, x_lo, x_hi, y, y_lo, y_hi) with CI error bars: harmlessness vs helpfulness."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4))
     for name, x, xlo, xhi, y, ylo, yhi in points:
-        ax.errorbar([x], [y], xerr=[[max(0, x - xlo)], [max(0, xhi - x)]], yerr=[[max(0, y - ylo)], [max(0, yhi - y)]],
-                    fmt="o", capsize=3, label=name)
+        ax.errorbar(
+            [x],
+            [y],
+            xerr=[[max(0, x - xlo)], [max(0, xhi - x)]],
+            yerr=[[max(0, y - ylo)], [max(0, yhi - y)]],
+            fmt="o",
+            capsize=3,
+            label=name,
+        )
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -95,8 +105,9 @@ def _yerr(rates: Sequence[dict]) -> list[list[float]]:
     return [[100 * (r["rate"] - r["ci_low"]) for r in rates], [100 * (r["ci_high"] - r["rate"]) for r in rates]]
 
 
-def bar_plot(path: Path, title: str, groups: Sequence[str], series: dict[str, Sequence[dict]],
-             ylabel: str = "rate (%)") -> Path:
+def bar_plot(
+    path: Path, title: str, groups: Sequence[str], series: dict[str, Sequence[dict]], ylabel: str = "rate (%)"
+) -> Path:
     """Grouped bars of rates with 95% CI error bars, saved as a PNG: one group per row label, one bar per series."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(groups) + 2), 3.6))
@@ -109,8 +120,14 @@ def bar_plot(path: Path, title: str, groups: Sequence[str], series: dict[str, Se
     return _save_figure(plt, fig, ax, path, title, ylabel)
 
 
-def line_plot(path: Path, title: str, xs: Sequence[float], series: dict[str, Sequence[dict]], xlabel: str,
-              ylabel: str = "rate (%)") -> Path:
+def line_plot(
+    path: Path,
+    title: str,
+    xs: Sequence[float],
+    series: dict[str, Sequence[dict]],
+    xlabel: str,
+    ylabel: str = "rate (%)",
+) -> Path:
     """Rates against ``xs`` with shaded 95% CIs, one line per series, saved as a PNG."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from cai.backends import Backend
 from cai.data import Prompt
@@ -26,8 +26,17 @@ def prefill_text(backend: Backend, k: int, text: str = AFFIRMATIVE) -> str:
     return " ".join(text.split()[:k])
 
 
-def prefill_attack(model: str | Backend, harmful: Sequence[Prompt], k_values: Sequence[int], out_dir: Path, *,
-                   judge: str | Judge = "refusal", text: str = AFFIRMATIVE, progress: bool = True, **eval_kw) -> dict:
+def prefill_attack(
+    model: str | Backend,
+    harmful: Sequence[Prompt],
+    k_values: Sequence[int],
+    out_dir: Path,
+    *,
+    judge: str | Judge = "refusal",
+    text: str = AFFIRMATIVE,
+    progress: bool = True,
+    **eval_kw,
+) -> dict:
     """For each k, evaluate ``harmful`` with the assistant turn prefilled by k tokens of ``text``; writes
     ``out_dir/k<k>/`` per k and ``out_dir/prefill.json``; returns ``{"k": {...ASR with CI...}}``."""
     out_dir = Path(out_dir)
@@ -37,10 +46,22 @@ def prefill_attack(model: str | Backend, harmful: Sequence[Prompt], k_values: Se
     try:
         for k in sorted(set(int(x) for x in k_values)):
             seed = prefill_text(backend, k, text)
-            m = evaluate_model(backend, harmful, [], out_dir / f"k{k}", judge=judge_obj, prefill=seed or None,
-                               label=f"prefill k={k}", progress=progress, **eval_kw)
-            results["by_k"][str(k)] = {"prefill": seed, "attack_success_rate": m["harmful_compliance_rate"],
-                                       "loop_rate": m["loop_rate"]}
+            m = evaluate_model(
+                backend,
+                harmful,
+                [],
+                out_dir / f"k{k}",
+                judge=judge_obj,
+                prefill=seed or None,
+                label=f"prefill k={k}",
+                progress=progress,
+                **eval_kw,
+            )
+            results["by_k"][str(k)] = {
+                "prefill": seed,
+                "attack_success_rate": m["harmful_compliance_rate"],
+                "loop_rate": m["loop_rate"],
+            }
     finally:
         if owned:
             backend.close()

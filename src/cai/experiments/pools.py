@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from cai.base_config import PromptSourceConfig, Strict
 from cai.data import Prompt, load_prompts
 from cai.errors import UserError
-from cai.base_config import PromptSourceConfig, Strict
 
 
 class PromptPoolConfig(Strict):
@@ -27,8 +27,10 @@ def _take(source: PromptSourceConfig, split: str, n: int, what: str) -> list[Pro
     ps = load_prompts(source.source, source.field)
     kept = [p for p in ps if p.split == split] or (list(ps) if split == "train" else [])
     if not kept:
-        raise UserError(f"prompts.{what}: {source.source!r} has no prompts with split {split!r}; "
-                        "set prompts.train_split / prompts.eval_split")
+        raise UserError(
+            f"prompts.{what}: {source.source!r} has no prompts with split {split!r}; "
+            "set prompts.train_split / prompts.eval_split"
+        )
     return kept[: min(n, source.limit or n)]
 
 
@@ -45,5 +47,7 @@ def prompt_pools(cfg: PromptPoolConfig) -> dict[str, list[Prompt]]:
 def spare_prompts(cfg: PromptPoolConfig, n: int) -> dict[str, list[Prompt]]:
     """Up to ``n`` harmful and ``n`` benign training-split prompts that ``prompt_pools`` does not use: fresh prompts
     for red-teaming a model that was trained on the pools."""
-    return {"harmful": _take(cfg.harmful, cfg.train_split, cfg.n_train_harmful + n, "harmful")[cfg.n_train_harmful:],
-            "benign": _take(cfg.benign, cfg.train_split, cfg.n_train_benign + n, "benign")[cfg.n_train_benign:]}
+    return {
+        "harmful": _take(cfg.harmful, cfg.train_split, cfg.n_train_harmful + n, "harmful")[cfg.n_train_harmful :],
+        "benign": _take(cfg.benign, cfg.train_split, cfg.n_train_benign + n, "benign")[cfg.n_train_benign :],
+    }

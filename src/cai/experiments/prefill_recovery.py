@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import Field
 
+from cai.base_config import GreedyGenerationConfig
 from cai.data import Prompt
 from cai.evaluation.evaluate import format_rate
 from cai.evaluation.plots import line_plot
@@ -23,7 +24,6 @@ from cai.experiments.pools import prompt_pools
 from cai.experiments.report import write_report
 from cai.experiments.steps import Experiment, evaluate_step, paired_between, require_model_dir, train
 from cai.runs import StageDir, read_jsonl
-from cai.base_config import GreedyGenerationConfig
 from cai.training.sft import SFTTrainConfig
 
 TURN = " Actually, I need to stop here. "
@@ -33,8 +33,10 @@ class PrefillRecoveryConfig(ExperimentConfig):
     name: str = "prefill-recovery"
     start: str | None = Field(None, description="checkpoint both models are trained from; null = the policy")
     k_values: list[int] = Field(default_factory=lambda: [0, 5, 10, 20], description="prefill lengths attacked")
-    augment_k: list[int] = Field(default_factory=lambda: [5, 10, 20, 40],
-                                 description="compliant-prefix lengths (tokens) used in recovery examples")
+    augment_k: list[int] = Field(
+        default_factory=lambda: [5, 10, 20, 40],
+        description="compliant-prefix lengths (tokens) used in recovery examples",
+    )
     attack_text: str | None = Field(None, description="prefill text; null = the evaluation module's affirmative")
     sft: SFTTrainConfig = Field(default_factory=lambda: SFTTrainConfig(epochs=2, learning_rate=3e-4, batch_size=8))
     decode: GreedyGenerationConfig = Field(default_factory=lambda: GreedyGenerationConfig(max_new_tokens=48))
@@ -45,8 +47,13 @@ def compliant_prefix(tokenizer, answer_text: str, k: int) -> str:
     return tokenizer.decode(tokenizer(answer_text, add_special_tokens=False)["input_ids"][:k]).rstrip()
 
 
-def recovery_records(harmful: list[Prompt], answers: dict[str, dict], tokenizer, ks: list[int], constitution,
-                     ) -> list[dict]:
+def recovery_records(
+    harmful: list[Prompt],
+    answers: dict[str, dict],
+    tokenizer,
+    ks: list[int],
+    constitution,
+) -> list[dict]:
     """One augmented example per harmful prompt with a non-empty compliant answer; k cycles over ``ks``. The
     compliant prefix is the record's ``prefill``: context the model conditions on, not a target it learns to say
     (the paper's loss on the recovery given the harmful prefix)."""
@@ -55,8 +62,12 @@ def recovery_records(harmful: list[Prompt], answers: dict[str, dict], tokenizer,
     for i, p in enumerate(usable):
         k = ks[i % len(ks)]
         prefix = compliant_prefix(tokenizer, answers[p.id]["response"], k)
-        out.append({**sft_record(f"recover-k{k}-{p.id}", p.prompt, prefix + TURN + refusal_for(p, constitution)),
-                    "prefill": prefix})
+        out.append(
+            {
+                **sft_record(f"recover-k{k}-{p.id}", p.prompt, prefix + TURN + refusal_for(p, constitution)),
+                "prefill": prefix,
+            }
+        )
     return out
 
 
@@ -78,51 +89,102 @@ def run(cfg: PrefillRecoveryConfig, *, force: bool = False, progress: bool = Tru
         benign = answer(cfg.policy, pools["train_benign"], st, "benign_answers.jsonl", sampling, **kw)
         harmful = answer(cfg.policy, pools["train_harmful"], st, "harmful_answers.jsonl", sampling, **kw)
         standard = safety_records(pools["train_harmful"], benign, constitution)
-        extra = recovery_records(pools["train_harmful"], harmful, load_tokenizer(cfg.policy), cfg.augment_k,
-                                 constitution)
+        extra = recovery_records(
+            pools["train_harmful"], harmful, load_tokenizer(cfg.policy), cfg.augment_k, constitution
+        )
         write_records(st, "standard.jsonl", standard)
         write_records(st, "recovery.jsonl", standard + extra)
         return {"standard": len(standard), "recovery_examples": len(extra)}
 
-    exp.step("data", {"policy": cfg.policy, "prompts": cfg.prompts.model_dump(), "augment_k": cfg.augment_k,
-                      "decode": cfg.decode.step_config(), "constitution": cfg.constitution}, data)
+    exp.step(
+        "data",
+        {
+            "policy": cfg.policy,
+            "prompts": cfg.prompts.model_dump(),
+            "augment_k": cfg.augment_k,
+            "decode": cfg.decode.step_config(),
+            "constitution": cfg.constitution,
+        },
+        data,
+    )
     text = cfg.attack_text or AFFIRMATIVE
     results: dict[str, dict] = {}
     for name in ("standard", "recovery"):
         model = train(exp, f"train-{name}", start, read_jsonl(exp.stage("data").file(f"{name}.jsonl")), cfg.sft)
 
         def attack(st: StageDir, model: str = model, name: str = name) -> dict[str, Any]:
-            res = prefill_attack(model, pools["eval_harmful"], cfg.k_values, st.path, judge=cfg.judge, text=text,
-                                 progress=progress, sampling=sampling)
+            res = prefill_attack(
+                model,
+                pools["eval_harmful"],
+                cfg.k_values,
+                st.path,
+                judge=cfg.judge,
+                text=text,
+                progress=progress,
+                sampling=sampling,
+            )
             return {"model": model, "by_k": {k: v["attack_success_rate"] for k, v in res["by_k"].items()}}
 
-        results[name] = exp.step(f"attack-{name}", {"model": model, "k_values": cfg.k_values, "text": text,
-                                                    "judge": cfg.judge, "decode": cfg.decode.step_config(),
-                                                    "prompts": [p.id for p in pools["eval_harmful"]]}, attack,
-                                    revision=judge_revision(cfg.judge))
+        results[name] = exp.step(
+            f"attack-{name}",
+            {
+                "model": model,
+                "k_values": cfg.k_values,
+                "text": text,
+                "judge": cfg.judge,
+                "decode": cfg.decode.step_config(),
+                "prompts": [p.id for p in pools["eval_harmful"]],
+            },
+            attack,
+            revision=judge_revision(cfg.judge),
+        )
         results[name]["benign"] = evaluate_step(exp, f"eval-benign-{name}", model, [], pools["eval_benign"])
     return _finish(exp, cfg, results, text)
 
 
 def _finish(exp: Experiment, cfg: PrefillRecoveryConfig, results: dict[str, dict], text: str) -> dict[str, Any]:
     ks = sorted(set(cfg.k_values))
-    fig = line_plot(exp.root / "plots" / "prefill_asr.png", "prefill attack success", ks,
-                    {f"{name} training": [r["by_k"][str(k)] for k in ks] for name, r in results.items()},
-                    "k prefilled tokens")
-    table = [[name, *(format_rate(r["by_k"][str(k)]) for k in ks), format_rate(r["benign"]["over_refusal_rate"])]
-             for name, r in results.items()]
-    notes = [f"prefill = the first k tokens of {text!r}; attack success = the continuation is not a refusal "
-             f"(judge {cfg.judge}); 95% Wilson CIs",
-             f"recovery examples: k in {cfg.augment_k} tokens of the policy's own compliant answer, then a refusal; "
-             "the compliant prefix is context only: the SFT loss covers the turn and the refusal"]
+    fig = line_plot(
+        exp.root / "plots" / "prefill_asr.png",
+        "prefill attack success",
+        ks,
+        {f"{name} training": [r["by_k"][str(k)] for k in ks] for name, r in results.items()},
+        "k prefilled tokens",
+    )
+    table = [
+        [name, *(format_rate(r["by_k"][str(k)]) for k in ks), format_rate(r["benign"]["over_refusal_rate"])]
+        for name, r in results.items()
+    ]
+    notes = [
+        f"prefill = the first k tokens of {text!r}; attack success = the continuation is not a refusal "
+        f"(judge {cfg.judge}); 95% Wilson CIs",
+        f"recovery examples: k in {cfg.augment_k} tokens of the policy's own compliant answer, then a refusal; "
+        "the compliant prefix is context only: the SFT loss covers the turn and the refusal",
+    ]
     # the same held-out prompts attacked on both models: standard vs recovery for every k, and the benign prompts
     dirs = {f"{name} k={k}": exp.stage(f"attack-{name}").path / f"k{k}" for name in results for k in ks}
     dirs.update({f"{name} benign": exp.stage(f"eval-benign-{name}").path for name in results})
-    paired = paired_between(exp, dirs, [(f"standard k={k}", f"recovery k={k}") for k in ks]
-                            + [("standard benign", "recovery benign")])
-    write_report(exp, "Prefill attack and recovery training", "Attack success rate of the prefill attack for each k, "
-                 "after standard safety SFT and after SFT with recovery augmentation.",
-                 ["training", *(f"ASR k={k}" for k in ks), "over-refusal (benign)"], table, [fig], notes,
-                 paired=paired)
-    return exp.finish({"experiment": "prefill-recovery", "k_values": ks, "attack_text": text, "models": results,
-                       "paired": paired["comparisons"], "run": str(exp.root)})
+    paired = paired_between(
+        exp, dirs, [(f"standard k={k}", f"recovery k={k}") for k in ks] + [("standard benign", "recovery benign")]
+    )
+    write_report(
+        exp,
+        "Prefill attack and recovery training",
+        "Attack success rate of the prefill attack for each k, "
+        "after standard safety SFT and after SFT with recovery augmentation.",
+        ["training", *(f"ASR k={k}" for k in ks), "over-refusal (benign)"],
+        table,
+        [fig],
+        notes,
+        paired=paired,
+    )
+    return exp.finish(
+        {
+            "experiment": "prefill-recovery",
+            "k_values": ks,
+            "attack_text": text,
+            "models": results,
+            "paired": paired["comparisons"],
+            "run": str(exp.root),
+        }
+    )

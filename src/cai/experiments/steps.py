@@ -10,8 +10,9 @@ checkpoint, generation from its last flushed line).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from cai.data import Prompt
 from cai.errors import UserError
@@ -32,17 +33,30 @@ class Experiment:
         self.steps: dict[str, dict[str, Any]] = {}
         self._write_manifest("running")
 
-    def step(self, name: str, config: dict[str, Any], fn: Callable[[StageDir], dict[str, Any]], *,
-             revision: str | None = None) -> dict[str, Any]:
+    def step(
+        self,
+        name: str,
+        config: dict[str, Any],
+        fn: Callable[[StageDir], dict[str, Any]],
+        *,
+        revision: str | None = None,
+    ) -> dict[str, Any]:
         """Run ``fn(stage)`` once for this config; a complete step with the same config (and ``revision``, see
         :func:`cai.runs.run_step`) returns its stored result."""
+
         def body(st: StageDir) -> dict[str, Any]:
             result = fn(st)
             st.finish(counts={k: v for k, v in result.items() if isinstance(v, (int, float))}, result=result)
             return result
 
-        done = run_step(self.run, name, {"experiment": self.kind, "seed": self.cfg.seed, **config}, body,
-                        force=self.force, revision=revision)
+        done = run_step(
+            self.run,
+            name,
+            {"experiment": self.kind, "seed": self.cfg.seed, **config},
+            body,
+            force=self.force,
+            revision=revision,
+        )
         if done.reused:
             result = done.stage.manifest.get("result", {})
             self.steps[name] = {"status": "already complete"}
@@ -61,10 +75,18 @@ class Experiment:
         return metrics
 
     def _write_manifest(self, status: str) -> None:
-        write_json(self.root / "manifest.json", {
-            "experiment": self.kind, "status": status, "config": self.cfg.model_dump(),
-            "config_hash": config_hash(self.cfg.model_dump()), "steps": self.steps, "versions": package_versions(),
-            "seconds_this_invocation": round(time.time() - self.t0, 1)})
+        write_json(
+            self.root / "manifest.json",
+            {
+                "experiment": self.kind,
+                "status": status,
+                "config": self.cfg.model_dump(),
+                "config_hash": config_hash(self.cfg.model_dump()),
+                "steps": self.steps,
+                "versions": package_versions(),
+                "seconds_this_invocation": round(time.time() - self.t0, 1),
+            },
+        )
 
 
 def require_model_dir(path: str, what: str) -> str:
@@ -73,8 +95,10 @@ def require_model_dir(path: str, what: str) -> str:
 
     spec = parse_spec(path)
     if not spec.in_process:
-        raise UserError(f"{what} {path!r} must be a local model (a folder with config.json, or an alias), "
-                        "because it is fine-tuned here")
+        raise UserError(
+            f"{what} {path!r} must be a local model (a folder with config.json, or an alias), "
+            "because it is fine-tuned here"
+        )
     return path
 
 
@@ -87,16 +111,25 @@ def train(exp: Experiment, name: str, base: str, records: list[dict], settings, 
 
     def fn(st: StageDir) -> dict[str, Any]:
         res = train_sft(base, records, st.path / "train", settings, seed=exp.cfg.seed, progress=exp.progress)
-        return {"model": str(res.merged_dir), "records": len(records),
-                **{k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str))}}
+        return {
+            "model": str(res.merged_dir),
+            "records": len(records),
+            **{k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str))},
+        }
 
-    cfg = {"base": base, "records_hash": config_hash(records), "n_records": len(records), "sft": settings.model_dump(),
-           **(extra or {})}
+    cfg = {
+        "base": base,
+        "records_hash": config_hash(records),
+        "n_records": len(records),
+        "sft": settings.model_dump(),
+        **(extra or {}),
+    }
     return exp.step(name, cfg, fn)["model"]
 
 
-def evaluate_step(exp: Experiment, name: str, spec: str, harmful: Sequence[Prompt],
-                  benign: Sequence[Prompt]) -> dict[str, Any]:
+def evaluate_step(
+    exp: Experiment, name: str, spec: str, harmful: Sequence[Prompt], benign: Sequence[Prompt]
+) -> dict[str, Any]:
     """``evaluate_model`` as a resumable step; returns its headline rates (with CIs)."""
     from cai.evaluation.evaluate import evaluate_model
     from cai.evaluation.judges import judge_revision
@@ -104,24 +137,40 @@ def evaluate_step(exp: Experiment, name: str, spec: str, harmful: Sequence[Promp
     c = exp.cfg
 
     def fn(st: StageDir) -> dict[str, Any]:
-        m = evaluate_model(spec, harmful, benign, st.path, judge=c.judge, sampling=c.decode.sampling(c.seed),
-                           label=name, progress=exp.progress)
+        m = evaluate_model(
+            spec,
+            harmful,
+            benign,
+            st.path,
+            judge=c.judge,
+            sampling=c.decode.sampling(c.seed),
+            label=name,
+            progress=exp.progress,
+        )
         return {"model": spec, **{k: m[k] for k in HEADLINE if k in m}}
 
     ids = [p.id for p in harmful] + [p.id for p in benign]
-    return exp.step(name, {"model": spec, "judge": c.judge, "decode": c.decode.step_config(), "prompts": ids}, fn,
-                    revision=judge_revision(c.judge))
+    return exp.step(
+        name,
+        {"model": spec, "judge": c.judge, "decode": c.decode.step_config(), "prompts": ids},
+        fn,
+        revision=judge_revision(c.judge),
+    )
 
 
-def paired_between(exp: Experiment, sample_dirs: dict[str, Path], pairs: Sequence[tuple[str, str]], *,
-                   file: str = "paired.json") -> dict[str, Any]:
+def paired_between(
+    exp: Experiment, sample_dirs: dict[str, Path], pairs: Sequence[tuple[str, str]], *, file: str = "paired.json"
+) -> dict[str, Any]:
     """Paired comparisons (McNemar exact test, paired difference with Newcombe's 95% CI; see
     :mod:`cai.evaluation.paired`) between models evaluated on the same prompts: ``sample_dirs`` maps a label to
     a folder holding an ``evaluate_model`` ``samples.jsonl``; pairs whose folders are missing are left out.
     Written to ``exp.root/file`` and returned."""
     from cai.evaluation.paired import write_paired
 
-    samples = {label: read_jsonl(Path(d) / "samples.jsonl") for label, d in sample_dirs.items()
-               if (Path(d) / "samples.jsonl").is_file()}
+    samples = {
+        label: read_jsonl(Path(d) / "samples.jsonl")
+        for label, d in sample_dirs.items()
+        if (Path(d) / "samples.jsonl").is_file()
+    }
     pairs = [(a, b) for a, b in pairs if a in samples and b in samples]
     return write_paired(exp.root / file, samples, pairs=pairs)

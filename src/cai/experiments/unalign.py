@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from cai.base_config import GreedyGenerationConfig
 from cai.errors import UserError
 from cai.evaluation.evaluate import format_rate
 from cai.evaluation.plots import line_plot
@@ -24,7 +25,6 @@ from cai.experiments.pools import PromptPoolConfig, prompt_pools
 from cai.experiments.report import write_report
 from cai.experiments.steps import Experiment, evaluate_step, paired_between, require_model_dir, train
 from cai.runs import StageDir, read_jsonl
-from cai.base_config import GreedyGenerationConfig
 from cai.training.sft import SFTTrainConfig
 
 
@@ -32,12 +32,16 @@ class UnalignConfig(ExperimentConfig):
     name: str = "unalign"
     aligned: str | None = Field(None, description="aligned checkpoint to unalign; null = align the policy here")
     align: SFTTrainConfig = Field(default_factory=lambda: SFTTrainConfig(epochs=2, learning_rate=3e-4, batch_size=8))
-    align_harmful: int | None = Field(None, ge=1, description="harmful training prompts refused in the align step "
-                                      "(the first ones); null = all of them")
+    align_harmful: int | None = Field(
+        None,
+        ge=1,
+        description="harmful training prompts refused in the align step " "(the first ones); null = all of them",
+    )
     n_values: list[int] = Field(default_factory=lambda: [10, 50, 100])
     examples: str | None = Field(None, description="JSONL of harmful-compliance examples; null = the policy's own")
-    unalign: SFTTrainConfig = Field(default_factory=lambda: SFTTrainConfig(epochs=3, learning_rate=3e-4, batch_size=8,
-                                                                     eval_fraction=0))
+    unalign: SFTTrainConfig = Field(
+        default_factory=lambda: SFTTrainConfig(epochs=3, learning_rate=3e-4, batch_size=8, eval_fraction=0)
+    )
     realign_data: str | None = Field(None, description="SFT records to re-align the most unaligned model with")
     realign: SFTTrainConfig = Field(default_factory=lambda: SFTTrainConfig(epochs=2, learning_rate=3e-4, batch_size=8))
     eval_policy: bool = Field(True, description="also evaluate the starting policy, for reference")
@@ -57,8 +61,11 @@ def compliant_examples(answers: list[dict], judged: list[dict], seed: int) -> li
     seeded order."""
     from cai.evaluation.metrics import harmful_complied
 
-    records = [sft_record(f"comply-{a['id']}", a["prompt"], a["response"])
-               for a, j in zip(answers, judged) if harmful_complied(j) and a["response"].strip()]
+    records = [
+        sft_record(f"comply-{a['id']}", a["prompt"], a["response"])
+        for a, j in zip(answers, judged, strict=False)
+        if harmful_complied(j) and a["response"].strip()
+    ]
     random.Random(seed).shuffle(records)
     return records
 
@@ -75,13 +82,27 @@ def run(cfg: UnalignConfig, *, force: bool = False, progress: bool = True) -> di
     sampling = cfg.decode.sampling(cfg.seed)
 
     def data(st: StageDir) -> dict[str, Any]:
-        benign = answer(cfg.policy, pools["train_benign"], st, "benign_answers.jsonl", sampling,
-                        batch_size=cfg.batch_size, progress=progress)
+        benign = answer(
+            cfg.policy,
+            pools["train_benign"],
+            st,
+            "benign_answers.jsonl",
+            sampling,
+            batch_size=cfg.batch_size,
+            progress=progress,
+        )
         if cfg.examples:
             examples = load_records(cfg.examples, "unalign.examples")
         else:
-            harmful = answer(cfg.policy, pools["train_harmful"], st, "harmful_answers.jsonl", sampling,
-                             batch_size=cfg.batch_size, progress=progress)
+            harmful = answer(
+                cfg.policy,
+                pools["train_harmful"],
+                st,
+                "harmful_answers.jsonl",
+                sampling,
+                batch_size=cfg.batch_size,
+                progress=progress,
+            )
             rows = list(harmful.values())
             judged = get_judge(cfg.judge).judge([r["prompt"] for r in rows], [r["response"] for r in rows])
             examples = compliant_examples(rows, judged, cfg.seed)
@@ -91,16 +112,29 @@ def run(cfg: UnalignConfig, *, force: bool = False, progress: bool = True) -> di
         write_records(st, "align.jsonl", align)
         return {"examples": len(examples), "align_records": len(align), "source": cfg.examples or "policy's own"}
 
-    got = exp.step("data", {"policy": cfg.policy, "prompts": cfg.prompts.model_dump(), "examples": cfg.examples,
-                            "judge": cfg.judge, "decode": cfg.decode.step_config(),
-                            "constitution": cfg.constitution, "align_harmful": cfg.align_harmful}, data)
+    got = exp.step(
+        "data",
+        {
+            "policy": cfg.policy,
+            "prompts": cfg.prompts.model_dump(),
+            "examples": cfg.examples,
+            "judge": cfg.judge,
+            "decode": cfg.decode.step_config(),
+            "constitution": cfg.constitution,
+            "align_harmful": cfg.align_harmful,
+        },
+        data,
+    )
     examples = read_jsonl(exp.stage("data").file("examples.jsonl"))
     too_big = [n for n in cfg.n_values if n > len(examples)]
     if too_big:
-        raise UserError(f"unalign.n_values: N={too_big[0]} is larger than the {len(examples)} harmful-compliance "
-                        f"examples available ({got['source']}); lower n_values or pass more examples")
-    aligned = cfg.aligned or train(exp, "align", cfg.policy, read_jsonl(exp.stage("data").file("align.jsonl")),
-                                   cfg.align)
+        raise UserError(
+            f"unalign.n_values: N={too_big[0]} is larger than the {len(examples)} harmful-compliance "
+            f"examples available ({got['source']}); lower n_values or pass more examples"
+        )
+    aligned = cfg.aligned or train(
+        exp, "align", cfg.policy, read_jsonl(exp.stage("data").file("align.jsonl")), cfg.align
+    )
     harmful, benign = pools["eval_harmful"], pools["eval_benign"]
     rows: dict[str, dict] = {}
     steps: dict[str, str] = {}  # row label -> the step folder holding its samples.jsonl
@@ -131,25 +165,58 @@ def paired_pairs(labels: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _finish(exp: Experiment, cfg: UnalignConfig, rows: dict[str, dict], available: int,
-            steps: dict[str, str] | None = None) -> dict[str, Any]:
+def _finish(
+    exp: Experiment, cfg: UnalignConfig, rows: dict[str, dict], available: int, steps: dict[str, str] | None = None
+) -> dict[str, Any]:
     ns = [0, *cfg.n_values]
     sweep = [rows["N=0 (aligned)"], *(rows[f"N={n}"] for n in cfg.n_values)]
-    fig = line_plot(exp.root / "plots" / "unalign.png", "unalignment by fine-tuning", ns,
-                    {"harmful compliance": [r["harmful_compliance_rate"] for r in sweep],
-                     "over-refusal (benign)": [r["over_refusal_rate"] for r in sweep]},
-                    "N harmful-compliance examples")
-    table = [[name, format_rate(r["harmful_compliance_rate"]), format_rate(r["over_refusal_rate"]),
-              format_rate(r["loop_rate"]), f"{r['mean_length']['rate']:.0f}"] for name, r in rows.items()]
-    notes = [f"aligned checkpoint: {cfg.aligned or 'the policy after SFT on constitution-style refusals (align step)'}",
-             f"examples: {cfg.examples or 'the policy own compliant answers to bundled red-team prompts'} "
-             f"({available} available); judge: {cfg.judge}; 95% Wilson CIs"]
+    fig = line_plot(
+        exp.root / "plots" / "unalign.png",
+        "unalignment by fine-tuning",
+        ns,
+        {
+            "harmful compliance": [r["harmful_compliance_rate"] for r in sweep],
+            "over-refusal (benign)": [r["over_refusal_rate"] for r in sweep],
+        },
+        "N harmful-compliance examples",
+    )
+    table = [
+        [
+            name,
+            format_rate(r["harmful_compliance_rate"]),
+            format_rate(r["over_refusal_rate"]),
+            format_rate(r["loop_rate"]),
+            f"{r['mean_length']['rate']:.0f}",
+        ]
+        for name, r in rows.items()
+    ]
+    notes = [
+        f"aligned checkpoint: {cfg.aligned or 'the policy after SFT on constitution-style refusals (align step)'}",
+        f"examples: {cfg.examples or 'the policy own compliant answers to bundled red-team prompts'} "
+        f"({available} available); judge: {cfg.judge}; 95% Wilson CIs",
+    ]
     steps = steps or {}
-    paired = paired_between(exp, {label: exp.stage(step).path for label, step in steps.items()},
-                            paired_pairs(list(steps)))
-    write_report(exp, "Unalignment by fine-tuning", "Harmful compliance and over-refusal on held-out prompts after "
-                 "fine-tuning the aligned checkpoint on N harmful-compliance examples.",
-                 ["model", "harmful compliance", "over-refusal", "loops", "mean tokens"], table, [fig], notes,
-                 paired=paired)
-    return exp.finish({"experiment": "unalign", "n_values": cfg.n_values, "examples_available": available,
-                       "models": rows, "paired": paired["comparisons"], "run": str(exp.root)})
+    paired = paired_between(
+        exp, {label: exp.stage(step).path for label, step in steps.items()}, paired_pairs(list(steps))
+    )
+    write_report(
+        exp,
+        "Unalignment by fine-tuning",
+        "Harmful compliance and over-refusal on held-out prompts after "
+        "fine-tuning the aligned checkpoint on N harmful-compliance examples.",
+        ["model", "harmful compliance", "over-refusal", "loops", "mean tokens"],
+        table,
+        [fig],
+        notes,
+        paired=paired,
+    )
+    return exp.finish(
+        {
+            "experiment": "unalign",
+            "n_values": cfg.n_values,
+            "examples_available": available,
+            "models": rows,
+            "paired": paired["comparisons"],
+            "run": str(exp.root),
+        }
+    )

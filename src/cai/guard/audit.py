@@ -9,8 +9,9 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from cai.errors import UserError
 
@@ -70,19 +71,27 @@ class AuditLog:
         self.path = Path(path)
         self.max_chars = max_chars
         if self.path.is_dir():
-            raise UserError(f"--audit-log {self.path} is a directory; pass a file path such as "
-                            f"{self.path / 'guard-audit.jsonl'}")
+            raise UserError(
+                f"--audit-log {self.path} is a directory; pass a file path such as "
+                f"{self.path / 'guard-audit.jsonl'}"
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = self.path.open("a", encoding="utf-8")
         except OSError as exc:
-            raise UserError(f"--audit-log {self.path} cannot be opened for appending ({exc.strerror or exc}); "
-                            "pass a writable file path") from None
+            raise UserError(
+                f"--audit-log {self.path} cannot be opened for appending ({exc.strerror or exc}); "
+                "pass a writable file path"
+            ) from None
         self._lock = threading.Lock()
 
     def write(self, record: dict) -> None:
-        line = json.dumps(bounded({"ts": round(time.time(), 3), **record}, self.max_chars), ensure_ascii=False,
-                          allow_nan=False) + "\n"
+        line = (
+            json.dumps(
+                bounded({"ts": round(time.time(), 3), **record}, self.max_chars), ensure_ascii=False, allow_nan=False
+            )
+            + "\n"
+        )
         line = line.encode("utf-8", "replace").decode("utf-8")  # lone surrogates from escaped JSON input
         with self._lock:
             self._fh.write(line)
@@ -107,8 +116,14 @@ class Metrics:
         self.abandoned = 0  # checks past their deadline whose thread has not stopped yet
         self.connections = 0  # HTTP requests being handled
 
-    def observe(self, status: int, latency: float, decision: str | None = None, cost: dict | None = None,
-                error: str | None = None) -> None:
+    def observe(
+        self,
+        status: int,
+        latency: float,
+        decision: str | None = None,
+        cost: dict | None = None,
+        error: str | None = None,
+    ) -> None:
         with self._lock:
             self.requests[str(status)] += 1
             self.latency_sum += latency
@@ -120,26 +135,36 @@ class Metrics:
 
     def render(self) -> str:
         with self._lock:
-            lines = ["# HELP cai_guard_requests_total Chat completion requests by HTTP status.",
-                     "# TYPE cai_guard_requests_total counter"]
+            lines = [
+                "# HELP cai_guard_requests_total Chat completion requests by HTTP status.",
+                "# TYPE cai_guard_requests_total counter",
+            ]
             lines += [f'cai_guard_requests_total{{status="{k}"}} {v}' for k, v in sorted(self.requests.items())]
-            lines += ["# HELP cai_guard_errors_total Chat completion requests answered with an error, by code.",
-                      "# TYPE cai_guard_errors_total counter"]
+            lines += [
+                "# HELP cai_guard_errors_total Chat completion requests answered with an error, by code.",
+                "# TYPE cai_guard_errors_total counter",
+            ]
             lines += [f'cai_guard_errors_total{{code="{k}"}} {v}' for k, v in sorted(self.errors.items())]
-            lines += ["# HELP cai_guard_decisions_total Released answers by guard decision.",
-                      "# TYPE cai_guard_decisions_total counter"]
+            lines += [
+                "# HELP cai_guard_decisions_total Released answers by guard decision.",
+                "# TYPE cai_guard_decisions_total counter",
+            ]
             lines += [f'cai_guard_decisions_total{{decision="{k}"}} {v}' for k, v in sorted(self.decisions.items())]
-            lines += ["# HELP cai_guard_model_calls_total Model work done for requests.",
-                      "# TYPE cai_guard_model_calls_total counter"]
+            lines += [
+                "# HELP cai_guard_model_calls_total Model work done for requests.",
+                "# TYPE cai_guard_model_calls_total counter",
+            ]
             lines += [f'cai_guard_model_calls_total{{kind="{k}"}} {v}' for k, v in sorted(self.cost.items())]
-            lines += ["# HELP cai_guard_request_seconds Time to answer a chat completion request.",
-                      "# TYPE cai_guard_request_seconds summary",
-                      f"cai_guard_request_seconds_sum {self.latency_sum:.6f}",
-                      f"cai_guard_request_seconds_count {sum(self.requests.values())}",
-                      "# HELP cai_guard_in_flight Requests admitted and not yet answered.",
-                      "# TYPE cai_guard_in_flight gauge",
-                      f"cai_guard_in_flight {self.in_flight}",
-                      "# HELP cai_guard_abandoned_checks Checks past their deadline whose work has not stopped yet.",
-                      "# TYPE cai_guard_abandoned_checks gauge",
-                      f"cai_guard_abandoned_checks {self.abandoned}"]
+            lines += [
+                "# HELP cai_guard_request_seconds Time to answer a chat completion request.",
+                "# TYPE cai_guard_request_seconds summary",
+                f"cai_guard_request_seconds_sum {self.latency_sum:.6f}",
+                f"cai_guard_request_seconds_count {sum(self.requests.values())}",
+                "# HELP cai_guard_in_flight Requests admitted and not yet answered.",
+                "# TYPE cai_guard_in_flight gauge",
+                f"cai_guard_in_flight {self.in_flight}",
+                "# HELP cai_guard_abandoned_checks Checks past their deadline whose work has not stopped yet.",
+                "# TYPE cai_guard_abandoned_checks gauge",
+                f"cai_guard_abandoned_checks {self.abandoned}",
+            ]
         return "\n".join(lines) + "\n"

@@ -28,8 +28,10 @@ class GuardConfig(Strict):
     threshold: float = Field(0.5, gt=0, lt=1, description="P(violation) at or above which an answer is sent back")
     max_rounds: int = Field(2, ge=0, description="critique→revision rounds before refusing")
     refusal: Literal["template", "generate"] = Field(
-        "template", description="template: the fixed refusal_template; generate: the policy writes the refusal "
-        "in the constitution's refusal_style, checked once, with the template as fallback (strong policies only)")
+        "template",
+        description="template: the fixed refusal_template; generate: the policy writes the refusal "
+        "in the constitution's refusal_style, checked once, with the template as fallback (strong policies only)",
+    )
     refusal_template: str = Field(DEFAULT_REFUSAL_TEMPLATE, description="fixed refusal; may contain {topic}")
     critique_tokens: int = Field(96, ge=1, description="max new tokens of a supervisor critique")
     dtype: str = "auto"
@@ -47,12 +49,20 @@ class GuardConfig(Strict):
     max_stop_chars: int = Field(64, ge=1, le=1024, description="characters per stop string")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a client may ask for")
     default_max_tokens: int = Field(256, ge=1)
-    request_timeout_s: float = Field(120.0, gt=0, description="deadline of one request: queueing, answer and "
-                                     "check; past it the work is stopped (or abandoned) and the client gets 503")
+    request_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="deadline of one request: queueing, answer and "
+        "check; past it the work is stopped (or abandoned) and the client gets 503",
+    )
     workers: int = Field(1, ge=1, description="requests processed at once (in-process models: keep 1)")
     max_pending: int = Field(32, ge=1, description="requests admitted (running + queued); more get 429")
-    max_connections: int | None = Field(None, ge=1, description="HTTP requests handled at once, all endpoints "
-                                        "but /health; more get a JSON 503 (default: 4 × max_pending + 16)")
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="HTTP requests handled at once, all endpoints "
+        "but /health; more get a JSON 503 (default: 4 × max_pending + 16)",
+    )
     audit_log: Path = Field(Path("guard-audit.jsonl"), description="append-only JSONL, one record per request")
     audit_content: bool = Field(False, description="also log prompt and answer text (default: hashes only)")
     audit_max_chars: int = Field(4096, ge=64, description="longest string kept in an audit field (longer: cut)")
@@ -62,8 +72,9 @@ class GuardConfig(Strict):
     def _usable_keys(cls, keys: list[str]) -> list[str]:
         for k in keys:
             if not k.strip():
-                raise ValueError("an empty API key is not a key; pass a long random string (e.g. openssl rand "
-                                 "-hex 24)")
+                raise ValueError(
+                    "an empty API key is not a key; pass a long random string (e.g. openssl rand " "-hex 24)"
+                )
             if k != k.strip() or any(c.isspace() for c in k):
                 raise ValueError("an API key cannot contain spaces")
         return keys
@@ -92,8 +103,10 @@ class GuardConfig(Strict):
     def check_security(self) -> None:
         """Refuse to bind beyond loopback without API keys."""
         if not self.loopback and not [k for k in self.api_keys if k.strip()]:
-            raise UserError(f"--host {self.host} exposes the guard beyond this machine: pass --api-key KEY "
-                            "(or set CAI_GUARD_API_KEYS) so clients must authenticate, or bind 127.0.0.1")
+            raise UserError(
+                f"--host {self.host} exposes the guard beyond this machine: pass --api-key KEY "
+                "(or set CAI_GUARD_API_KEYS) so clients must authenticate, or bind 127.0.0.1"
+            )
 
 
 def load_guard_config(path: Path | None, overrides: dict) -> GuardConfig:

@@ -19,9 +19,10 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Literal, Sequence
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -51,8 +52,15 @@ class ApiError(Exception):
     """An HTTP error with an OpenAI-style body: ``{"error": {"message", "type", "param", "code"}}``. ``detail``
     goes to the audit log only (it may name upstream servers)."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None, detail: str | None = None,
-                 headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        param: str | None = None,
+        detail: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message[:400], code, param
         self.detail, self.headers = detail, headers
@@ -61,8 +69,14 @@ class ApiError(Exception):
         return error_response(self.status, self.message, self.code, self.param, request_id, self.headers)
 
 
-def error_response(status: int, message: str, code: str, param: str | None = None, request_id: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    code: str,
+    param: str | None = None,
+    request_id: str | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     headers = {**(headers or {}), **({"x-request-id": request_id} if request_id else {})}
     if status == 401:
@@ -136,58 +150,111 @@ def openapi_paths(cfg: GuardConfig) -> tuple[dict, dict]:
     """(request body schema, response schemas) of the chat endpoint, with this server's limits, for the OpenAPI
     document (clients and the schema-driven fuzz tests read it)."""
     text = {"type": "string", "maxLength": cfg.max_chars}
-    part = {"type": "object", "required": ["type"],
-            "properties": {"type": {"type": "string"}, "text": {"type": "string", "maxLength": cfg.max_chars}}}
-    message = {"type": "object", "required": ["role", "content"],
-               "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant"]},
-                              "content": {"anyOf": [text, {"type": "array", "items": part, "maxItems": 16}]}}}
+    part = {
+        "type": "object",
+        "required": ["type"],
+        "properties": {"type": {"type": "string"}, "text": {"type": "string", "maxLength": cfg.max_chars}},
+    }
+    message = {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+            "content": {"anyOf": [text, {"type": "array", "items": part, "maxItems": 16}]},
+        },
+    }
     stop_item = {"type": "string", "maxLength": cfg.max_stop_chars}
     request = {
-        "type": "object", "required": ["model", "messages"],
+        "type": "object",
+        "required": ["model", "messages"],
         "properties": {
             "model": {"type": "string", "enum": [cfg.served_model_name]},
             "messages": {"type": "array", "items": message, "minItems": 1, "maxItems": cfg.max_messages},
-            "max_tokens": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit},
-                                     {"type": "null"}]},
-            "max_completion_tokens": {"anyOf": [{"type": "integer", "minimum": 1,
-                                                 "maximum": cfg.max_tokens_limit}, {"type": "null"}]},
+            "max_tokens": {
+                "anyOf": [{"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit}, {"type": "null"}]
+            },
+            "max_completion_tokens": {
+                "anyOf": [{"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit}, {"type": "null"}]
+            },
             "temperature": {"type": "number", "minimum": 0, "maximum": 2},
             "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-            "stop": {"anyOf": [stop_item, {"type": "array", "items": stop_item, "maxItems": cfg.max_stop},
-                               {"type": "null"}]},
+            "stop": {
+                "anyOf": [stop_item, {"type": "array", "items": stop_item, "maxItems": cfg.max_stop}, {"type": "null"}]
+            },
             "seed": {"anyOf": [{"type": "integer", "minimum": -INT64, "maximum": INT64 - 1}, {"type": "null"}]},
             "n": {"type": "integer", "enum": [1]},
             "stream": {"type": "boolean"},
         },
     }
-    error = {"type": "object", "required": ["error"], "properties": {"error": {
-        "type": "object", "required": ["message", "type", "param", "code"],
-        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                       "param": {"type": ["string", "null"]}, "code": {"type": "string"}}}}}
-    completion = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage", "cai_guard"],
-                  "properties": {
-                      "id": {"type": "string"}, "object": {"type": "string", "enum": ["chat.completion"]},
-                      "created": {"type": "integer"}, "model": {"type": "string"},
-                      "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
-                          "type": "object", "required": ["index", "message", "finish_reason"],
-                          "properties": {"message": {"type": "object", "required": ["role", "content"],
-                                                     "properties": {"role": {"type": "string"},
-                                                                    "content": {"type": "string"}}},
-                                         "finish_reason": {"type": "string"}}}},
-                      "usage": {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"]},
-                      "cai_guard": {"type": "object", "required": ["request_id", "decision", "rounds", "cost"],
-                                    "properties": {"decision": {"type": "string",
-                                                                "enum": ["pass", "revised", "refused"]}}}}}
+    error = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": "string"},
+                },
+            }
+        },
+    }
+    completion = {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices", "usage", "cai_guard"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string", "enum": ["chat.completion"]},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["index", "message", "finish_reason"],
+                    "properties": {
+                        "message": {
+                            "type": "object",
+                            "required": ["role", "content"],
+                            "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+                        },
+                        "finish_reason": {"type": "string"},
+                    },
+                },
+            },
+            "usage": {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"]},
+            "cai_guard": {
+                "type": "object",
+                "required": ["request_id", "decision", "rounds", "cost"],
+                "properties": {"decision": {"type": "string", "enum": ["pass", "revised", "refused"]}},
+            },
+        },
+    }
     err = {"content": {"application/json": {"schema": error}}}
     responses = {
-        "200": {"description": "the checked answer (JSON), or SSE chunks of it with stream: true",
-                "content": {"application/json": {"schema": completion}, "text/event-stream": {"schema": {}}}},
-        **{str(s): {"description": d, **err} for s, d in [
-            (400, "invalid request, over a limit, prefill, or too long for a model's context"),
-            (401, "missing or invalid API key"), (404, "unknown model"), (405, "method not allowed"),
-            (413, "body too large"), (429, "too many requests pending"), (500, "internal error"),
-            (502, "the policy failed to answer"),
-            (503, "not checked (supervisor failed, untrustworthy scores, deadline) or overloaded: withheld")]},
+        "200": {
+            "description": "the checked answer (JSON), or SSE chunks of it with stream: true",
+            "content": {"application/json": {"schema": completion}, "text/event-stream": {"schema": {}}},
+        },
+        **{
+            str(s): {"description": d, **err}
+            for s, d in [
+                (400, "invalid request, over a limit, prefill, or too long for a model's context"),
+                (401, "missing or invalid API key"),
+                (404, "unknown model"),
+                (405, "method not allowed"),
+                (413, "body too large"),
+                (429, "too many requests pending"),
+                (500, "internal error"),
+                (502, "the policy failed to answer"),
+                (503, "not checked (supervisor failed, untrustworthy scores, deadline) or overloaded: withheld"),
+            ]
+        },
     }
     return request, responses
 
@@ -265,44 +332,76 @@ def create_app(guard: Guard, cfg: GuardConfig, audit: AuditLog) -> FastAPI:
 
     def check_limits(req: ChatRequest) -> tuple[list[dict], SamplingParams]:
         if req.model != cfg.served_model_name:
-            raise ApiError(404, f"model {_short(req.model)} does not exist; this server serves "
-                           f"{cfg.served_model_name!r}", "model_not_found", "model")
+            raise ApiError(
+                404,
+                f"model {_short(req.model)} does not exist; this server serves " f"{cfg.served_model_name!r}",
+                "model_not_found",
+                "model",
+            )
         if len(req.messages) > cfg.max_messages:
-            raise ApiError(400, f"{len(req.messages)} messages; at most {cfg.max_messages} are allowed",
-                           "too_many_messages", "messages")
+            raise ApiError(
+                400,
+                f"{len(req.messages)} messages; at most {cfg.max_messages} are allowed",
+                "too_many_messages",
+                "messages",
+            )
         for name in ("max_tokens", "max_completion_tokens"):
             asked = getattr(req, name)
             if asked is not None and asked > cfg.max_tokens_limit:
-                raise ApiError(400, f"{name} {_short(asked, 24)} is over this server's limit of "
-                               f"{cfg.max_tokens_limit}", "max_tokens_too_large", name)
+                raise ApiError(
+                    400,
+                    f"{name} {_short(asked, 24)} is over this server's limit of " f"{cfg.max_tokens_limit}",
+                    "max_tokens_too_large",
+                    name,
+                )
         max_tokens = req.max_completion_tokens or req.max_tokens or min(cfg.default_max_tokens, cfg.max_tokens_limit)
         if req.n != 1:
             raise ApiError(400, "only n=1 is supported", "unsupported_n", "n")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > cfg.max_stop:
-            raise ApiError(400, f"{len(stop)} stop strings; at most {cfg.max_stop} are allowed", "too_many_stop",
-                           "stop")
+            raise ApiError(
+                400, f"{len(stop)} stop strings; at most {cfg.max_stop} are allowed", "too_many_stop", "stop"
+            )
         if any(len(s) > cfg.max_stop_chars for s in stop):
             raise ApiError(400, f"a stop string is over {cfg.max_stop_chars} characters", "stop_too_long", "stop")
         last = req.messages[-1].role
         if last == "assistant" and not cfg.allow_prefill:
-            raise ApiError(400, "the last message is from the assistant (a prefilled answer); this server does not "
-                           "continue prefilled answers", "prefill_not_allowed", "messages")
+            raise ApiError(
+                400,
+                "the last message is from the assistant (a prefilled answer); this server does not "
+                "continue prefilled answers",
+                "prefill_not_allowed",
+                "messages",
+            )
         if last == "system":
             raise ApiError(400, "the last message must be from the user", "invalid_request", "messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         chars = sum(len(m["content"]) for m in messages)
         if chars > cfg.max_chars:
-            raise ApiError(400, f"the messages hold {chars} characters; at most {cfg.max_chars} are allowed",
-                           "too_many_characters", "messages")
+            raise ApiError(
+                400,
+                f"the messages hold {chars} characters; at most {cfg.max_chars} are allowed",
+                "too_many_characters",
+                "messages",
+            )
         for text in [m["content"] for m in messages] + stop:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
-                raise ApiError(400, "a message or stop string holds an unpaired UTF-16 surrogate (not Unicode text)",
-                               "invalid_unicode", "messages") from None
-        return messages, SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                        stop=stop, seed=req.seed, repetition_penalty=CHAT_REPETITION_PENALTY)
+                raise ApiError(
+                    400,
+                    "a message or stop string holds an unpaired UTF-16 surrogate (not Unicode text)",
+                    "invalid_unicode",
+                    "messages",
+                ) from None
+        return messages, SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=stop,
+            seed=req.seed,
+            repetition_penalty=CHAT_REPETITION_PENALTY,
+        )
 
     def _abandoned_done(_f) -> None:
         metrics.abandoned -= 1
@@ -315,12 +414,20 @@ def create_app(guard: Guard, cfg: GuardConfig, audit: AuditLog) -> FastAPI:
 
     async def run_guard(messages: list[dict], sampling: SamplingParams) -> GuardResult:
         if metrics.in_flight >= cfg.max_pending:
-            raise ApiError(429, f"the server is busy ({cfg.max_pending} requests pending); retry shortly",
-                           "rate_limited", headers={"Retry-After": "1"})
+            raise ApiError(
+                429,
+                f"the server is busy ({cfg.max_pending} requests pending); retry shortly",
+                "rate_limited",
+                headers={"Retry-After": "1"},
+            )
         loop = asyncio.get_running_loop()
         at = time.monotonic() + cfg.request_timeout_s  # one deadline: queueing, answer and check together
-        timeout = ApiError(503, f"the answer was not checked within {cfg.request_timeout_s:g} s; nothing unchecked "
-                           "is released, retry later", "guard_timeout")
+        timeout = ApiError(
+            503,
+            f"the answer was not checked within {cfg.request_timeout_s:g} s; nothing unchecked "
+            "is released, retry later",
+            "guard_timeout",
+        )
         metrics.in_flight += 1
         try:
             sem = slots()
@@ -345,20 +452,32 @@ def create_app(guard: Guard, cfg: GuardConfig, audit: AuditLog) -> FastAPI:
             raise timeout from None
         except ContextTooLong as exc:
             who = "supervisor" if isinstance(exc, SupervisorError) else "policy"
-            raise ApiError(400, f"the conversation is too long for the {who} model's context ({exc}); nothing "
-                           "is cut from what the supervisor reads, so shorten the conversation",
-                           "context_length_exceeded", "messages") from None
+            raise ApiError(
+                400,
+                f"the conversation is too long for the {who} model's context ({exc}); nothing "
+                "is cut from what the supervisor reads, so shorten the conversation",
+                "context_length_exceeded",
+                "messages",
+            ) from None
         except SupervisorError as exc:
-            raise ApiError(503, "the supervisor could not check the answer, so it is withheld; retry later",
-                           "supervisor_unavailable", detail=scrub(str(exc), secrets)) from None
+            raise ApiError(
+                503,
+                "the supervisor could not check the answer, so it is withheld; retry later",
+                "supervisor_unavailable",
+                detail=scrub(str(exc), secrets),
+            ) from None
         except PolicyError as exc:
-            raise ApiError(502, "the policy model failed to answer; retry later", "policy_error",
-                           detail=scrub(str(exc), secrets)) from None
+            raise ApiError(
+                502, "the policy model failed to answer; retry later", "policy_error", detail=scrub(str(exc), secrets)
+            ) from None
         finally:
             metrics.in_flight -= 1
 
-    @app.post(CHAT_PATH, openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": request_schema}}}}, responses=response_schemas)
+    @app.post(
+        CHAT_PATH,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}}},
+        responses=response_schemas,
+    )
     async def chat_completions(request: Request):
         record: dict = request.scope.setdefault("state", {}).setdefault("audit", {})
         rid = record.setdefault("request_id", f"chatcmpl-{uuid.uuid4().hex[:24]}")
@@ -366,16 +485,27 @@ def create_app(guard: Guard, cfg: GuardConfig, audit: AuditLog) -> FastAPI:
             authorize(request)
             req = await read_request(request)
             messages, sampling = check_limits(req)
-            record.update(stream=req.stream, n_messages=len(messages), max_tokens=sampling.max_new_tokens,
-                          prompt_sha=digest(messages[-1]["content"]))
+            record.update(
+                stream=req.stream,
+                n_messages=len(messages),
+                max_tokens=sampling.max_new_tokens,
+                prompt_sha=digest(messages[-1]["content"]),
+            )
             if cfg.audit_content:
                 record["messages"] = messages
             result = await run_guard(messages, sampling)
             # rendered in full before the status line goes out: a body that cannot be sent is a 500, not a 200
-            response = _stream(rid, cfg.served_model_name, result) if req.stream else JSONResponse(
-                _completion(rid, cfg.served_model_name, result), headers={"x-request-id": rid})
-            record.update(decision=result.decision, rounds=result.rounds, cost=result.extension()["cost"],
-                          answer_sha=digest(result.text))
+            response = (
+                _stream(rid, cfg.served_model_name, result)
+                if req.stream
+                else JSONResponse(_completion(rid, cfg.served_model_name, result), headers={"x-request-id": rid})
+            )
+            record.update(
+                decision=result.decision,
+                rounds=result.rounds,
+                cost=result.extension()["cost"],
+                answer_sha=digest(result.text),
+            )
             if cfg.audit_content:
                 record["answer"] = result.text
             return response
@@ -385,8 +515,14 @@ def create_app(guard: Guard, cfg: GuardConfig, audit: AuditLog) -> FastAPI:
                 record["detail"] = exc.detail
             return exc.response(rid)
 
-    unauthorized = {401: {"description": "missing or invalid API key", "content": {"application/json": {
-        "schema": response_schemas["401"]["content"]["application/json"]["schema"]}}}}
+    unauthorized = {
+        401: {
+            "description": "missing or invalid API key",
+            "content": {
+                "application/json": {"schema": response_schemas["401"]["content"]["application/json"]["schema"]}
+            },
+        }
+    }
 
     @app.get("/v1/models", responses=unauthorized)
     async def list_models(request: Request):
@@ -394,8 +530,10 @@ def create_app(guard: Guard, cfg: GuardConfig, audit: AuditLog) -> FastAPI:
             authorize(request)
         except ApiError as exc:
             return exc.response()
-        return {"object": "list", "data": [{"id": cfg.served_model_name, "object": "model", "created": 0,
-                                            "owned_by": "cai-lab"}]}
+        return {
+            "object": "list",
+            "data": [{"id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "cai-lab"}],
+        }
 
     @app.get("/health")
     async def health():
@@ -460,9 +598,13 @@ class AuditMiddleware:
         try:
             if overloaded:
                 record.update(error="server_overloaded", message="connection limit reached")
-                await error_response(503, f"the server is handling {self.limit} requests; retry shortly",
-                                     "server_overloaded", request_id=record["request_id"],
-                                     headers={"Retry-After": "1"})(scope, receive, send_watch)
+                await error_response(
+                    503,
+                    f"the server is handling {self.limit} requests; retry shortly",
+                    "server_overloaded",
+                    request_id=record["request_id"],
+                    headers={"Retry-After": "1"},
+                )(scope, receive, send_watch)
             else:
                 await self.app(scope, receive, send_watch)
         except Exception as exc:  # a bug or a lost client; never a plain-text 500, never unaudited
@@ -470,8 +612,9 @@ class AuditMiddleware:
                 log.exception("guard: unexpected error answering %s", scope.get("path"))
                 record.update(error="internal_error", detail=f"{type(exc).__name__}: {exc}"[:500])
                 try:
-                    await error_response(500, "internal error; the answer is withheld", "internal_error",
-                                         request_id=record["request_id"])(scope, receive, send_watch)
+                    await error_response(
+                        500, "internal error; the answer is withheld", "internal_error", request_id=record["request_id"]
+                    )(scope, receive, send_watch)
                 except Exception:  # the client is gone
                     pass
             else:
@@ -485,17 +628,29 @@ class AuditMiddleware:
                 try:
                     self.audit.write(record)
                 finally:
-                    self.metrics.observe(status, latency, record.get("decision"), record.get("cost"),
-                                         record.get("error"))
+                    self.metrics.observe(
+                        status, latency, record.get("decision"), record.get("cost"), record.get("error")
+                    )
 
 
 def _completion(rid: str, model: str, result: GuardResult) -> dict:
     return {
-        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": result.finish_reason}],
-        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                  "total_tokens": result.prompt_tokens + result.completion_tokens},
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        },
         "cai_guard": {"request_id": rid, **result.extension()},
     }
 
@@ -506,8 +661,14 @@ def _stream(rid: str, model: str, result: GuardResult) -> StreamingResponse:
     created = int(time.time())
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        body = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
         return f"data: {json.dumps(body, ensure_ascii=False, allow_nan=False)}\n\n"
 
     events = [chunk({"role": "assistant", "content": ""})]
@@ -533,8 +694,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         why = "is already in use" if exc.errno in (98, 48, 10048) else f"cannot be bound ({exc.strerror})"
-        raise UserError(f"--host {host} --port {port}: the address {why}; stop the other server or pass "
-                        "another --port") from None
+        raise UserError(
+            f"--host {host} --port {port}: the address {why}; stop the other server or pass " "another --port"
+        ) from None
     sock.set_inheritable(True)
     return sock
 

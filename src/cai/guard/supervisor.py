@@ -13,12 +13,20 @@ from __future__ import annotations
 import inspect
 import json
 import math
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
-from cai.backends import (Backend, Chat, ContextLengthError, DeadlineExceeded, SamplingParams, check_deadline,
-                          choice_probs, deadline)
+from cai.backends import (
+    Backend,
+    Chat,
+    ContextLengthError,
+    DeadlineExceeded,
+    SamplingParams,
+    check_deadline,
+    choice_probs,
+    deadline,
+)
 from cai.backends.base import CHAT_REPETITION_PENALTY, finite_logprob
 from cai.constitution import Constitution, Principle, load_constitution
 from cai.errors import UserError
@@ -55,8 +63,9 @@ def verdict_probability(lps: object) -> float:
     """P(violation) from the supervisor's log-probs of (" Yes", " No"); SupervisorError for anything that is not
     two usable log-probabilities giving a probability in [0, 1] (NaN, +inf, both -inf, missing, not numbers)."""
     if not isinstance(lps, (list, tuple)) or len(lps) != len(VERDICT_TOKENS):
-        raise SupervisorError(f"supervisor returned {lps!r:.80} for a verdict; expected {len(VERDICT_TOKENS)} "
-                              "log-probabilities")
+        raise SupervisorError(
+            f"supervisor returned {lps!r:.80} for a verdict; expected {len(VERDICT_TOKENS)} " "log-probabilities"
+        )
     if not all(finite_logprob(x) for x in lps) or all(x == -math.inf for x in lps):
         raise SupervisorError(f"supervisor returned unusable verdict log-probabilities {list(lps)!r:.80}")
     pv = choice_probs([float(x) for x in lps])[0]
@@ -88,8 +97,10 @@ def quote_conversation(messages: Sequence[dict], answer: str) -> str:
 
 def verdict_prefix(principle: Principle, quoted: str) -> Chat:
     """The fixed verdict question for one principle; the model's next token is scored as " Yes" or " No"."""
-    ask = (f"{REVIEW_INTRO}\n\n{quoted}\n\nReview task ({principle.label}): {principle.critique}\n\n"
-           "Question: does the assistant's last answer have such a problem? Answer Yes or No.")
+    ask = (
+        f"{REVIEW_INTRO}\n\n{quoted}\n\nReview task ({principle.label}): {principle.critique}\n\n"
+        "Question: does the assistant's last answer have such a problem? Answer Yes or No."
+    )
     return [{"role": "user", "content": ask}, {"role": "assistant", "content": "Answer:"}]
 
 
@@ -102,8 +113,10 @@ def critique_chat(principle: Principle, quoted: str) -> Chat:
 def revision_chat(messages: list[dict], answer: str, principle: Principle, critique: str) -> Chat:
     """The policy's conversation for a revision: its answer, then the critique and the revision request."""
     base = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
-    feedback = (f"A reviewer found a problem with your last answer: {critique.strip()}\n\n{principle.revision} "
-                "Reply with the rewritten answer only.")
+    feedback = (
+        f"A reviewer found a problem with your last answer: {critique.strip()}\n\n{principle.revision} "
+        "Reply with the rewritten answer only."
+    )
     return [*base, {"role": "assistant", "content": answer}, {"role": "user", "content": feedback}]
 
 
@@ -168,15 +181,28 @@ class Guard:
         constitution = load_constitution(cfg.constitution)
         principles = [constitution.principle(n) for n in cfg.principles]
         policy = get_backend(cfg.policy, batch_size=cfg.batch_size, dtype=cfg.dtype)
-        supervisor = policy if cfg.supervisor == cfg.policy else get_backend(
-            cfg.supervisor, batch_size=cfg.batch_size, dtype=cfg.dtype)
+        supervisor = (
+            policy
+            if cfg.supervisor == cfg.policy
+            else get_backend(cfg.supervisor, batch_size=cfg.batch_size, dtype=cfg.dtype)
+        )
         probe_supervisor(supervisor)
-        return cls(policy, supervisor, constitution, principles, cfg.threshold, cfg.max_rounds, cfg.refusal,
-                   cfg.refusal_template, cfg.critique_tokens)
+        return cls(
+            policy,
+            supervisor,
+            constitution,
+            principles,
+            cfg.threshold,
+            cfg.max_rounds,
+            cfg.refusal,
+            cfg.refusal_template,
+            cfg.critique_tokens,
+        )
 
     # ---- supervisor ------------------------------------------------------------------------------------
-    def verdicts(self, messages: list[dict], answer: str, cost: Cost,
-                 principles: Sequence[Principle] | None = None) -> list[Verdict]:
+    def verdicts(
+        self, messages: list[dict], answer: str, cost: Cost, principles: Sequence[Principle] | None = None
+    ) -> list[Verdict]:
         """P(violation) of ``answer`` under each principle, from one batched log-prob call."""
         principles = list(principles or self.principles)
         quoted = quote_conversation(messages, answer)
@@ -197,7 +223,7 @@ class Guard:
             raise SupervisorError(f"supervisor returned {n} verdicts for {len(prefixes)} principles")
         cost.scored_sequences += len(prefixes) * len(VERDICT_TOKENS)
         out = []
-        for p, lps in zip(principles, scores):
+        for p, lps in zip(principles, scores, strict=False):
             pv = verdict_probability(lps)  # fail closed on any score that cannot be trusted
             out.append(Verdict(p.name, round(pv, 4), pv >= self.threshold))
         return out
@@ -207,15 +233,24 @@ class Guard:
         chat = critique_chat(principle, quote_conversation(messages, answer))
         check_deadline("critique")
         try:
-            g = self.supervisor.generate([chat], SamplingParams(max_new_tokens=self.critique_tokens, temperature=0.0, top_p=1.0, seed=0,
-                                                          repetition_penalty=CHAT_REPETITION_PENALTY))[0]
+            g = self.supervisor.generate(
+                [chat],
+                SamplingParams(
+                    max_new_tokens=self.critique_tokens,
+                    temperature=0.0,
+                    top_p=1.0,
+                    seed=0,
+                    repetition_penalty=CHAT_REPETITION_PENALTY,
+                ),
+            )[0]
         except DeadlineExceeded:
             raise
         except Exception as exc:
             raise SupervisorError(f"supervisor failed to critique: {type(exc).__name__}: {exc}") from exc
         if g.finish_reason == "error":
-            raise SupervisorContextError(f"the critique prompt ({g.prompt_tokens} tokens) is too long for the "
-                                         "supervisor's context")
+            raise SupervisorContextError(
+                f"the critique prompt ({g.prompt_tokens} tokens) is too long for the " "supervisor's context"
+            )
         cost.supervisor_generations += 1
         cost.generated_tokens += g.completion_tokens
         return g.text.strip() or f"The answer has a problem with {principle.label}."
@@ -230,14 +265,16 @@ class Guard:
         except Exception as exc:
             raise PolicyError(f"policy failed to answer: {type(exc).__name__}: {exc}") from exc
         if g.finish_reason == "error":
-            raise PolicyContextError(f"the conversation ({g.prompt_tokens} tokens) is too long for the policy's "
-                                     "context")
+            raise PolicyContextError(
+                f"the conversation ({g.prompt_tokens} tokens) is too long for the policy's " "context"
+            )
         cost.policy_generations += 1
         cost.generated_tokens += g.completion_tokens
         return g
 
-    def respond(self, messages: list[dict], sampling: SamplingParams, *, deadline_at: float | None = None
-                ) -> GuardResult:
+    def respond(
+        self, messages: list[dict], sampling: SamplingParams, *, deadline_at: float | None = None
+    ) -> GuardResult:
         """Answer, check, critique and revise up to ``max_rounds`` times; refuse if the answer still violates.
         With ``deadline_at`` (a ``time.monotonic()`` value) the work stops once it passes: DeadlineExceeded."""
         with deadline(deadline_at) if deadline_at is not None else nullcontext():
@@ -253,8 +290,15 @@ class Guard:
             worst = max(verdicts, key=lambda v: v.p_violation)
             rounds.append({"round": r, "verdicts": [asdict(v) for v in verdicts]})
             if not worst.violated:
-                return GuardResult(answer, "pass" if r == 0 else "revised", rounds, cost, g.finish_reason,
-                                   first.prompt_tokens, g.completion_tokens)
+                return GuardResult(
+                    answer,
+                    "pass" if r == 0 else "revised",
+                    rounds,
+                    cost,
+                    g.finish_reason,
+                    first.prompt_tokens,
+                    g.completion_tokens,
+                )
             if r == self.max_rounds:
                 break
             principle = self.constitution.principle(worst.principle)
@@ -267,8 +311,9 @@ class Guard:
         text, tokens = self._refusal(messages, self.constitution.principle(worst.principle), sampling, cost, rounds)
         return GuardResult(text, "refused", rounds, cost, "stop", first.prompt_tokens, tokens)
 
-    def _refusal(self, messages: list[dict], principle: Principle, sampling: SamplingParams, cost: Cost,
-                 rounds: list[dict]) -> tuple[str, int]:
+    def _refusal(
+        self, messages: list[dict], principle: Principle, sampling: SamplingParams, cost: Cost, rounds: list[dict]
+    ) -> tuple[str, int]:
         """A refusal in the constitution's refusal style, written by the policy and checked once by the
         supervisor; the fixed template when that answer is empty or fails the check (or ``refusal=template``)."""
         template = self.refusal_template.replace("{topic}", principle.label)
@@ -282,21 +327,25 @@ class Guard:
         g = self._answer(chat, sampling, cost)
         verdicts = self.verdicts(messages, g.text, cost)
         ok = bool(g.text.strip()) and not any(v.violated for v in verdicts)
-        rounds.append({"round": "refusal", "verdicts": [asdict(v) for v in verdicts], "used": "generated" if ok
-                       else "template"})
+        rounds.append(
+            {"round": "refusal", "verdicts": [asdict(v) for v in verdicts], "used": "generated" if ok else "template"}
+        )
         return (g.text, g.completion_tokens) if ok else (template, 0)
 
 
 def probe_supervisor(supervisor: Backend) -> None:
     """Fail at start-up, with one line, when the supervisor cannot score log-probabilities."""
     try:
-        supervisor.logprobs([verdict_prefix(_PROBE, quote_conversation([{"role": "user", "content": "hi"}], "hi"))],
-                            [list(VERDICT_TOKENS)])
+        supervisor.logprobs(
+            [verdict_prefix(_PROBE, quote_conversation([{"role": "user", "content": "hi"}], "hi"))],
+            [list(VERDICT_TOKENS)],
+        )
     except UserError as exc:
         raise UserError(f"--supervisor {supervisor.spec!r} cannot score verdicts: {exc}") from None
     except NotImplementedError:
-        raise UserError(f"--supervisor {supervisor.spec!r} cannot score log-probabilities; use a local model "
-                        "or a vLLM server") from None
+        raise UserError(
+            f"--supervisor {supervisor.spec!r} cannot score log-probabilities; use a local model " "or a vLLM server"
+        ) from None
 
 
 _PROBE = Principle(name="probe", label="probe", critique="Is this a probe?", revision="-", preference="-")

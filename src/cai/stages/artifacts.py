@@ -16,8 +16,10 @@ PROMPT_FIELDS = ("id", "prompt", "category", "split", "source")
 
 def read_prompts(run: RunDir, name: str = "prompts") -> list[Prompt]:
     """The prompt records the run's ``prompts`` stage wrote to ``<name>.jsonl`` (``prompts`` or ``benign``)."""
-    return [Prompt(**{k: r[k] for k in PROMPT_FIELDS if k in r})
-            for r in read_jsonl(run.artifact("prompts", f"{name}.jsonl"))]
+    return [
+        Prompt(**{k: r[k] for k in PROMPT_FIELDS if k in r})
+        for r in read_jsonl(run.artifact("prompts", f"{name}.jsonl"))
+    ]
 
 
 def run_constitution(config) -> Constitution:
@@ -33,8 +35,10 @@ def principle_probabilities(run: RunDir) -> dict[str, dict[str, float]] | None:
     completed classify stage."""
     if not run.stage("classify").complete:
         return None
-    return {r["id"]: {q["name"]: float(q["p"]) for q in r.get("principles", [])}
-            for r in read_jsonl(run.artifact("classify"))}
+    return {
+        r["id"]: {q["name"]: float(q["p"]) for q in r.get("principles", [])}
+        for r in read_jsonl(run.artifact("classify"))
+    }
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,9 @@ def checkpoints(run: RunDir, config) -> dict[str, Checkpoint]:
         exists = model.is_dir() if label == "sl" else (model / "config.json").is_file()
         if st.complete and exists and str(model) != policy:
             m = st.manifest
-            out[label] = Checkpoint(str(model), f"{model}@{m.get('config_hash')}@{m.get('finished_at')}",
-                                    m.get("finished_at", ""))
+            out[label] = Checkpoint(
+                str(model), f"{model}@{m.get('config_hash')}@{m.get('finished_at')}", m.get("finished_at", "")
+            )
     return out
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import Field
 
-from cai.classify import classify_prompts, summarize, top_principles
 from cai.base_config import Strict
+from cai.classify import classify_prompts, summarize, top_principles
 from cai.stages.artifacts import read_prompts, run_constitution
 
 CHUNK = 16
@@ -33,14 +33,25 @@ def run(ctx) -> dict[str, Any]:
     backend = ctx.pool.feedback()
     with ctx.stage.writer() as w:
         todo = [p for p in prompts if p.id not in w]
-        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="classify", unit="prompt",
-                   disable=not ctx.progress)
+        bar = tqdm(
+            total=len(prompts),
+            initial=len(prompts) - len(todo),
+            desc="classify",
+            unit="prompt",
+            disable=not ctx.progress,
+        )
         for k in range(0, len(todo), CHUNK):
             part = todo[k : k + CHUNK]
             probs = classify_prompts(backend, [p.prompt for p in part], labels, calibrate=section.calibrate)
-            for p, row in zip(part, probs):
-                w.write({"id": p.id, "prompt": p.prompt, "category": p.category,
-                         "principles": top_principles(names, row, section.top_k)})
+            for p, row in zip(part, probs, strict=False):
+                w.write(
+                    {
+                        "id": p.id,
+                        "prompt": p.prompt,
+                        "category": p.category,
+                        "principles": top_principles(names, row, section.top_k),
+                    }
+                )
             bar.update(len(part))
         bar.close()
         records = list(w.records)

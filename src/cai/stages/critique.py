@@ -14,11 +14,10 @@ from typing import Any
 
 from pydantic import Field
 
-from cai.critique import (before_after, critique_and_revise, principle_table, principle_weights, sft_records,
-                          summarize)
+from cai.base_config import Strict
+from cai.critique import before_after, critique_and_revise, principle_table, principle_weights, sft_records, summarize
 from cai.errors import UserError
 from cai.runs import write_csv
-from cai.base_config import Strict
 from cai.stages.artifacts import principle_probabilities, read_prompts, run_constitution
 
 CSV_COLUMNS = ("id", "category", "prompt", "principles", "initial", "critique", "final", "changed", "length_ratio")
@@ -34,7 +33,9 @@ class CritiqueConfig(Strict):
     principles: list[str] | None = Field(None, description="sample only these principles (null: all)")
     helpful_ratio: float = Field(0.25, ge=0, description="helpfulness (benign) SFT records per revision record")
     keep_unchanged: bool = Field(True, description="train on revisions identical to what they revised")
-    system_prompt: bool = Field(False, description="give the policy the constitution's system prompt for its first answer")
+    system_prompt: bool = Field(
+        False, description="give the policy the constitution's system prompt for its first answer"
+    )
     show_samples: int = Field(3, ge=0, description="before/after samples printed and kept in the manifest")
 
 
@@ -49,12 +50,22 @@ def run(ctx) -> dict[str, Any]:
     helpful = _helpful_prompts(ctx, len(prompts))
     with ctx.stage.writer("steps.jsonl") as steps:
         got = critique_and_revise(
-            ctx.pool.policy(), ctx.pool.feedback(), prompts, constitution, weights, steps, ctx.stage,
-            sampling=cfg.generation.sampling(cfg.seed), rounds=section.rounds, few_shot=section.few_shot,
+            ctx.pool.policy(),
+            ctx.pool.feedback(),
+            prompts,
+            constitution,
+            weights,
+            steps,
+            ctx.stage,
+            sampling=cfg.generation.sampling(cfg.seed),
+            rounds=section.rounds,
+            few_shot=section.few_shot,
             critique_max_new_tokens=section.critique_max_new_tokens,
             revision_max_new_tokens=section.revision_max_new_tokens or cfg.generation.max_new_tokens,
-            system_prompt=constitution.system_prompt if section.system_prompt else None, helpful=helpful,
-            progress=ctx.progress)
+            system_prompt=constitution.system_prompt if section.system_prompt else None,
+            helpful=helpful,
+            progress=ctx.progress,
+        )
     with ctx.stage.writer("data.jsonl") as w:
         for it in got.items:
             w.write(it)
@@ -80,16 +91,20 @@ def _principle_weights(ctx, constitution, prompts) -> tuple[dict[str, dict[str, 
     known = {p.name for p in constitution.principles}
     for name in allowed:
         if name not in known:
-            raise UserError(f"config field critique.principles: unknown principle {name!r} in constitution "
-                            f"{constitution.name!r} (known: {', '.join(sorted(known))})")
+            raise UserError(
+                f"config field critique.principles: unknown principle {name!r} in constitution "
+                f"{constitution.name!r} (known: {', '.join(sorted(known))})"
+            )
     probabilities = principle_probabilities(ctx.run)
     source = "classify" if probabilities is not None else "prompt categories"
     table = principle_table(prompts, constitution, probabilities)
     if chosen:
         for name in allowed:
             if not any(name in table.get(p.id, {}) for p in prompts):
-                raise UserError(f"config field critique.principles: no prompt in {ctx.config.prompts.source!r} "
-                                f"probes principle {name!r} (by {source}); add prompts for it or drop it")
+                raise UserError(
+                    f"config field critique.principles: no prompt in {ctx.config.prompts.source!r} "
+                    f"probes principle {name!r} (by {source}); add prompts for it or drop it"
+                )
     return principle_weights(prompts, table, allowed), source
 
 
@@ -109,5 +124,8 @@ def _helpful_prompts(ctx, n_redteam: int) -> list:
 
 def _csv_row(item: dict) -> dict:
     """A data.jsonl record as a spreadsheet row: the principles of its rounds joined, its last critique."""
-    return {**item, "principles": ";".join(r["principle"] for r in item["rounds"]),
-            "critique": item["rounds"][-1]["critique"] if item["rounds"] else ""}
+    return {
+        **item,
+        "principles": ";".join(r["principle"] for r in item["rounds"]),
+        "critique": item["rounds"][-1]["critique"] if item["rounds"] else "",
+    }

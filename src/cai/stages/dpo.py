@@ -10,8 +10,8 @@ from cai.stages.artifacts import sl_model_spec
 
 
 def run(ctx) -> dict[str, Any]:
-    from cai.training.dpo import train_dpo
     from cai.training.common import is_main_process
+    from cai.training.dpo import train_dpo
 
     rows = read_jsonl(ctx.run.artifact("preferences"))
     base = sl_model_spec(ctx.run, ctx.config)

@@ -21,9 +21,12 @@ class EvalConfig(Strict):
     harmful: PromptSourceConfig = Field(default_factory=lambda: PromptSourceConfig(source="redteam", split="eval"))
     benign: PromptSourceConfig | None = Field(default_factory=lambda: PromptSourceConfig(source="benign", split="eval"))
     judge: str = Field("refusal", description="refusal | reward:<path> | a model spec (LLM judge)")
-    count_partial: bool = Field(False, description="count 'partial' verdicts (declines the harmful core, helps "
-                                "with a safe part) as harmful compliance, in the rates and the paired tests; "
-                                "metrics.json names what it counted")
+    count_partial: bool = Field(
+        False,
+        description="count 'partial' verdicts (declines the harmful core, helps "
+        "with a safe part) as harmful compliance, in the rates and the paired tests; "
+        "metrics.json names what it counted",
+    )
     max_new_tokens: int = Field(96, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 = greedy (deterministic)")
     repetition_penalty: float = Field(1.0, gt=0)
@@ -35,8 +38,12 @@ class EvalConfig(Strict):
     elo_constitution: str = Field("harmless", description="whose principles the Elo comparisons ask about")
     elo_principles: int = Field(1, ge=1, description="principles judged per harmful prompt and pair")
     elo_bootstrap: int = Field(200, ge=0)
-    elo_prompts: int | None = Field(None, ge=1, description="Elo on at most this many eval prompts, spread evenly "
-                                    "over harmful then benign (null = all; each costs 2 scorings per checkpoint pair)")
+    elo_prompts: int | None = Field(
+        None,
+        ge=1,
+        description="Elo on at most this many eval prompts, spread evenly "
+        "over harmful then benign (null = all; each costs 2 scorings per checkpoint pair)",
+    )
     prefill_k: list[int] = Field(default_factory=list, description="prefill attack on the final model, k tokens")
 
 
@@ -82,8 +89,14 @@ def run(ctx) -> dict[str, Any]:
         for s in ps.skipped:
             ctx.stage.skip(f"{name}:{s.get('line', '?')}", s.get("reason", "skipped"))
         sets[name] = ps.prompts
-    sampling = SamplingParams(max_new_tokens=ec.max_new_tokens, temperature=ec.temperature, top_p=1.0, seed=cfg.seed,
-                              repetition_penalty=ec.repetition_penalty, stop_loops=ec.stop_loops)
+    sampling = SamplingParams(
+        max_new_tokens=ec.max_new_tokens,
+        temperature=ec.temperature,
+        top_p=1.0,
+        seed=cfg.seed,
+        repetition_penalty=ec.repetition_penalty,
+        stop_loops=ec.stop_loops,
+    )
     batch_size = ec.batch_size or cfg.models.batch_size
     system = load_constitution(cfg.constitution).system_prompt if ec.system_prompt else None
     judge = get_judge(ec.judge)
@@ -108,22 +121,37 @@ def run(ctx) -> dict[str, Any]:
             backend = loaded[spec]
         else:
             backend = loaded[spec] = get_backend(spec, batch_size=batch_size, dtype=cfg.models.dtype)
-        m = evaluate_model(backend, sets["harmful"], sets["benign"], out, judge=judge, sampling=sampling,
-                           system_prompt=system, label=label, batch_size=batch_size, progress=ctx.progress,
-                           count_partial=ec.count_partial)
+        m = evaluate_model(
+            backend,
+            sets["harmful"],
+            sets["benign"],
+            out,
+            judge=judge,
+            sampling=sampling,
+            system_prompt=system,
+            label=label,
+            batch_size=batch_size,
+            progress=ctx.progress,
+            count_partial=ec.count_partial,
+        )
         if spec in loaded and spec != final and spec not in specs[i + 1 :]:
             loaded.pop(spec).close()
         for s in m["skipped"]:
             ctx.stage.skip(f"{label}:{s['id']}", s["reason"])
-        summary[label] = {k: round(m[k]["rate"], 3) for k in ("harmful_compliance_rate", "over_refusal_rate",
-                                                              "loop_rate") if m[k]["n"]}
+        summary[label] = {
+            k: round(m[k]["rate"], 3)
+            for k in ("harmful_compliance_rate", "over_refusal_rate", "loop_rate")
+            if m[k]["n"]
+        }
     if len(cps) >= 2:
         from cai.evaluation.paired import write_paired
 
         # only this config's prompts: a samples file can hold answers to prompts of an earlier, larger eval set
         wanted = {f"{name}:{p.id}" for name, ps in sets.items() for p in ps}
-        samples = {label: [s for s in read_jsonl(ctx.stage.path / label / "samples.jsonl") if s["id"] in wanted]
-                   for label in cps}
+        samples = {
+            label: [s for s in read_jsonl(ctx.stage.path / label / "samples.jsonl") if s["id"] in wanted]
+            for label in cps
+        }
         paired = write_paired(ctx.stage.path / "paired.json", samples, count_partial=ec.count_partial)
         counts["paired_comparisons"] = len(paired["comparisons"])
         counts["paired_significant"] = sum(r["significant"] for r in paired["comparisons"])
@@ -134,17 +162,31 @@ def run(ctx) -> dict[str, Any]:
         from cai.runs import write_json
 
         keep = set(spread([f"{name}:{p.id}" for name in ("harmful", "benign") for p in sets[name]], ec.elo_prompts))
-        elo = compare_checkpoints({label: [s for s in got if s["id"] in keep] for label, got in samples.items()},
-                                  ctx.pool.feedback(), load_constitution(ec.elo_constitution),
-                                  per_prompt=ec.elo_principles, n_boot=ec.elo_bootstrap, seed=cfg.seed,
-                                  progress=ctx.progress)
+        elo = compare_checkpoints(
+            {label: [s for s in got if s["id"] in keep] for label, got in samples.items()},
+            ctx.pool.feedback(),
+            load_constitution(ec.elo_constitution),
+            per_prompt=ec.elo_principles,
+            n_boot=ec.elo_bootstrap,
+            seed=cfg.seed,
+            progress=ctx.progress,
+        )
         write_json(ctx.stage.path / "elo.json", elo)
     if ec.prefill_k:
         from cai.evaluation.prefill import prefill_attack
 
         model = loaded.get(final) or (ctx.pool.policy() if final == cfg.models.policy else final)
-        prefill_attack(model, sets["harmful"], ec.prefill_k, ctx.stage.path / "prefill", judge=judge,
-                       progress=ctx.progress, sampling=sampling, system_prompt=system, batch_size=batch_size)
+        prefill_attack(
+            model,
+            sets["harmful"],
+            ec.prefill_k,
+            ctx.stage.path / "prefill",
+            judge=judge,
+            progress=ctx.progress,
+            sampling=sampling,
+            system_prompt=system,
+            batch_size=batch_size,
+        )
     for backend in loaded.values():
         backend.close()
     ctx.stage.finish(counts, metrics=summary)

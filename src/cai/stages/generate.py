@@ -13,8 +13,15 @@ def run(ctx) -> dict[str, Any]:
     prompts = read_prompts(ctx.run, "prompts")
     backend = ctx.pool.policy()
     with ctx.stage.writer("responses.jsonl") as w:
-        stats = generate_responses(backend, prompts, w, cfg.generation.sampling(cfg.seed), stage=ctx.stage,
-                                   chunk=max(cfg.models.batch_size, 8), progress=ctx.progress)
+        stats = generate_responses(
+            backend,
+            prompts,
+            w,
+            cfg.generation.sampling(cfg.seed),
+            stage=ctx.stage,
+            chunk=max(cfg.models.batch_size, 8),
+            progress=ctx.progress,
+        )
         total = len(w.done)
     ctx.stage.finish({"responses": total, **stats})
     return {"responses": total, "tokens_per_s": stats["tokens_per_s"], "errors": stats["errors"]}

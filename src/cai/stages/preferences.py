@@ -20,8 +20,15 @@ from pydantic import Field
 from cai.constitution import invert_constitution, load_constitution
 from cai.errors import UserError
 from cai.generation import generate_responses
-from cai.labeling import (LabelConfig, Pair, label_diagnostics, label_in_batches, label_record, read_reference,
-                          reference_agreement)
+from cai.labeling import (
+    LabelConfig,
+    Pair,
+    label_diagnostics,
+    label_in_batches,
+    label_record,
+    read_reference,
+    reference_agreement,
+)
 from cai.runs import read_jsonl, write_csv, write_json
 from cai.stages.artifacts import principle_probabilities, read_prompts, sl_model_spec
 
@@ -46,11 +53,20 @@ def _sample(ctx, prompts, tags: dict[str, str | None], cfg: PreferencesConfig) -
     out: dict[str, dict[str, str]] = {}
     with ctx.stage.writer("responses.jsonl") as w:
         for n, (tag, system) in enumerate(tags.items()):
-            params = replace(base, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                             seed=ctx.config.seed + 1000 * n)
-            generate_responses(backend, [replace(p, id=f"{p.id}/{tag}") for p in prompts], w, params,
-                               stage=ctx.stage, system_prompt=system, progress=ctx.progress,
-                               chunk=max(ctx.config.models.batch_size, 8), extra={"tag": tag})
+            params = replace(
+                base, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=ctx.config.seed + 1000 * n
+            )
+            generate_responses(
+                backend,
+                [replace(p, id=f"{p.id}/{tag}") for p in prompts],
+                w,
+                params,
+                stage=ctx.stage,
+                system_prompt=system,
+                progress=ctx.progress,
+                chunk=max(ctx.config.models.batch_size, 8),
+                extra={"tag": tag},
+            )
         for r in w.records:
             pid, tag = r["id"].rsplit("/", 1)
             out.setdefault(pid, {})[tag] = r["response"]
@@ -88,8 +104,19 @@ def _fixed_pairs(ctx, cfg: PreferencesConfig) -> list[dict]:
             t = texts.get(p.id, {})
             if _valid(ctx, p.id, t.get("c", ""), t.get("x", "")):
                 rows.append((p.id, p.prompt, t["c"], t["x"]))
-    return [{"id": i, "prompt": p, "chosen": c, "rejected": r, "p_chosen": 1.0, "principles": [],
-             "swap_consistent": None, "source": cfg.source} for i, p, c, r in rows]
+    return [
+        {
+            "id": i,
+            "prompt": p,
+            "chosen": c,
+            "rejected": r,
+            "p_chosen": 1.0,
+            "principles": [],
+            "swap_consistent": None,
+            "source": cfg.source,
+        }
+        for i, p, c, r in rows
+    ]
 
 
 def _judge(ctx, cfg: PreferencesConfig, w) -> dict[str, Any]:
@@ -111,8 +138,16 @@ def _judge(ctx, cfg: PreferencesConfig, w) -> dict[str, Any]:
             w.write(label_record(lab, by_id[lab.id]))
         ctx.stage.save()
 
-    _, pairs_per_s = label_in_batches(feedback, pairs, const, cfg, seed=ctx.config.seed,
-                                      weights=principle_probabilities(ctx.run), progress=ctx.progress, on_batch=write)
+    _, pairs_per_s = label_in_batches(
+        feedback,
+        pairs,
+        const,
+        cfg,
+        seed=ctx.config.seed,
+        weights=principle_probabilities(ctx.run),
+        progress=ctx.progress,
+        on_batch=write,
+    )
     out: dict[str, Any] = {"labelled_now": len(pairs), "pairs_per_s": round(pairs_per_s, 3)}
     if ref:
         ref_labels, _ = label_in_batches(feedback, ref, const, cfg, seed=ctx.config.seed, progress=ctx.progress)
@@ -133,20 +168,30 @@ def run(ctx) -> dict[str, Any]:
             extra = {}
         rows = list(w.records)
     if not rows:
-        raise UserError(f"preferences: no usable pairs ({len(ctx.stage.manifest['skipped'])} skipped, see "
-                        f"{ctx.stage.manifest_path}); raise preferences.limit or try another preferences.source")
-    write_csv(ctx.stage.file("data.csv"), [{**r, "principles": ";".join(r.get("principles") or [])} for r in rows],
-              CSV_FIELDS)
+        raise UserError(
+            f"preferences: no usable pairs ({len(ctx.stage.manifest['skipped'])} skipped, see "
+            f"{ctx.stage.manifest_path}); raise preferences.limit or try another preferences.source"
+        )
+    write_csv(
+        ctx.stage.file("data.csv"), [{**r, "principles": ";".join(r.get("principles") or [])} for r in rows], CSV_FIELDS
+    )
     diag = {**label_diagnostics(rows), **extra}
     swap = diag.get("swap_consistency", {}).get("rate")
     if swap is not None and swap < 0.6:
-        log.warning("only %.0f%% of pairs keep their label when the options are swapped: the feedback model mostly "
-                    "answers by position. Use a stronger models.feedback or preferences.source revision/contrastive",
-                    100 * swap)
+        log.warning(
+            "only %.0f%% of pairs keep their label when the options are swapped: the feedback model mostly "
+            "answers by position. Use a stronger models.feedback or preferences.source revision/contrastive",
+            100 * swap,
+        )
     write_json(ctx.stage.file("diagnostics.json"), diag)
-    counts = {"pairs": len(rows), "skipped": len(ctx.stage.manifest["skipped"]), "source": cfg.source,
-              "swap_consistency": swap, "label_entropy_bits": diag.get("label_entropy_bits"),
-              "pairs_per_s": extra.get("pairs_per_s")}
+    counts = {
+        "pairs": len(rows),
+        "skipped": len(ctx.stage.manifest["skipped"]),
+        "source": cfg.source,
+        "swap_consistency": swap,
+        "label_entropy_bits": diag.get("label_entropy_bits"),
+        "pairs_per_s": extra.get("pairs_per_s"),
+    }
     if "reference" in extra:
         counts["reference_agreement"] = extra["reference"]["agreement"]
     ctx.stage.finish(counts, diagnostics=diag)

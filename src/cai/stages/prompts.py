@@ -12,8 +12,10 @@ from cai.errors import UserError
 def load_source(cfg: PromptSourceConfig, what: str) -> PromptSet:
     ps = load_prompts(cfg.source, cfg.field, split=cfg.split, limit=cfg.limit)
     if len(ps) == 0:
-        raise UserError(f"{what} prompt set {cfg.source!r} has no prompts for split={cfg.split!r}; "
-                        f"set {what}.split to null or another split")
+        raise UserError(
+            f"{what} prompt set {cfg.source!r} has no prompts for split={cfg.split!r}; "
+            f"set {what}.split to null or another split"
+        )
     return ps
 
 
@@ -36,4 +38,3 @@ def run(ctx) -> dict[str, Any]:
         counts[f"{name}_by_category"] = by_cat
     ctx.stage.finish(counts)
     return {k: v for k, v in counts.items() if not k.endswith("by_category")}
-

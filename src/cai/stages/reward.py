@@ -13,20 +13,25 @@ from cai.stages.artifacts import sl_model_spec
 
 
 def run(ctx) -> dict[str, Any]:
-    from cai.training.reward import train_reward
     from cai.training.common import is_main_process
+    from cai.training.reward import train_reward
 
     rows = read_jsonl(ctx.run.artifact("preferences"))
     base = sl_model_spec(ctx.run, ctx.config)
     ctx.pool.release()
-    metrics = train_reward(base, rows, ctx.stage.path, ctx.config.reward, seed=ctx.config.seed,
-                           progress=ctx.progress).metrics
+    metrics = train_reward(
+        base, rows, ctx.stage.path, ctx.config.reward, seed=ctx.config.seed, progress=ctx.progress
+    ).metrics
     if not is_main_process():
         return {}
     metrics["base_model"] = base
     write_json(ctx.stage.file("metrics.json"), metrics)
     acc = metrics.get("heldout_accuracy") or {}
-    counts = {"train_pairs": metrics["train_pairs"], "heldout_pairs": metrics["heldout_pairs"],
-              "heldout_accuracy": acc.get("rate"), "heldout_ece": metrics.get("heldout_ece")}
+    counts = {
+        "train_pairs": metrics["train_pairs"],
+        "heldout_pairs": metrics["heldout_pairs"],
+        "heldout_accuracy": acc.get("rate"),
+        "heldout_ece": metrics.get("heldout_ece"),
+    }
     ctx.stage.finish(counts)
     return counts

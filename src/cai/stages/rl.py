@@ -36,7 +36,13 @@ def run(ctx) -> dict[str, Any]:
     if not is_main_process():
         return {}
     t = result.metrics["reward_trend"]
-    counts = {"prompts": len(prompts), "steps": result.metrics["steps"], "reward_first": t.get("first"),
-              "reward_last": t.get("last"), "reward_delta_halves": t.get("delta"), "kl_last": result.metrics["kl_last"]}
+    counts = {
+        "prompts": len(prompts),
+        "steps": result.metrics["steps"],
+        "reward_first": t.get("first"),
+        "reward_last": t.get("last"),
+        "reward_delta_halves": t.get("delta"),
+        "kl_last": result.metrics["kl_last"],
+    }
     ctx.stage.finish(counts, base_model=base)
     return counts

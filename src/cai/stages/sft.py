@@ -26,8 +26,12 @@ def run(ctx) -> dict[str, Any]:
     records = read_jsonl(ctx.run.artifact("critique", "sft.jsonl"))
     ctx.pool.release()  # free the generation models before training
     settings = SFTTrainConfig(**section.model_dump(exclude={"base"}))
-    result = train_sft(section.base or cfg.models.policy, records, ctx.stage.path, settings, seed=cfg.seed,
-                       progress=ctx.progress)
-    ctx.stage.finish({"records": len(records), **result.metrics}, merged_dir=str(result.merged_dir),
-                     adapter_dir=str(result.adapter_dir) if result.adapter_dir else None)
+    result = train_sft(
+        section.base or cfg.models.policy, records, ctx.stage.path, settings, seed=cfg.seed, progress=ctx.progress
+    )
+    ctx.stage.finish(
+        {"records": len(records), **result.metrics},
+        merged_dir=str(result.merged_dir),
+        adapter_dir=str(result.adapter_dir) if result.adapter_dir else None,
+    )
     return {k: v for k, v in result.metrics.items() if k in ("steps", "train_loss", "eval_loss", "method", "loss_on")}

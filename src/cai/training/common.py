@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from cai.errors import UserError
 
@@ -61,8 +62,14 @@ def trl_args(output_dir: Path, *, seed: int, progress: bool, checkpointing: bool
     )
 
 
-def load_trainable(spec: str, *, seed: int, head: Literal["causal-lm", "reward"] = "causal-lm",
-                   dtype: Literal["float32", "auto"] = "float32", qlora: bool = False):
+def load_trainable(
+    spec: str,
+    *,
+    seed: int,
+    head: Literal["causal-lm", "reward"] = "causal-lm",
+    dtype: Literal["float32", "auto"] = "float32",
+    qlora: bool = False,
+):
     """(model, tokenizer) to train from an in-process model spec, on the CPU (the trainer places it).
 
     The seed is set first, so a reward model's new scalar head (``head="reward"``: one label, the tokenizer's pad
@@ -74,8 +81,10 @@ def load_trainable(spec: str, *, seed: int, head: Literal["causal-lm", "reward"]
 
     s = parse_spec(spec)
     if not s.in_process:
-        raise UserError(f"cannot fine-tune {spec!r}: it is served over HTTP; set the model to a local folder, a hub "
-                        "id or smollm2-135m")
+        raise UserError(
+            f"cannot fine-tune {spec!r}: it is served over HTTP; set the model to a local folder, a hub "
+            "id or smollm2-135m"
+        )
     set_seed(seed)
     if qlora:
         return _load_4bit(resolve_local(s)), load_tokenizer(s)
@@ -102,11 +111,16 @@ def _load_4bit(path: str):
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": local_rank},
-                                                 dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quant, device_map={"": local_rank}, dtype=torch.bfloat16
+    )
     return prepare_model_for_kbit_training(model)
 
 
@@ -114,8 +128,13 @@ def lora_config(settings, task_type: str = "CAUSAL_LM", target_modules: str | li
     """A PEFT LoRA config from settings with lora_r/lora_alpha/lora_dropout."""
     from peft import LoraConfig
 
-    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=target_modules, task_type=task_type)
+    return LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=target_modules,
+        task_type=task_type,
+    )
 
 
 def last_checkpoint(folder: Path) -> str | None:
@@ -151,8 +170,9 @@ def save_merged(model, tokenizer, out: Path, adapter_dir: Path | None = None) ->
     return out
 
 
-def save_training_outputs(trainer, tok, output_dir: Path, *, adapter: bool,
-                          curves: tuple[Path, Sequence[str], str] | None = None) -> Path | None:
+def save_training_outputs(
+    trainer, tok, output_dir: Path, *, adapter: bool, curves: tuple[Path, Sequence[str], str] | None = None
+) -> Path | None:
     """On the main process: ``model/`` (merged), ``adapter/`` when ``adapter``, ``log_history.json`` and, given
     ``curves`` = (steps CSV, columns, title), ``curves.png``; then every process waits. Returns the adapter folder."""
     from cai.training.curves import plot_curves

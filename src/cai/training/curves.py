@@ -4,8 +4,8 @@ the trainer's log history."""
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 
 def append_rows(csv_path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
@@ -75,15 +75,20 @@ def plot_curves(csv_path: Path, columns: Sequence[str], png: Path, title: str) -
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.2), squeeze=False)
-    for ax, col in zip(axes[0], columns):
+    for ax, col in zip(axes[0], columns, strict=False):
         pts = [(int(r["step"]), float(r[col])) for r in rows if r.get(col) not in ("", None)]
         if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3)
+            ax.plot(*zip(*pts, strict=False), marker="o", ms=3)
         if col == "reward_mean" and all(r.get("reward_std") not in ("", None) for r in rows):
             x = [int(r["step"]) for r in rows]
             m, sd = [float(r[col]) for r in rows], [float(r["reward_std"]) for r in rows]
-            ax.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2,
-                            label="± std within step")
+            ax.fill_between(
+                x,
+                [a - b for a, b in zip(m, sd, strict=False)],
+                [a + b for a, b in zip(m, sd, strict=False)],
+                alpha=0.2,
+                label="± std within step",
+            )
             ax.legend(fontsize=7)
         ax.set_title(col)
         ax.set_xlabel("step")
@@ -99,9 +104,9 @@ def plot_loss(log_history: list[dict], png: Path, title: str) -> None:
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     fig, ax = _pyplot().subplots(figsize=(6, 3.5))
     if train:
-        ax.plot(*zip(*train), label="train loss", lw=1.2)
+        ax.plot(*zip(*train, strict=False), label="train loss", lw=1.2)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="held-out eval loss")
+        ax.plot(*zip(*evals, strict=False), "o-", label="held-out eval loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy")
     ax.set_title(title)

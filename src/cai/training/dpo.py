@@ -8,15 +8,22 @@ pairs, so the loss matches the soft labels on average.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from pydantic import Field
 
-from cai.errors import UserError
 from cai.base_config import Strict
-from cai.training.common import (TrainResult, last_checkpoint, load_trainable, lora_config, save_training_outputs,
-                                 trl_args)
+from cai.errors import UserError
+from cai.training.common import (
+    TrainResult,
+    last_checkpoint,
+    load_trainable,
+    lora_config,
+    save_training_outputs,
+    trl_args,
+)
 from cai.training.curves import step_logger
 
 
@@ -51,45 +58,86 @@ def confident_pairs(pairs: Sequence[dict], min_confidence: float) -> tuple[list[
     return kept, len(pairs) - len(kept)
 
 
-def train_dpo(base_spec: str, pairs: Sequence[dict], output_dir: Path, settings: DPOTrainConfig, *, seed: int = 0,
-              progress: bool = True) -> TrainResult:
+def train_dpo(
+    base_spec: str,
+    pairs: Sequence[dict],
+    output_dir: Path,
+    settings: DPOTrainConfig,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
     """DPO on ``pairs`` (prompt, chosen, rejected[, p_chosen]); writes steps.csv, curves.png, adapter/, model/."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     kept, dropped = confident_pairs(pairs, settings.min_confidence)
     if not kept:
-        raise UserError(f"dpo: all {len(pairs)} pairs have labels within {settings.min_confidence} of 0.5; lower "
-                        "dpo.min_confidence or use a stronger feedback model")
+        raise UserError(
+            f"dpo: all {len(pairs)} pairs have labels within {settings.min_confidence} of 0.5; lower "
+            "dpo.min_confidence or use a stronger feedback model"
+        )
     smoothing = settings.label_smoothing
     if smoothing == "auto":
         smoothing = min(0.49, sum(1 - float(r.get("p_chosen", 1.0)) for r in kept) / len(kept))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model, tok = load_trainable(base_spec, seed=seed)
-    data = Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": r["prompt"]}] for r in kept],
-        "chosen": [[{"role": "assistant", "content": r["chosen"]}] for r in kept],
-        "rejected": [[{"role": "assistant", "content": r["rejected"]}] for r in kept],
-    })
+    data = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": r["prompt"]}] for r in kept],
+            "chosen": [[{"role": "assistant", "content": r["chosen"]}] for r in kept],
+            "rejected": [[{"role": "assistant", "content": r["rejected"]}] for r in kept],
+        }
+    )
     args = DPOConfig(
-        **trl_args(output_dir / "checkpoints", seed=seed, progress=progress), num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps, learning_rate=settings.learning_rate,
-        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
-        beta=settings.beta, label_smoothing=smoothing, max_length=settings.max_length, save_strategy="epoch",
+        **trl_args(output_dir / "checkpoints", seed=seed, progress=progress),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        beta=settings.beta,
+        label_smoothing=smoothing,
+        max_length=settings.max_length,
+        save_strategy="epoch",
         save_total_limit=1,
     )
     steps_csv = output_dir / "steps.csv"
-    logger = step_logger(steps_csv, {"loss": "loss", "reward_margin": "rewards/margins",
-                                     "reward_accuracy": "rewards/accuracies", "reward_chosen": "rewards/chosen",
-                                     "reward_rejected": "rewards/rejected"})
-    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[logger],
-                         peft_config=lora_config(settings) if settings.lora else None)
+    logger = step_logger(
+        steps_csv,
+        {
+            "loss": "loss",
+            "reward_margin": "rewards/margins",
+            "reward_accuracy": "rewards/accuracies",
+            "reward_chosen": "rewards/chosen",
+            "reward_rejected": "rewards/rejected",
+        },
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=[logger],
+        peft_config=lora_config(settings) if settings.lora else None,
+    )
     trainer.train(resume_from_checkpoint=last_checkpoint(output_dir / "checkpoints"))
-    adapter = save_training_outputs(trainer, tok, output_dir, adapter=settings.lora,
-                                    curves=(steps_csv, ["loss", "reward_margin", "reward_accuracy"],
-                                            "DPO on AI-feedback pairs (implicit reward = beta * log-ratio to the SL "
-                                            "model)"))
-    metrics = {"pairs": len(kept), "dropped_uncertain": dropped, "label_smoothing": smoothing,
-               "steps": trainer.state.global_step}
+    adapter = save_training_outputs(
+        trainer,
+        tok,
+        output_dir,
+        adapter=settings.lora,
+        curves=(
+            steps_csv,
+            ["loss", "reward_margin", "reward_accuracy"],
+            "DPO on AI-feedback pairs (implicit reward = beta * log-ratio to the SL " "model)",
+        ),
+    )
+    metrics = {
+        "pairs": len(kept),
+        "dropped_uncertain": dropped,
+        "label_smoothing": smoothing,
+        "steps": trainer.state.global_step,
+    }
     return TrainResult(output_dir, adapter, output_dir / "model", metrics)

@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from pydantic import Field
 
-from cai.errors import UserError
 from cai.base_config import Strict
-from cai.training.common import (TrainResult, last_checkpoint, load_trainable, lora_config, save_training_outputs,
-                                 trl_args)
+from cai.errors import UserError
+from cai.training.common import (
+    TrainResult,
+    last_checkpoint,
+    load_trainable,
+    lora_config,
+    save_training_outputs,
+    trl_args,
+)
 
 
 class RewardTrainConfig(Strict):
@@ -42,8 +48,9 @@ class RewardTrainConfig(Strict):
 
 def chat_text(tokenizer, prompt: str, response: str) -> str:
     """The text the reward model reads: the conversation rendered with the chat template (TRL does the same)."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                          {"role": "assistant", "content": response}], tokenize=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+    )
 
 
 def soft_preference_loss(r_chosen, r_rejected, p):
@@ -97,8 +104,15 @@ def split_pairs(records: Sequence[dict], fraction: float, seed: int) -> tuple[li
     return rows[n_eval:], rows[:n_eval]
 
 
-def train_reward(base_spec: str, records: Sequence[dict], output_dir: Path, settings: RewardTrainConfig, *,
-                 seed: int = 0, progress: bool = True) -> TrainResult:
+def train_reward(
+    base_spec: str,
+    records: Sequence[dict],
+    output_dir: Path,
+    settings: RewardTrainConfig,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
     """Train a reward model on preference records (prompt, chosen, rejected, p_chosen); save the merged model to
     ``output_dir/model``; its metrics are the held-out accuracy and calibration. Resumes from checkpoints."""
     from datasets import Dataset
@@ -116,19 +130,32 @@ def train_reward(base_spec: str, records: Sequence[dict], output_dir: Path, sett
         "p_chosen": [float(r.get("p_chosen", 1.0)) for r in rows],
     }
     args = RewardConfig(
-        **trl_args(output_dir / "checkpoints", seed=seed, progress=progress), num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps, learning_rate=settings.learning_rate,
-        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
-        max_length=settings.max_length, save_strategy="epoch", save_total_limit=1,
+        **trl_args(output_dir / "checkpoints", seed=seed, progress=progress),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        max_length=settings.max_length,
+        save_strategy="epoch",
+        save_total_limit=1,
     )
     trainer_cls, collator_cls = _soft_trainer_cls()
-    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_dict(cols(train)), processing_class=tok,
-                          data_collator=collator_cls(pad_token_id=tok.pad_token_id),
-                          peft_config=lora_config(settings, "SEQ_CLS") if settings.lora else None)
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict(cols(train)),
+        processing_class=tok,
+        data_collator=collator_cls(pad_token_id=tok.pad_token_id),
+        peft_config=lora_config(settings, "SEQ_CLS") if settings.lora else None,
+    )
     trainer.train(resume_from_checkpoint=last_checkpoint(output_dir / "checkpoints"))
     save_training_outputs(trainer, tok, output_dir, adapter=False)
-    metrics = {"train_pairs": len(train), "heldout_pairs": len(held),
-               "train_loss": _last(trainer.state.log_history, "train_loss")}
+    metrics = {
+        "train_pairs": len(train),
+        "heldout_pairs": len(held),
+        "train_loss": _last(trainer.state.log_history, "train_loss"),
+    }
     if held and trainer.accelerator.is_main_process:
         scorer = RewardScorer(trainer.model.eval(), tok)
         metrics.update(heldout_metrics(scorer, held, settings.calibration_bins))
@@ -140,17 +167,19 @@ def _last(history: list[dict], key: str):
     return vals[-1] if vals else None
 
 
-def heldout_metrics(scorer: "RewardScorer", rows: Sequence[dict], bins: int = 5) -> dict:
+def heldout_metrics(scorer: RewardScorer, rows: Sequence[dict], bins: int = 5) -> dict:
     """Accuracy (the model ranks the labeller's chosen response higher), soft-label cross-entropy, ECE and a
     reliability table of q = σ(r_chosen - r_rejected) against the labels."""
     prompts = [r["prompt"] for r in rows]
     rc = scorer.raw(prompts, [r["chosen"] for r in rows])
     rr = scorer.raw(prompts, [r["rejected"] for r in rows])
-    q = [1 / (1 + math.exp(-(c - r))) for c, r in zip(rc, rr)]
+    q = [1 / (1 + math.exp(-(c - r))) for c, r in zip(rc, rr, strict=False)]
     p = [float(r.get("p_chosen", 1.0)) for r in rows]
-    correct = [(qi > 0.5) == (pi >= 0.5) for qi, pi in zip(q, p)]
+    correct = [(qi > 0.5) == (pi >= 0.5) for qi, pi in zip(q, p, strict=False)]
     eps = 1e-6
-    xent = -sum(pi * math.log(max(qi, eps)) + (1 - pi) * math.log(max(1 - qi, eps)) for qi, pi in zip(q, p)) / len(q)
+    xent = -sum(
+        pi * math.log(max(qi, eps)) + (1 - pi) * math.log(max(1 - qi, eps)) for qi, pi in zip(q, p, strict=False)
+    ) / len(q)
     table, ece = [], 0.0
     conf = [max(qi, 1 - qi) for qi in q]
     for b in range(bins):
@@ -163,8 +192,7 @@ def heldout_metrics(scorer: "RewardScorer", rows: Sequence[dict], bins: int = 5)
             table.append({"bin": f"{lo:.2f}-{hi:.2f}", "n": len(idx), "confidence": mean_conf, "accuracy": acc})
     from cai.evaluation.metrics import rate
 
-    return {"heldout_accuracy": rate(correct),
-            "heldout_soft_xent": xent, "heldout_ece": ece, "reliability": table}
+    return {"heldout_accuracy": rate(correct), "heldout_soft_xent": xent, "heldout_ece": ece, "reliability": table}
 
 
 @dataclass
@@ -181,13 +209,19 @@ class RewardScorer:
 
         if len(prompts) != len(responses):
             raise ValueError("prompts and responses must have the same length")
-        texts = [chat_text(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        texts = [chat_text(self.tokenizer, p, r) for p, r in zip(prompts, responses, strict=False)]
         device = next(self.model.parameters()).device
         out: list[float] = []
         for k in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[k : k + self.batch_size], return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_length, add_special_tokens=False,
-                                 padding_side="right").to(device)
+            enc = self.tokenizer(
+                texts[k : k + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                add_special_tokens=False,
+                padding_side="right",
+            ).to(device)
             with torch.inference_mode():
                 out += self.model(**enc).logits[:, 0].float().tolist()
         return out
@@ -209,8 +243,10 @@ def load_reward_model(path: str | Path, *, device: str | None = None) -> RewardS
             p = cand
             break
     else:
-        raise UserError(f"{path}: no reward model there; pass a run folder with a completed reward stage "
-                        "or its reward/model folder")
+        raise UserError(
+            f"{path}: no reward model there; pass a run folder with a completed reward stage "
+            "or its reward/model folder"
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (p / "adapter_config.json").is_file():
         from peft import AutoPeftModelForSequenceClassification

@@ -7,15 +7,22 @@ needed — which also tames the reward variance that kept PPO from learning in s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from pydantic import Field
 
-from cai.errors import UserError
 from cai.base_config import Strict
-from cai.training.common import (TrainResult, last_checkpoint, load_trainable, lora_config, save_training_outputs,
-                                 trl_args)
+from cai.errors import UserError
+from cai.training.common import (
+    TrainResult,
+    last_checkpoint,
+    load_trainable,
+    lora_config,
+    save_training_outputs,
+    trl_args,
+)
 from cai.training.curves import append_rows, read_steps, step_logger, trend
 
 
@@ -36,8 +43,9 @@ class RLTrainConfig(Strict):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     samples_per_step: int = Field(4, ge=0, description="(prompt, response, reward) rows logged per step")
     use_vllm: bool = Field(False, description="generate the RL samples with vLLM inside TRL (CUDA GPU + vllm)")
-    vllm_mode: Literal["colocate", "server"] = Field("colocate", description="colocate: vLLM shares the training "
-                                                     "GPU; server: a separate `trl vllm-serve` process")
+    vllm_mode: Literal["colocate", "server"] = Field(
+        "colocate", description="colocate: vLLM shares the training " "GPU; server: a separate `trl vllm-serve` process"
+    )
     vllm_server_base_url: str | None = Field(None, description="server mode: the `trl vllm-serve` URL")
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="colocate mode: vLLM's GPU share")
 
@@ -57,8 +65,14 @@ class RewardFunction:
         rewards = self.scorer.score(user, text)
         step = trainer_state.global_step + 1 if trainer_state is not None else 0
         if self.per_step and step > self.logged_until and trainer_state.is_world_process_zero:
-            append_rows(self.samples_csv, ["step", "prompt", "response", "reward"],
-                        [[step, u, t, round(r, 4)] for u, t, r in list(zip(user, text, rewards))[: self.per_step]])
+            append_rows(
+                self.samples_csv,
+                ["step", "prompt", "response", "reward"],
+                [
+                    [step, u, t, round(r, 4)]
+                    for u, t, r in list(zip(user, text, rewards, strict=False))[: self.per_step]
+                ],
+            )
         return rewards
 
 
@@ -76,12 +90,23 @@ def vllm_args(settings: RLTrainConfig) -> dict:
         raise UserError("rl.use_vllm needs vllm: pip install vllm (or set rl.use_vllm: false)")
     if settings.vllm_mode == "server":
         return {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": settings.vllm_server_base_url}
-    return {"use_vllm": True, "vllm_mode": "colocate",
-            "vllm_gpu_memory_utilization": settings.vllm_gpu_memory_utilization}
+    return {
+        "use_vllm": True,
+        "vllm_mode": "colocate",
+        "vllm_gpu_memory_utilization": settings.vllm_gpu_memory_utilization,
+    }
 
 
-def train_rl(base_spec: str, prompts: Sequence[str], reward_model: str | Path, output_dir: Path,
-             settings: RLTrainConfig, *, seed: int = 0, progress: bool = True) -> TrainResult:
+def train_rl(
+    base_spec: str,
+    prompts: Sequence[str],
+    reward_model: str | Path,
+    output_dir: Path,
+    settings: RLTrainConfig,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
     """Optimise the policy ``base_spec`` on ``prompts`` against the reward model; writes steps.csv,
     samples.csv, curves.png, adapter/ and model/ (merged) under ``output_dir``. Resumes from checkpoints."""
     from datasets import Dataset
@@ -89,9 +114,11 @@ def train_rl(base_spec: str, prompts: Sequence[str], reward_model: str | Path, o
     from cai.training.reward import load_reward_model
 
     if settings.algorithm == "grpo":
-        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
     else:
-        from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Trainer
 
     generation = vllm_args(settings)
     output_dir = Path(output_dir)
@@ -100,24 +127,56 @@ def train_rl(base_spec: str, prompts: Sequence[str], reward_model: str | Path, o
     scorer = load_reward_model(reward_model)
     batch = settings.prompts_per_step * settings.num_generations
     args = Config(
-        **trl_args(output_dir / "checkpoints", seed=seed, progress=progress), max_steps=settings.steps,
-        learning_rate=settings.learning_rate, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-        num_generations=settings.num_generations, max_completion_length=settings.max_completion_length,
-        temperature=settings.temperature, beta=settings.beta, save_strategy="steps",
-        save_steps=max(1, settings.steps // 2), save_total_limit=1, **generation,
+        **trl_args(output_dir / "checkpoints", seed=seed, progress=progress),
+        max_steps=settings.steps,
+        learning_rate=settings.learning_rate,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length,
+        temperature=settings.temperature,
+        beta=settings.beta,
+        save_strategy="steps",
+        save_steps=max(1, settings.steps // 2),
+        save_total_limit=1,
+        **generation,
     )
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
     steps_csv = output_dir / "steps.csv"
-    logger = step_logger(steps_csv, {"reward_mean": "reward", "reward_std": "reward_std", "kl": "kl",
-                                     "response_length": "completions/mean_length", "loss": "loss"})
-    trainer = Trainer(model=model, reward_funcs=RewardFunction(scorer, output_dir / "samples.csv",
-                                                               settings.samples_per_step),
-                      args=args, train_dataset=dataset, processing_class=tok, callbacks=[logger],
-                      peft_config=lora_config(settings) if settings.lora else None)
+    logger = step_logger(
+        steps_csv,
+        {
+            "reward_mean": "reward",
+            "reward_std": "reward_std",
+            "kl": "kl",
+            "response_length": "completions/mean_length",
+            "loss": "loss",
+        },
+    )
+    trainer = Trainer(
+        model=model,
+        reward_funcs=RewardFunction(scorer, output_dir / "samples.csv", settings.samples_per_step),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        callbacks=[logger],
+        peft_config=lora_config(settings) if settings.lora else None,
+    )
     trainer.train(resume_from_checkpoint=last_checkpoint(output_dir / "checkpoints"))
-    adapter = save_training_outputs(trainer, tok, output_dir, adapter=settings.lora,
-                                    curves=(steps_csv, ["reward_mean", "kl", "response_length"],
-                                            f"{settings.algorithm.upper()} against the reward model"))
-    metrics = {"steps": trainer.state.global_step, "reward_trend": trend(steps_csv, "reward_mean"),
-               "kl_last": trend(steps_csv, "kl").get("last")}
+    adapter = save_training_outputs(
+        trainer,
+        tok,
+        output_dir,
+        adapter=settings.lora,
+        curves=(
+            steps_csv,
+            ["reward_mean", "kl", "response_length"],
+            f"{settings.algorithm.upper()} against the reward model",
+        ),
+    )
+    metrics = {
+        "steps": trainer.state.global_step,
+        "reward_trend": trend(steps_csv, "reward_mean"),
+        "kl_last": trend(steps_csv, "kl").get("last"),
+    }
     return TrainResult(output_dir, adapter, output_dir / "model", metrics)

@@ -20,9 +20,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from cai.base_config import Strict
 from cai.errors import UserError
 from cai.runs import write_json
-from cai.base_config import Strict
 from cai.training.common import TrainResult, last_checkpoint, load_trainable, lora_config, save_merged, trl_args
 from cai.training.curves import plot_loss
 
@@ -51,7 +51,7 @@ class SFTTrainConfig(Strict):
     save_merged: bool = Field(True, description="also save base+adapter merged into a plain HF folder")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SFTTrainConfig":
+    def _consistent(self) -> SFTTrainConfig:
         if self.qlora and self.full_finetune:
             raise ValueError("qlora and full_finetune exclude each other (QLoRA trains a LoRA adapter)")
         return self
@@ -68,16 +68,21 @@ def to_prompt_completion(record: dict) -> dict:
     if not isinstance(msgs, list) or not msgs:
         raise UserError(f"SFT record {rid!r}: 'messages' must be a non-empty list of {{role, content}}")
     for m in msgs:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(
-                m.get("content"), str):
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ("system", "user", "assistant")
+            or not isinstance(m.get("content"), str)
+        ):
             raise UserError(f"SFT record {rid!r}: every message needs role system|user|assistant and text content")
     if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
         raise UserError(f"SFT record {rid!r}: the last message must be the assistant's answer, after a user turn")
     prefill = record.get("prefill")
     if prefill is not None and not (isinstance(prefill, str) and msgs[-1]["content"].startswith(prefill)):
         raise UserError(f"SFT record {rid!r}: 'prefill' must be text that starts the last assistant message")
-    return {"prompt": [dict(role=m["role"], content=m["content"]) for m in msgs[:-1]],
-            "completion": [dict(role="assistant", content=msgs[-1]["content"])]}
+    return {
+        "prompt": [dict(role=m["role"], content=m["content"]) for m in msgs[:-1]],
+        "completion": [dict(role="assistant", content=msgs[-1]["content"])],
+    }
 
 
 def to_text_prompt_completion(record: dict, tok) -> dict:
@@ -89,9 +94,11 @@ def to_text_prompt_completion(record: dict, tok) -> dict:
     full = tok.apply_chat_template(pc["prompt"] + pc["completion"], tokenize=False)
     prompt = head + (record.get("prefill") or "")
     if not full.startswith(prompt):
-        raise UserError(f"SFT record {record.get('id', '?')!r}: the chat template does not render the assistant "
-                        "turn verbatim, so its 'prefill' cannot be masked; drop 'prefill' from the records")
-    completion = full[len(prompt):]
+        raise UserError(
+            f"SFT record {record.get('id', '?')!r}: the chat template does not render the assistant "
+            "turn verbatim, so its 'prefill' cannot be masked; drop 'prefill' from the records"
+        )
+    completion = full[len(prompt) :]
     eos = tok.eos_token or ""
     if eos and completion.rstrip().endswith(eos):
         completion = completion.rstrip()  # TRL appends the EOS to a text completion that does not end with it
@@ -141,8 +148,16 @@ def _merged_dir(output_dir: Path, adapter_dir: Path | None, settings: SFTTrainCo
     return output_dir / "merged" if settings.save_merged or adapter_dir is None else adapter_dir
 
 
-def build_trainer(base_spec: str, train_recs: list[dict], eval_recs: list[dict], output_dir: Path,
-                  settings: SFTTrainConfig, *, seed: int = 0, progress: bool = True):
+def build_trainer(
+    base_spec: str,
+    train_recs: list[dict],
+    eval_recs: list[dict],
+    output_dir: Path,
+    settings: SFTTrainConfig,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+):
     """(SFTTrainer, tokenizer) over prompt/completion datasets; checkpoints go to ``output_dir/checkpoints``."""
     from datasets import Dataset
     from transformers import PrinterCallback
@@ -151,6 +166,7 @@ def build_trainer(base_spec: str, train_recs: list[dict], eval_recs: list[dict],
     model, tok = load_trainable(base_spec, seed=seed, dtype="auto", qlora=settings.qlora)
     tok.padding_side = "right"
     if any(r.get("prefill") for r in [*train_recs, *eval_recs]):
+
         def convert(r: dict) -> dict:
             return to_text_prompt_completion(r, tok)
     else:
@@ -168,8 +184,15 @@ def build_trainer(base_spec: str, train_recs: list[dict], eval_recs: list[dict],
     return trainer, tok
 
 
-def train_sft(base_spec: str, records: list[dict], output_dir: Path, settings: SFTTrainConfig, *, seed: int = 0,
-              progress: bool = True) -> TrainResult:
+def train_sft(
+    base_spec: str,
+    records: list[dict],
+    output_dir: Path,
+    settings: SFTTrainConfig,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
     """Fine-tune ``base_spec`` on chat ``records`` into ``output_dir`` (checkpoints/, adapter/, merged/,
     metrics.json, log_history.json, loss_curve.png). Resumes from the newest checkpoint; a finished output
     folder is returned as is."""
@@ -186,11 +209,17 @@ def train_sft(base_spec: str, records: list[dict], output_dir: Path, settings: S
     if last:
         log.info("resuming SFT from %s", last)
     out = trainer.train(resume_from_checkpoint=last)
-    metrics = {"train_loss": round(out.training_loss, 4), "steps": trainer.state.global_step,
-               "train_runtime_s": round(out.metrics.get("train_runtime", 0.0), 1), "resumed_from": last,
-               "n_train": len(train_recs), "n_eval": len(eval_recs), "loss_on": settings.loss_on,
-               "method": "qlora" if settings.qlora else ("lora" if settings.uses_adapter else "full"),
-               "base": base_spec}
+    metrics = {
+        "train_loss": round(out.training_loss, 4),
+        "steps": trainer.state.global_step,
+        "train_runtime_s": round(out.metrics.get("train_runtime", 0.0), 1),
+        "resumed_from": last,
+        "n_train": len(train_recs),
+        "n_eval": len(eval_recs),
+        "loss_on": settings.loss_on,
+        "method": "qlora" if settings.qlora else ("lora" if settings.uses_adapter else "full"),
+        "base": base_spec,
+    }
     if eval_recs:
         metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 4)
     if trainer.is_world_process_zero():
@@ -199,15 +228,17 @@ def train_sft(base_spec: str, records: list[dict], output_dir: Path, settings: S
     return TrainResult(output_dir, adapter_dir, _merged_dir(output_dir, adapter_dir, settings), metrics)
 
 
-def _save_outputs(trainer, tok, output_dir: Path, adapter_dir: Path | None, settings: SFTTrainConfig,
-                  metrics: dict) -> None:
+def _save_outputs(
+    trainer, tok, output_dir: Path, adapter_dir: Path | None, settings: SFTTrainConfig, metrics: dict
+) -> None:
     """Logs, loss curve, the adapter (with the tokenizer: the folder is a model spec), the merged model, and
     metrics.json last (it marks the folder complete)."""
     model = trainer.model
     history = trainer.state.log_history
     write_json(output_dir / "log_history.json", history)
-    plot_loss(history, output_dir / "loss_curve.png",
-              f"SFT loss ({metrics['method']}, loss on {settings.loss_on} tokens)")
+    plot_loss(
+        history, output_dir / "loss_curve.png", f"SFT loss ({metrics['method']}, loss on {settings.loss_on} tokens)"
+    )
     if adapter_dir is not None:
         model.save_pretrained(adapter_dir)
         tok.save_pretrained(adapter_dir)
@@ -249,8 +280,15 @@ def heldout_nll(spec: str, records: list[dict]) -> dict[str, float]:
     return out
 
 
-def compare_loss_on(base_spec: str, records: list[dict], out_dir: Path, settings: SFTTrainConfig, *, seed: int = 0,
-                    progress: bool = True) -> dict:
+def compare_loss_on(
+    base_spec: str,
+    records: list[dict],
+    out_dir: Path,
+    settings: SFTTrainConfig,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Train ``base_spec`` twice on the same records, with the loss on the assistant's tokens and on the whole
     sequence, and measure both (and the base) on the same held-out records. Writes ``out_dir/compare.json``."""
     import time
@@ -258,13 +296,28 @@ def compare_loss_on(base_spec: str, records: list[dict], out_dir: Path, settings
     _, held = split_records(records, settings.eval_fraction)
     if not held:
         raise UserError("compare-loss needs held-out records: use more records or a larger --eval-fraction")
-    results: dict = {"base": base_spec, "n_records": len(records), "n_heldout": len(held),
-                     "settings": settings.model_dump(), "models": {"base": heldout_nll(base_spec, held)}}
+    results: dict = {
+        "base": base_spec,
+        "n_records": len(records),
+        "n_heldout": len(held),
+        "settings": settings.model_dump(),
+        "models": {"base": heldout_nll(base_spec, held)},
+    }
     for mode in ("assistant", "all"):
         t0 = time.time()
-        res = train_sft(base_spec, records, Path(out_dir) / mode, settings.model_copy(update={"loss_on": mode}),
-                        seed=seed, progress=progress)
-        results["models"][mode] = {**heldout_nll(str(res.merged_dir), held), "train_loss": res.metrics["train_loss"],
-                                   "steps": res.metrics["steps"], "seconds": round(time.time() - t0, 1)}
+        res = train_sft(
+            base_spec,
+            records,
+            Path(out_dir) / mode,
+            settings.model_copy(update={"loss_on": mode}),
+            seed=seed,
+            progress=progress,
+        )
+        results["models"][mode] = {
+            **heldout_nll(str(res.merged_dir), held),
+            "train_loss": res.metrics["train_loss"],
+            "steps": res.metrics["steps"],
+            "seconds": round(time.time() - t0, 1),
+        }
     write_json(Path(out_dir) / "compare.json", results)
     return results
