@@ -108,7 +108,7 @@ class Phases:
         bar = tqdm(total=len(chats), initial=len(chats) - len(todo), desc=phase, unit="item", disable=not self.progress)
         for k in range(0, len(todo), CHUNK):
             part = todo[k : k + CHUNK]
-            params = replace(self.sampling, max_new_tokens=max_new_tokens, seed=self.sampling.seed + offset + k)
+            params = replace(self.sampling, max_new_tokens=max_new_tokens, seed=(self.sampling.seed or 0) + offset + k)
             for i, g in zip(part, backend.generate([chats[i] for i in part], params), strict=False):
                 if g.finish_reason == "error":
                     self.failed.add(i)
@@ -165,7 +165,7 @@ def critique_and_revise(
     """The policy's first answers (to ``prompts`` and to the ``helpful`` prompts, with ``system_prompt``), then
     ``rounds`` of critique (feedback model, under a principle drawn from ``weights`` per item and round) and
     revision of every red-team answer. Resumes from ``steps``; problems are recorded as skips in ``stage``."""
-    seed = sampling.seed
+    seed = sampling.seed if sampling.seed is not None else 0
     phases = Phases(steps, stage, sampling, progress=progress)
     prefix = demonstration_turns(constitution, few_shot)
     asked = {p.id: chat_for(p.prompt, system_prompt) for p in prompts}

@@ -53,7 +53,7 @@ def get_backend(
         return OpenAIBackend(spec, parsed.target, parsed.base_urls, concurrency=concurrency)
     if parsed.kind == "vllm":
         try:
-            from cai.backends.vllm import VLLMBackend  # type: ignore[import-not-found]
+            from cai.backends.vllm import VLLMBackend
         except ImportError as exc:
             raise UserError(
                 f"model spec {spec!r} needs the vllm extra and a GPU (pip install 'cai-lab[vllm]'): " f"{exc}"

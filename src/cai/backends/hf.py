@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cai.backends.base import (
     Chat,
@@ -163,7 +163,7 @@ class HFBackend:
         mask = torch.tensor(
             [[1] * len(head) + [0] * (width - len(x)) + [1] * len(x) for x in tails], device=self.device
         )
-        cache = None
+        cache: Any = None  # a transformers DynamicCache when a prefix is shared
         if shared:
             cache = copy.deepcopy(shared[1])
             cache.batch_repeat_interleave(len(ids))
@@ -406,7 +406,7 @@ class HFBackend:
         return out
 
     def close(self) -> None:
-        self.model = None  # type: ignore[assignment]
+        self.model = None
 
 
 class _StopOnText(StoppingCriteria):

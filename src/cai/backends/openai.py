@@ -75,7 +75,11 @@ class OpenAIBackend:
             if left is not None and left <= 0:
                 raise DeadlineExceeded(f"request to {self.spec!r} stopped: past its deadline")
             try:
-                r = self.client.post(url, json=payload, **({} if left is None else {"timeout": left}))
+                r = (
+                    self.client.post(url, json=payload)
+                    if left is None
+                    else self.client.post(url, json=payload, timeout=left)
+                )
             except httpx.TransportError as exc:  # connection refused, timeouts, resets
                 last = f"{url}: {type(exc).__name__}"
             else:

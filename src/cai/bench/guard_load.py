@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     server = subprocess.Popen(child, stdout=subprocess.PIPE, text=True, env=env)
     try:
+        assert server.stdout is not None  # Popen(stdout=PIPE) always has it
         port = int(server.stdout.readline())
         base = f"http://{HOST}:{port}"
         for _ in range(200):

@@ -81,7 +81,8 @@ def train_tokens_per_s(
             train_dataset=Dataset.from_list([to_prompt_completion(r) for r in records]),
             peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
         )
-        tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+        dataset: Any = trainer.train_dataset  # a datasets.Dataset here (TRL types it as any dataset or None)
+        tokens = sum(len(x) for x in dataset["input_ids"])
         seconds = trainer.train().metrics["train_runtime"]
     return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(rate(tokens, seconds), 2)}
 

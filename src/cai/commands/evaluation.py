@@ -201,7 +201,7 @@ def read_located_records(path: Path, flag: str = "--input") -> list[tuple[str, o
 
 def read_records(path: Path) -> list[dict]:
     """Records of a JSONL / JSON list / CSV file."""
-    return [r for _, r in read_located_records(path)]
+    return [r for _, r in read_located_records(path)]  # type: ignore[misc]  # the caller checks they are objects
 
 
 def judge_(
@@ -264,7 +264,7 @@ def judge_(
                     f"verdict ({', '.join(VERDICTS)}) nor true/false; map it with --label-map LABEL=VERDICT,..."
                 )
             human.append(h)
-    records = [r for _, r in located]
+    records: list[dict] = [r for _, r in located]  # type: ignore[misc]  # checked to be objects above
     j = get_judge(judge)
     labels = j.judge([r[prompt_field] for r in records], [r[response_field] for r in records])
     atomic_write_text(

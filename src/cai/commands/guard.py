@@ -69,9 +69,9 @@ def serve(
         },
     )
     cfg.check_security()
-    constitution = load_constitution(cfg.constitution)  # bad input fails in one line before anything loads
+    loaded = load_constitution(cfg.constitution)  # bad input fails in one line before anything loads
     for name in cfg.principles:
-        constitution.principle(name)
+        loaded.principle(name)
 
     def announce() -> None:
         Console(stderr=True).print(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
@@ -78,7 +78,7 @@ def harm_help(points: Sequence[tuple[str, float, float, float, float, float, flo
     return to_b64(fig)
 
 
-def curves(series: dict[str, tuple[list[float], list[float]]], title: str, xlabel: str = "step") -> str:
+def curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str = "step") -> str:
     """Line plot of named (x, y) series."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3))

@@ -22,6 +22,7 @@ import json
 from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
+from typing import Any
 
 from cai.errors import UserError
 from cai.evaluation import refusal_rules as rules
@@ -58,7 +59,7 @@ def encoder():
     return model
 
 
-_EMBEDDED: dict[str, object] = {}  # text -> embedding, so refits in one process (validation) embed each text once
+_EMBEDDED: dict[str, Any] = {}  # text -> embedding, so refits in one process (validation) embed each text once
 _EMBED_CACHE_MAX = 100_000
 
 

@@ -61,7 +61,7 @@ class BackdoorConfig(ExperimentConfig):
     safety: SFTTrainConfig = Field(default_factory=lambda: SFTTrainConfig(epochs=2, learning_rate=2e-4, batch_size=8))
     dpo: DPOTrainConfig = Field(default_factory=lambda: DPOTrainConfig(epochs=2, batch_size=4, learning_rate=5e-5))
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
-    methods: list[Literal["sft", "dpo", "adversarial"]] = Field(default_factory=lambda: list(METHODS))
+    methods: list[Literal["sft", "dpo", "adversarial"]] = Field(default_factory=lambda: list(METHODS))  # type: ignore[arg-type]
     decode: GreedyGenerationConfig = Field(default_factory=lambda: GreedyGenerationConfig(max_new_tokens=64))
 
 

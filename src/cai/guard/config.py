@@ -111,7 +111,7 @@ class GuardConfig(Strict):
 
 def load_guard_config(path: Path | None, overrides: dict) -> GuardConfig:
     """A YAML file (optional) with non-None ``overrides`` applied on top; one-line UserError when invalid."""
-    data = {}
+    data: dict = {}
     if path is not None:
         data = load_yaml(path) or {}
         if not isinstance(data, dict):

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -515,7 +515,7 @@ def create_app(guard: Guard, cfg: GuardConfig, audit: AuditLog) -> FastAPI:
                 record["detail"] = exc.detail
             return exc.response(rid)
 
-    unauthorized = {
+    unauthorized: dict[int | str, dict[str, Any]] = {
         401: {
             "description": "missing or invalid API key",
             "content": {

@@ -80,7 +80,7 @@ def run(ctx) -> dict[str, Any]:
     from cai.runs import read_jsonl
 
     cfg, ec = ctx.config, ctx.config.eval
-    sets = {}
+    sets: dict[str, list] = {}
     for name, src in (("harmful", ec.harmful), ("benign", ec.benign)):
         if src is None:
             sets[name] = []
@@ -175,6 +175,7 @@ def run(ctx) -> dict[str, Any]:
     if ec.prefill_k:
         from cai.evaluation.prefill import prefill_attack
 
+        assert final is not None  # prefill_k needs a final model, and every run has one (the policy at least)
         model = loaded.get(final) or (ctx.pool.policy() if final == cfg.models.policy else final)
         prefill_attack(
             model,

@@ -14,6 +14,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
@@ -199,8 +200,8 @@ def heldout_metrics(scorer: RewardScorer, rows: Sequence[dict], bins: int = 5) -
 class RewardScorer:
     """A loaded reward model. ``score`` gives σ(reward) in [0, 1]; ``raw`` the scalar head's value."""
 
-    model: object
-    tokenizer: object
+    model: Any  # a transformers sequence-classification model
+    tokenizer: Any
     batch_size: int = 8
     max_length: int = 1024
 

@@ -116,9 +116,9 @@ def train_rl(
     if settings.algorithm == "grpo":
         from trl import GRPOConfig as Config
         from trl import GRPOTrainer as Trainer
-    else:
-        from trl import RLOOConfig as Config
-        from trl import RLOOTrainer as Trainer
+    else:  # the same constructor arguments as GRPO's (TRL's two online trainers share them)
+        from trl import RLOOConfig as Config  # type: ignore[assignment]
+        from trl import RLOOTrainer as Trainer  # type: ignore[assignment]
 
     generation = vllm_args(settings)
     output_dir = Path(output_dir)
@@ -155,7 +155,8 @@ def train_rl(
     )
     trainer = Trainer(
         model=model,
-        reward_funcs=RewardFunction(scorer, output_dir / "samples.csv", settings.samples_per_step),
+        # a callable object returning list[float]; TRL's annotation only names functions and models
+        reward_funcs=RewardFunction(scorer, output_dir / "samples.csv", settings.samples_per_step),  # type: ignore[arg-type]
         args=args,
         train_dataset=dataset,
         processing_class=tok,

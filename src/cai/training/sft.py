@@ -167,8 +167,8 @@ def build_trainer(
     tok.padding_side = "right"
     if any(r.get("prefill") for r in [*train_recs, *eval_recs]):
 
-        def convert(r: dict) -> dict:
-            return to_text_prompt_completion(r, tok)
+        def convert(record: dict) -> dict:
+            return to_text_prompt_completion(record, tok)
     else:
         convert = to_prompt_completion
     trainer = SFTTrainer(
@@ -243,8 +243,8 @@ def _save_outputs(
         model.save_pretrained(adapter_dir)
         tok.save_pretrained(adapter_dir)
     if settings.save_merged or adapter_dir is None:
-        # a 4-bit base cannot be merged in place; reload it in bf16 and merge the adapter
-        full = _merge_qlora(adapter_dir) if settings.qlora else model
+        # a 4-bit base cannot be merged in place; reload it in bf16 and merge the adapter (QLoRA always saves one)
+        full = _merge_qlora(adapter_dir) if settings.qlora and adapter_dir is not None else model
         tok.padding_side = "left"
         save_merged(full, tok, output_dir / "merged")
     write_json(output_dir / "metrics.json", metrics)
