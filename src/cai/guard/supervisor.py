@@ -120,6 +120,34 @@ def revision_chat(messages: list[dict], answer: str, principle: Principle, criti
     return [*base, {"role": "assistant", "content": answer}, {"role": "user", "content": feedback}]
 
 
+# per role: the step's name, the error for a failed call, the error for a prompt over the context, and how the
+# message names the prompt and the context
+_ROLES = {
+    "supervisor": ("critique", "the critique prompt", "the supervisor's context"),
+    "policy": ("answer", "the conversation", "the policy's context"),
+}
+
+
+def _generate_one(model: Backend, chat: Chat, sampling: SamplingParams, role: str):
+    """One generation for the guard, failing closed: a past deadline propagates, any other fault becomes
+    Supervisor/PolicyError (answered 5xx, never passed through), a prompt over the context becomes
+    Supervisor/PolicyContextError (400)."""
+    what, prompt_name, context_name = _ROLES[role]
+    failed, too_long = (
+        (SupervisorError, SupervisorContextError) if role == "supervisor" else (PolicyError, PolicyContextError)
+    )
+    check_deadline(what)
+    try:
+        g = model.generate([chat], sampling)[0]
+    except DeadlineExceeded:
+        raise
+    except Exception as exc:
+        raise failed(f"{role} failed to {what}: {type(exc).__name__}: {exc}") from exc
+    if g.finish_reason == "error":
+        raise too_long(f"{prompt_name} ({g.prompt_tokens} tokens) is too long for {context_name}")
+    return g
+
+
 @dataclass
 class Verdict:
     principle: str
@@ -231,43 +259,21 @@ class Guard:
     def critique(self, messages: list[dict], answer: str, principle: Principle, cost: Cost) -> str:
         """The supervisor's critique of ``answer`` under ``principle`` (greedy)."""
         chat = critique_chat(principle, quote_conversation(messages, answer))
-        check_deadline("critique")
-        try:
-            g = self.supervisor.generate(
-                [chat],
-                SamplingParams(
-                    max_new_tokens=self.critique_tokens,
-                    temperature=0.0,
-                    top_p=1.0,
-                    seed=0,
-                    repetition_penalty=CHAT_REPETITION_PENALTY,
-                ),
-            )[0]
-        except DeadlineExceeded:
-            raise
-        except Exception as exc:
-            raise SupervisorError(f"supervisor failed to critique: {type(exc).__name__}: {exc}") from exc
-        if g.finish_reason == "error":
-            raise SupervisorContextError(
-                f"the critique prompt ({g.prompt_tokens} tokens) is too long for the " "supervisor's context"
-            )
+        sampling = SamplingParams(
+            max_new_tokens=self.critique_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            seed=0,
+            repetition_penalty=CHAT_REPETITION_PENALTY,
+        )
+        g = _generate_one(self.supervisor, chat, sampling, "supervisor")
         cost.supervisor_generations += 1
         cost.generated_tokens += g.completion_tokens
         return g.text.strip() or f"The answer has a problem with {principle.label}."
 
     # ---- policy ----------------------------------------------------------------------------------------
     def _answer(self, chat: Chat, sampling: SamplingParams, cost: Cost):
-        check_deadline("answer")
-        try:
-            g = self.policy.generate([chat], sampling)[0]
-        except DeadlineExceeded:
-            raise
-        except Exception as exc:
-            raise PolicyError(f"policy failed to answer: {type(exc).__name__}: {exc}") from exc
-        if g.finish_reason == "error":
-            raise PolicyContextError(
-                f"the conversation ({g.prompt_tokens} tokens) is too long for the policy's " "context"
-            )
+        g = _generate_one(self.policy, chat, sampling, "policy")
         cost.policy_generations += 1
         cost.generated_tokens += g.completion_tokens
         return g
