@@ -85,24 +85,9 @@ def run(cfg: PrefillRecoveryConfig, *, force: bool = False, progress: bool = Tru
     constitution = load_constitution(cfg.constitution)
 
     def data(st: StageDir) -> dict[str, Any]:
-        benign = answer(
-            cfg.policy,
-            pools["train_benign"],
-            st,
-            "benign_answers.jsonl",
-            sampling,
-            batch_size=cfg.batch_size,
-            progress=progress,
-        )
-        harmful = answer(
-            cfg.policy,
-            pools["train_harmful"],
-            st,
-            "harmful_answers.jsonl",
-            sampling,
-            batch_size=cfg.batch_size,
-            progress=progress,
-        )
+        kw: dict[str, Any] = {"batch_size": cfg.batch_size, "progress": progress}
+        benign = answer(cfg.policy, pools["train_benign"], st, "benign_answers.jsonl", sampling, **kw)
+        harmful = answer(cfg.policy, pools["train_harmful"], st, "harmful_answers.jsonl", sampling, **kw)
         standard = safety_records(pools["train_harmful"], benign, constitution)
         extra = recovery_records(
             pools["train_harmful"], harmful, load_tokenizer(cfg.policy), cfg.augment_k, constitution

@@ -82,27 +82,12 @@ def run(cfg: UnalignConfig, *, force: bool = False, progress: bool = True) -> di
     sampling = cfg.decode.sampling(cfg.seed)
 
     def data(st: StageDir) -> dict[str, Any]:
-        benign = answer(
-            cfg.policy,
-            pools["train_benign"],
-            st,
-            "benign_answers.jsonl",
-            sampling,
-            batch_size=cfg.batch_size,
-            progress=progress,
-        )
+        kw: dict[str, Any] = {"batch_size": cfg.batch_size, "progress": progress}
+        benign = answer(cfg.policy, pools["train_benign"], st, "benign_answers.jsonl", sampling, **kw)
         if cfg.examples:
             examples = load_records(cfg.examples, "unalign.examples")
         else:
-            harmful = answer(
-                cfg.policy,
-                pools["train_harmful"],
-                st,
-                "harmful_answers.jsonl",
-                sampling,
-                batch_size=cfg.batch_size,
-                progress=progress,
-            )
+            harmful = answer(cfg.policy, pools["train_harmful"], st, "harmful_answers.jsonl", sampling, **kw)
             rows = list(harmful.values())
             judged = get_judge(cfg.judge).judge([r["prompt"] for r in rows], [r["response"] for r in rows])
             examples = compliant_examples(rows, judged, cfg.seed)
