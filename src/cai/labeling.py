@@ -1,11 +1,20 @@
 """AI-feedback preference labels (the "AI feedback" of RLAIF), scored by log-probabilities, never parsed.
 
-For a pair of responses (a, b) to a prompt, the feedback model reads the conversation, a principle's
-``preference`` question and the two responses as options (A) and (B); its assistant turn is prefilled with
-"The answer is: (" and the label is the normalised probability of the next token "A" vs "B". Every pair is
+Two labelers share one interface (:func:`label_pairs`, picked by ``LabelConfig.labeler``) and one artifact row
+(:func:`label_record`):
+
+``choice`` (default). For a pair of responses (a, b) to a prompt, the feedback model reads the conversation, a
+principle's ``preference`` question and the two responses as options (A) and (B); its assistant turn is prefilled
+with "The answer is: (" and the label is the normalised probability of the next token "A" vs "B". Every pair is
 scored in both orders (position bias cancels in the average) and under ``k`` principles sampled per pair
 (weighted by the ``classify`` stage's principle probabilities when given). Chain-of-thought mode lets the
 model reason first and clamps labels to [0.4, 0.6], as Anthropic did, since CoT labels are over-confident.
+
+``contrast``. No options and no letters: each response y is scored by how much more likely the feedback model
+finds it when the context states a principle than when it states the principle's inverse,
+``log p(y | x, principle) - log p(y | x, inverse)`` (summed, or averaged per token of y), averaged over the same
+``k`` sampled principles; P(a better) = sigmoid((score_a - score_b) / contrast_temperature). The principle's
+own wording (its revision or critique request, or the constitution's system prompts) is the system message.
 """
 
 from __future__ import annotations
@@ -17,10 +26,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from cai.backends import Backend, SamplingParams, choice_probs
+from cai.backends.base import Prefix
 from cai.base_config import Strict
 from cai.constitution import Constitution, Principle
 from cai.errors import UserError
@@ -30,6 +41,8 @@ ANSWERS = ("A", "B")
 ANSWER_PREFILL = "The answer is: ("
 COT_PREFILL = "Let's think step by step:"
 REFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+LABELERS = ("choice", "contrast")
+ADDED_KEYS = ("labeler", "contrast_reduction", "contrast_wording", "contrast_temperature")
 
 
 class LabelConfig(Strict):
@@ -41,6 +54,28 @@ class LabelConfig(Strict):
     cot_max_new_tokens: int = Field(96, ge=1)
     cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="CoT labels are clamped to this range")
     batch_pairs: int = Field(16, ge=1, description="pairs labelled per backend call")
+    labeler: Literal["choice", "contrast"] = Field(
+        "choice", description="choice: (A)/(B) log-probs; contrast: log p(y|x,principle) - log p(y|x,inverse)"
+    )
+    contrast_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="contrast: the log-prob difference per token of the response (mean) or summed"
+    )
+    contrast_wording: Literal["revision", "critique", "system_prompt"] = Field(
+        "revision",
+        description="contrast: the system message stating the principle: its revision or critique request, or "
+        "the constitution's system_prompt vs the inverse's (one pair of contexts, principles unused)",
+    )
+    contrast_temperature: float = Field(1.0, gt=0, description="contrast: P(a better) = sigmoid(score diff / T)")
+
+    @model_serializer(mode="wrap")
+    def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The labeler keys are left out of dumps while they hold their defaults, so configs (and the config
+        hashes that decide whether a finished stage is reused) written before they existed stay the same."""
+        data = handler(self)
+        for key in ADDED_KEYS:
+            if key in data and data[key] == type(self).model_fields[key].default:
+                del data[key]
+        return data
 
 
 @dataclass
@@ -51,19 +86,23 @@ class Pair:
     prompt: str
     a: str
     b: str
+    group: str = ""  # a reference set's subset (e.g. XSTest's safe / unsafe prompts), reported separately
 
 
 @dataclass
 class Label:
-    """The feedback model's verdict on a pair: ``p_a`` = P(a is better), averaged over orders and principles."""
+    """The feedback model's verdict on a pair: ``p_a`` = P(a is better), averaged over orders and principles.
+    ``p_orders``/``swap_consistent`` are None for labelers that show no options (contrast)."""
 
     id: str
     p_a: float
     principles: list[str]
     p_by_principle: dict[str, float]
-    p_orders: tuple[float, float]  # P(a better) when a is shown first / second
-    swap_consistent: bool
+    p_orders: tuple[float, float] | None  # P(a better) when a is shown first / second
+    swap_consistent: bool | None
     reasoning: list[str] = field(default_factory=list)
+    labeler: str = "choice"
+    scores: tuple[float, float] | None = None  # contrast: (score_a, score_b)
 
 
 def comparison_chat(prompt: str, principle: Principle, first: str, second: str, prefill: str) -> list[dict]:
@@ -105,6 +144,25 @@ def _reason(backend: Backend, chats: list[list[dict]], settings: LabelConfig, se
     return [g.text.strip() for g in backend.generate(chats, sampling)]
 
 
+def check_labeler(settings: LabelConfig, constitution: Constitution) -> None:
+    """Fail before any work when the labeler cannot run with this constitution (one-line UserError)."""
+    if settings.labeler not in LABELERS:
+        raise UserError(f"unknown labeler {settings.labeler!r}; choose one of: {', '.join(LABELERS)}")
+    if settings.labeler != "contrast":
+        return
+    missing = [p.name for p in constitution.principles if p.inverse is None]
+    if missing:
+        raise UserError(
+            f"the contrast labeler needs every principle's inverse, and constitution {constitution.name!r} has "
+            f"none for: {', '.join(missing)}; add inverse: blocks (docs/constitution.md) or use the choice labeler"
+        )
+    if settings.contrast_wording == "system_prompt" and constitution.inverse is None:
+        raise UserError(
+            f"contrast_wording system_prompt needs constitution {constitution.name!r} to have a top-level inverse: "
+            "block with its own system_prompt; use contrast_wording revision or critique"
+        )
+
+
 def label_pairs(
     backend: Backend,
     pairs: Sequence[Pair],
@@ -114,7 +172,22 @@ def label_pairs(
     seed: int = 0,
     weights: dict[str, dict[str, float]] | None = None,
 ) -> list[Label]:
-    """Label ``pairs`` with one batched ``backend.logprobs`` call (plus one ``generate`` call in CoT mode)."""
+    """Label ``pairs`` with the configured labeler (``settings.labeler``): P(a better) for each pair."""
+    check_labeler(settings, constitution)
+    labeler = choice_labels if settings.labeler == "choice" else contrast_labels
+    return labeler(backend, pairs, constitution, settings, seed=seed, weights=weights)
+
+
+def choice_labels(
+    backend: Backend,
+    pairs: Sequence[Pair],
+    constitution: Constitution,
+    settings: LabelConfig,
+    *,
+    seed: int = 0,
+    weights: dict[str, dict[str, float]] | None = None,
+) -> list[Label]:
+    """The (A)/(B) labeler: one batched ``backend.logprobs`` call (plus one ``generate`` call in CoT mode)."""
     orders = 2 if settings.both_orders else 1
     picks = [
         sample_principles(constitution, p.id, settings.principles_per_pair, seed, (weights or {}).get(p.id))
@@ -154,6 +227,107 @@ def label_pairs(
                 p_orders=p_orders,
                 swap_consistent=(p_orders[0] > 0.5) == (p_orders[1] > 0.5),
                 reasoning=[r for (j, _, _), r in zip(jobs, reasons, strict=False) if j == i and r],
+            )
+        )
+    return labels
+
+
+def contrast_contexts(constitution: Constitution, principle: Principle, wording: str) -> tuple[str, str]:
+    """The system messages stating ``principle`` and its inverse, in the constitution's own words."""
+    if wording == "system_prompt":
+        assert constitution.inverse is not None  # check_labeler
+        return constitution.system_prompt, constitution.inverse.system_prompt
+    inverse = principle.inverse
+    assert inverse is not None  # check_labeler
+    return getattr(principle, wording), getattr(inverse, wording)
+
+
+def token_counts(backend: Backend, texts: Sequence[str]) -> list[int]:
+    """Tokens of each text as the feedback model reads it (for per-token means): backends with ``encode`` (HF)
+    or a ``tokenizer`` (vLLM); others cannot average per token."""
+    encode = getattr(backend, "encode", None)
+    if encode is None and getattr(backend, "tokenizer", None) is not None:
+        tok = backend.tokenizer  # type: ignore[attr-defined]
+
+        def encode(t: str) -> list[int]:
+            return tok(t, add_special_tokens=False)["input_ids"]
+
+    if encode is None:
+        raise UserError(
+            f"the feedback model {backend.spec!r} cannot count tokens, so contrast_reduction mean is unavailable; "
+            "use contrast_reduction sum"
+        )
+    return [max(1, len(encode(t))) for t in texts]
+
+
+def continuation_scores(
+    backend: Backend, prefixes: Sequence[Prefix], continuations: Sequence[Sequence[str]], *, per_token: bool
+) -> list[list[float]]:
+    """The log-probability of each continuation after its prefix (summed, or per token with ``per_token``).
+    Backends with ``continuation_logprobs`` (HF: one pass over prefix + response, cheap for whole responses) use
+    it; others their ``logprobs`` plus :func:`token_counts` for the means."""
+    flat = [(i, c) for i, conts in enumerate(continuations) for c in conts]
+    scorer = getattr(backend, "continuation_logprobs", None)
+    if scorer is not None:
+        pairs = scorer([prefixes[i] for i, _ in flat], [c for _, c in flat])
+    else:
+        sums = [x for row in backend.logprobs(prefixes, continuations) for x in row]
+        counts = token_counts(backend, [c for _, c in flat]) if per_token else [1] * len(flat)
+        pairs = list(zip(sums, counts, strict=True))
+    out: list[list[float]] = [[] for _ in continuations]
+    for (i, _), (total, count) in zip(flat, pairs, strict=True):
+        out[i].append(total / max(count, 1) if per_token else total)
+    return out
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def contrast_labels(
+    backend: Backend,
+    pairs: Sequence[Pair],
+    constitution: Constitution,
+    settings: LabelConfig,
+    *,
+    seed: int = 0,
+    weights: dict[str, dict[str, float]] | None = None,
+) -> list[Label]:
+    """The contrast labeler: one batched ``backend.logprobs`` call scoring both responses of every pair under
+    each sampled principle and its inverse (one prefix per pair x principle x condition, two continuations)."""
+    picks = [
+        sample_principles(constitution, p.id, settings.principles_per_pair, seed, (weights or {}).get(p.id))
+        for p in pairs
+    ]
+    if settings.contrast_wording == "system_prompt":  # one pair of contexts: sampling principles changes nothing
+        picks = [ps[:1] for ps in picks]
+    prefixes: list[list[dict]] = []
+    for pair, ps in zip(pairs, picks, strict=True):
+        for pr in ps:
+            for system in contrast_contexts(constitution, pr, settings.contrast_wording):
+                prefixes.append([{"role": "system", "content": system}, {"role": "user", "content": pair.prompt}])
+    conts = [[pair.a, pair.b] for pair, ps in zip(pairs, picks, strict=True) for _ in ps for _ in range(2)]
+    scored = continuation_scores(backend, prefixes, conts, per_token=settings.contrast_reduction == "mean")
+    labels, n = [], 0
+    for pair, ps in zip(pairs, picks, strict=True):
+        by_principle: dict[str, tuple[float, float]] = {}
+        for pr in ps:
+            (pos_a, pos_b), (neg_a, neg_b) = scored[n], scored[n + 1]
+            by_principle[pr.name] = (pos_a - neg_a, pos_b - neg_b)
+            n += 2
+        s_a = sum(a for a, _ in by_principle.values()) / len(ps)
+        s_b = sum(b for _, b in by_principle.values()) / len(ps)
+        t = settings.contrast_temperature
+        labels.append(
+            Label(
+                id=pair.id,
+                p_a=_sigmoid((s_a - s_b) / t),
+                principles=[pr.name for pr in ps],
+                p_by_principle={k: _sigmoid((a - b) / t) for k, (a, b) in by_principle.items()},
+                p_orders=None,
+                swap_consistent=None,
+                labeler="contrast",
+                scores=(s_a, s_b),
             )
         )
     return labels
@@ -203,6 +377,8 @@ def label_record(label: Label, pair: Pair, source: str = "judge") -> dict:
     ``p_orders`` is P(chosen better) with chosen shown first / second (swap-invariant diagnostics use it)."""
     flip = label.p_a < 0.5
     chosen, rejected = (pair.b, pair.a) if flip else (pair.a, pair.b)
+    if label.p_orders is None:  # a labeler without options: no orders to report
+        return _optionless_record(label, pair, source, flip, chosen, rejected)
     p_orders = (1 - label.p_orders[1], 1 - label.p_orders[0]) if flip else label.p_orders
     return {
         "id": pair.id,
@@ -219,19 +395,44 @@ def label_record(label: Label, pair: Pair, source: str = "judge") -> dict:
     }
 
 
+def _optionless_record(label: Label, pair: Pair, source: str, flip: bool, chosen: str, rejected: str) -> dict:
+    scores = label.scores or (0.0, 0.0)
+    return {
+        "id": pair.id,
+        "prompt": pair.prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "p_chosen": round(max(label.p_a, 1 - label.p_a), 6),
+        "principles": label.principles,
+        "swap_consistent": None,
+        "source": source,
+        "labeler": label.labeler,
+        "scores": [round(x, 6) for x in (scores[::-1] if flip else scores)],  # chosen's, rejected's
+        "p_by_principle": {k: round(v if not flip else 1 - v, 6) for k, v in label.p_by_principle.items()},
+    }
+
+
 def label_diagnostics(rows: Sequence[dict]) -> dict:
-    """Swap-consistency rate (95% CI), mean label entropy, confidence and position bias of labelled rows."""
-    rows = [r for r in rows if r.get("swap_consistent") is not None]
+    """Mean label entropy and confidence of labelled rows; for the choice labeler also the swap-consistency
+    rate (95% CI) and position bias. Rows that no labeler scored (revision/contrastive sources) are left out."""
+    rows = [r for r in rows if r.get("swap_consistent") is not None or r.get("labeler")]
     n = len(rows)
     if n == 0:
         return {"n": 0}
-    return {
+    out: dict[str, Any] = {
         "n": n,
-        "swap_consistency": rate(bool(r["swap_consistent"]) for r in rows),
         "label_entropy_bits": sum(binary_entropy(r["p_chosen"]) for r in rows) / n,
         "mean_confidence": sum(max(r["p_chosen"], 1 - r["p_chosen"]) for r in rows) / n,
+    }
+    ordered = [r for r in rows if r.get("swap_consistent") is not None]
+    if ordered:
+        out["swap_consistency"] = rate(bool(r["swap_consistent"]) for r in ordered)
         # P(the first option wins), averaged over both orders: 0.5 = no position bias, 1.0 = always "(A)"
-        "position_bias_first": sum((r["p_orders"][0] + 1 - r["p_orders"][1]) / 2 for r in rows) / n,
+        out["position_bias_first"] = sum((r["p_orders"][0] + 1 - r["p_orders"][1]) / 2 for r in ordered) / len(ordered)
+    return {
+        k: out[k]
+        for k in ("n", "swap_consistency", "label_entropy_bits", "mean_confidence", "position_bias_first")
+        if k in out
     }
 
 
@@ -259,23 +460,64 @@ def read_rows(path: str | Path, fields: Sequence[str], what: str = "pair file") 
 
 
 def read_reference(path: str | Path) -> list[Pair]:
-    """A human-labelled reference set (prompt, chosen, rejected); each pair's ``a`` is the chosen response."""
+    """A human-labelled reference set (prompt, chosen, rejected, optional group); each pair's ``a`` is the chosen
+    response."""
     return [
-        Pair(str(r.get("id") or f"ref-{r['_line']}"), r["prompt"], r["chosen"], r["rejected"])
+        Pair(
+            str(r.get("id") or f"ref-{r['_line']}"), r["prompt"], r["chosen"], r["rejected"], str(r.get("group") or "")
+        )
         for r in read_rows(path, REFERENCE_FIELDS, "reference file")
     ]
 
 
-def reference_agreement(labels: Sequence[Label]) -> dict:
-    """Agreement of the labeller with a reference set (each label's ``a`` is the human-chosen response)."""
+def expected_calibration_error(p_correct: Sequence[float], bins: int = 5) -> float:
+    """ECE of binary labels: ``p_correct`` is the probability each label gave the right answer; confidence is
+    max(p, 1 - p) in ``bins`` equal bins over [0.5, 1], accuracy is the share with p > 0.5 in each bin."""
+    if not p_correct:
+        return 0.0
+    conf = [max(p, 1 - p) for p in p_correct]
+    ece = 0.0
+    for b in range(bins):
+        lo, hi = 0.5 + 0.5 * b / bins, 0.5 + 0.5 * (b + 1) / bins
+        idx = [i for i, c in enumerate(conf) if lo <= c < hi or (b == bins - 1 and c >= hi)]
+        if idx:
+            acc = sum(p_correct[i] > 0.5 for i in idx) / len(idx)
+            ece += len(idx) / len(conf) * abs(acc - sum(conf[i] for i in idx) / len(idx))
+    return ece
+
+
+def _agreement(labels: Sequence[Label]) -> dict:
     n = len(labels)
     k = sum(lab.p_a > 0.5 for lab in labels)
     agree, lo, hi = proportion_ci(k, n)
-    above = lo > 0.5
-    verdict = f"labeller agrees with the reference on {k}/{n} pairs ({agree:.0%}, 95% CI {lo:.0%}-{hi:.0%})" + (
-        ""
-        if above
-        else ": NOT above chance; these labels are no better than coin flips. Use a stronger "
-        "feedback model (models.feedback), or the revision/contrastive pair sources"
-    )
-    return {"agreement": agree, "ci_low": lo, "ci_high": hi, "n": n, "above_chance": above, "verdict": verdict}
+    out = {"agreement": agree, "ci_low": lo, "ci_high": hi, "n": n, "above_chance": lo > 0.5, "below_chance": hi < 0.5}
+    out["ece"] = expected_calibration_error([lab.p_a for lab in labels])
+    swaps = [lab.swap_consistent for lab in labels if lab.swap_consistent is not None]
+    if swaps:
+        out["swap_consistency"] = sum(swaps) / len(swaps)
+    return out
+
+
+def reference_agreement(labels: Sequence[Label], groups: Sequence[str] = ()) -> dict:
+    """Agreement of the labeller with a reference set (each label's ``a`` is the human-chosen response), with a
+    95% CI, ECE and swap-consistency (choice labeler); ``by_group`` repeats them per group when ``groups`` (one
+    per label, e.g. XSTest's safe / unsafe prompts) holds more than one value."""
+    out = _agreement(labels)
+    k, n, lo, hi = round(out["agreement"] * out["n"]), out["n"], out["ci_low"], out["ci_high"]
+    verdict = f"labeller agrees with the reference on {k}/{n} pairs ({out['agreement']:.0%}, 95% CI {lo:.0%}-{hi:.0%})"
+    if out["below_chance"]:
+        verdict += (
+            ": significantly BELOW chance; the labeller systematically prefers the response people rejected. "
+            "Flipping it is not a fix until it is understood (e.g. it may measure style, not content)"
+        )
+    elif not out["above_chance"]:
+        verdict += (
+            ": NOT above chance; these labels are no better than coin flips. Use a stronger "
+            "feedback model (models.feedback), or the revision/contrastive pair sources"
+        )
+    out["verdict"] = verdict
+    if len(set(groups)) > 1:
+        out["by_group"] = {
+            g: _agreement([lab for lab, h in zip(labels, groups, strict=True) if h == g]) for g in sorted(set(groups))
+        }
+    return out

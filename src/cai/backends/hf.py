@@ -352,6 +352,63 @@ class HFBackend:
                 out[i][j] = lp
         return out
 
+    def continuation_logprobs(
+        self, prefixes: Sequence[Prefix], continuations: Sequence[str], *, truncate: bool = True
+    ) -> list[tuple[float, int]]:
+        """Summed log-probability and token count of each (long) continuation after its prefix, e.g. a whole
+        response after its chat. One forward pass over prefix + continuation per row, batched by length with the
+        logits kept under ``LOGIT_BUDGET`` floats: for long continuations this is far cheaper than
+        :meth:`logprobs`, which feeds them on top of copies of the prefix's KV cache. Too long for the context:
+        the prefix is cut from the left, then the continuation's tail (the count says how many tokens were
+        scored), or with ``truncate=False`` :class:`ContextLengthError`."""
+        import torch
+
+        if len(prefixes) != len(continuations):
+            raise ValueError("prefixes and continuations must have the same length")
+        check_deadline("scoring")
+        seqs: list[tuple[list[int], list[int]]] = []
+        for p, c in zip(prefixes, continuations, strict=True):
+            pids, cids = self.encode(self.render(p)), self.encode(c)
+            if not cids:
+                raise ValueError(f"empty continuation {c!r}")
+            if len(pids) + len(cids) > self.max_context:
+                if not truncate:
+                    raise ContextLengthError(len(pids) + len(cids), self.max_context, "scored text")
+                cids = cids[: self.max_context - 1]
+                pids = pids[len(pids) - (self.max_context - len(cids)) :]
+            if not pids:  # no prefix token: the first token of the continuation cannot be scored
+                pids, cids = cids[:1], cids[1:]
+            seqs.append((pids, cids))
+        vocab = int(self.model.config.vocab_size)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+        pad = self.tokenizer.pad_token_id
+        start = 0
+        while start < len(order):
+            stop, keep = start + 1, len(seqs[order[start]][1]) + 1
+            while stop < len(order) and stop - start < self.score_batch_size:
+                wider = max(keep, len(seqs[order[stop]][1]) + 1)
+                if (stop - start + 1) * wider * vocab > LOGIT_BUDGET:
+                    break
+                stop, keep = stop + 1, wider
+            check_deadline("scoring")
+            rows = [seqs[i][0] + seqs[i][1] for i in order[start:stop]]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
+                logp = torch.log_softmax(logits.float(), dim=-1)  # [B, keep, V]: position j predicts token j + 1
+            for b, i in enumerate(order[start:stop]):
+                cids = seqs[i][1]
+                n = len(cids)
+                if n:
+                    targets = torch.tensor(cids, device=self.device)[:, None]
+                    out[i] = (float(logp[b, keep - 1 - n : keep - 1].gather(-1, targets).sum()), n)
+            start = stop
+        return out
+
     def _score_group(self, prefixes: list[tuple[int, ...]], items: list[list[tuple[int, int, list[int]]]]):
         """Yield (i, j, logprob) for the continuations ``items[b]`` of each prefix ``prefixes[b]``."""
         import torch

@@ -1,4 +1,5 @@
-"""`cai judge-sets fetch | validate | fit`: the external human-labelled sets behind the refusal judge."""
+"""`cai judge-sets fetch | pairs | validate | fit`: the external human-labelled sets behind the refusal judge (and
+the preference pairs built from them for measuring labelers)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,24 @@ def _table(report: dict) -> str:
             f"{pct(c['recall'])} | {pct(nc['precision'])} / {pct(nc['recall'])} |"
         )
     return "\n".join(lines)
+
+
+@app.command("pairs")
+def pairs(
+    data: Path = typer.Option(DEFAULT_DIR, "--data", help="Folder made by `cai judge-sets fetch`."),
+    out: Path = typer.Option(Path("data/external/xstest-pairs.jsonl"), "--out", "-o", help="Pairs (JSONL)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Which refusal/compliance is drawn for each prompt."),
+    per_group: int | None = typer.Option(None, "--per-group", min=1, help="Keep N unsafe and N safe pairs."),
+) -> None:
+    """Clear-cut human-labelled preference pairs from XSTest (a refusal vs a compliance to one prompt; people
+    prefer the refusal on unsafe prompts, the compliance on safe ones), for `cai label --reference`."""
+    from collections import Counter
+
+    from cai.evaluation.preference_sets import write_xstest_pairs
+
+    rows = write_xstest_pairs(data, out, seed, per_group)
+    groups = ", ".join(f"{n} {g}" for g, n in sorted(Counter(r["group"] for r in rows).items()))
+    typer.echo(f"{out}: {len(rows)} pairs ({groups})")
 
 
 @app.command("validate")

@@ -23,16 +23,30 @@ def label(
     constitution: str = typer.Option("harmless", "--constitution", "-c"),
     k: int = typer.Option(2, "--principles", "-k", min=1, help="Principles sampled per pair."),
     cot: bool = typer.Option(False, "--cot", help="Chain-of-thought labels (clamped to [0.4, 0.6])."),
+    labeler: str = typer.Option(
+        "choice", "--labeler", "-l", help="choice: (A)/(B) log-probs; contrast: principle vs inverse likelihood."
+    ),
+    reduction: str = typer.Option("mean", "--reduction", help="contrast: per-token mean or summed log-probs."),
+    wording: str = typer.Option(
+        "revision", "--wording", help="contrast: the principle's revision or critique request, or system_prompt."
+    ),
+    temperature: float = typer.Option(1.0, "--temperature", help="contrast: sigmoid(score difference / T)."),
+    report: Path | None = typer.Option(None, "--report", help="Write the reference agreement (JSON) here."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write labelled pairs (JSONL) here."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed (0 to 2^32-1)."),
 ) -> None:
     """Label preference pairs with a feedback model and print diagnostics (swap consistency, entropy, and
     agreement with a reference set)."""
+    from pydantic import ValidationError
+
     from cai.backends import get_backend
+    from cai.base_config import format_validation_error
     from cai.constitution import load_constitution
     from cai.labeling import (
+        LABELERS,
         LabelConfig,
         Pair,
+        check_labeler,
         label_diagnostics,
         label_in_batches,
         label_record,
@@ -43,8 +57,21 @@ def label(
 
     if pairs is None and reference is None:
         raise UserError("pass --pairs FILE to label, --reference FILE to measure agreement, or both")
-    settings = LabelConfig(principles_per_pair=k, cot=cot)
+    if labeler not in LABELERS:
+        raise UserError(f"--labeler {labeler!r} is not a labeler; choose one of: {', '.join(LABELERS)}")
+    try:
+        settings = LabelConfig(
+            principles_per_pair=k,
+            cot=cot,
+            labeler=labeler,
+            contrast_reduction=reduction,
+            contrast_wording=wording,
+            contrast_temperature=temperature,
+        )
+    except ValidationError as exc:
+        raise UserError(format_validation_error("cai label", exc)) from None
     const = load_constitution(constitution)
+    check_labeler(settings, const)
     todo = [
         Pair(str(r.get("id") or r["_line"]), r["prompt"], r["a"], r["b"])
         for r in (read_rows(pairs, ("prompt", "a", "b")) if pairs else [])
@@ -56,19 +83,40 @@ def label(
         labels, rate = label_in_batches(backend, todo, const, settings, seed=seed)
         rows = [label_record(lab, p) for lab, p in zip(labels, todo, strict=False)]
         diag = label_diagnostics(rows)
+        swap = (
+            f"swap consistency {diag['swap_consistency']['rate']:.0%}, P(first option) "
+            f"{diag['position_bias_first']:.2f}, "
+            if "swap_consistency" in diag
+            else ""
+        )
         con.print(
-            f"labelled {len(rows)} pairs at {rate:.2f} pairs/s; swap consistency "
-            f"{diag['swap_consistency']['rate']:.0%}, mean label entropy {diag['label_entropy_bits']:.2f} bits, "
-            f"P(first option) {diag['position_bias_first']:.2f}"
+            f"labelled {len(rows)} pairs at {rate:.2f} pairs/s; {swap}mean label entropy "
+            f"{diag['label_entropy_bits']:.2f} bits"
         )
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
             con.print(f"wrote {out}")
     if ref:
-        labels, _ = label_in_batches(backend, ref, const, settings, seed=seed)
-        agreement = reference_agreement(labels)
+        labels, ref_rate = label_in_batches(backend, ref, const, settings, seed=seed)
+        agreement = reference_agreement(labels, [p.group for p in ref])
+        agreement["pairs_per_s"] = ref_rate
         con.print(("[green]" if agreement["above_chance"] else "[yellow]") + agreement["verdict"])
+        con.print(f"  {ref_rate:.2f} pairs/s, ECE {agreement['ece']:.3f}" + _swap_text(agreement))
+        for group, g in agreement.get("by_group", {}).items():
+            con.print(
+                f"  {group}: {g['agreement']:.0%} [{g['ci_low']:.0%}-{g['ci_high']:.0%}] of {g['n']}, "
+                f"ECE {g['ece']:.3f}" + _swap_text(g)
+            )
+        if report:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(json.dumps({"labeler": dict(settings), "model": model, **agreement}, indent=1))
+            con.print(f"wrote {report}")
+
+
+def _swap_text(agreement: dict) -> str:
+    swap = agreement.get("swap_consistency")
+    return "" if swap is None else f", swap-consistent {swap:.0%}"
 
 
 def register(app: typer.Typer) -> None:

@@ -23,6 +23,7 @@ from cai.generation import generate_responses
 from cai.labeling import (
     LabelConfig,
     Pair,
+    check_labeler,
     label_diagnostics,
     label_in_batches,
     label_record,
@@ -120,6 +121,8 @@ def _fixed_pairs(ctx, cfg: PreferencesConfig) -> list[dict]:
 
 
 def _judge(ctx, cfg: PreferencesConfig, w) -> dict[str, Any]:
+    const = load_constitution(ctx.config.constitution)
+    check_labeler(cfg, const)  # a constitution the labeler cannot use fails before any work
     feedback = ctx.pool.feedback()
     feedback.logprobs(["Answer: ("], [["A"]])  # fails fast with a clear error on servers without log-probs
     ref = read_reference(cfg.reference) if cfg.reference else []  # a bad file fails before any work
@@ -131,7 +134,6 @@ def _judge(ctx, cfg: PreferencesConfig, w) -> dict[str, Any]:
         if p.id not in w and _valid(ctx, p.id, t.get("a", ""), t.get("b", "")):
             pairs.append(Pair(p.id, p.prompt, t["a"], t["b"]))
     by_id = {p.id: p for p in pairs}
-    const = load_constitution(ctx.config.constitution)
 
     def write(labels):
         for lab in labels:
@@ -151,7 +153,7 @@ def _judge(ctx, cfg: PreferencesConfig, w) -> dict[str, Any]:
     out: dict[str, Any] = {"labelled_now": len(pairs), "pairs_per_s": round(pairs_per_s, 3)}
     if ref:
         ref_labels, _ = label_in_batches(feedback, ref, const, cfg, seed=ctx.config.seed, progress=ctx.progress)
-        agreement = reference_agreement(ref_labels)
+        agreement = reference_agreement(ref_labels, [p.group for p in ref])
         (log.info if agreement["above_chance"] else log.warning)(agreement["verdict"])
         out["reference"] = agreement
     return out
