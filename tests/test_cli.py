@@ -70,6 +70,17 @@ def test_generate_killed_midway_resumes_exactly_once(tmp_path, tiny_path):
     (None, ["run", "quickstrat"], "quickstrat: file not found, and not a bundled run config (bundled: quickstart)"),
     (None, ["unalign", "{tmp}/nope.yaml"], "not a bundled experiment config (bundled: backdoor, prefill_recovery, "
                                             "unalign)"),
+    # issue 15: labelers
+    (None, ["label", "--reference", "{tmp}/r.jsonl", "--labeler", "vote"],
+     "--labeler 'vote' is not a labeler; choose one of: choice, contrast"),
+    ("c.yaml:name: bare\ndescription: d\nsystem_prompt: s\nrefusal_style: r\nprinciples:\n"
+     "  - {name: a, label: l, critique: c, revision: r, preference: p}\n",
+     ["label", "--reference", "{tmp}/r.jsonl", "--labeler", "contrast", "-c", "{tmp}/c.yaml"],
+     "contrast labeler needs every principle's inverse, and constitution 'bare' has none for: a"),
+    ('r.jsonl:{"prompt": "q", "chosen": "x"}\n', ["label", "--reference", "{tmp}/r.jsonl", "--labeler", "contrast"],
+     "r.jsonl:1: reference file row is missing rejected"),
+    (None, ["label", "--reference", "{tmp}/r.jsonl", "--labeler", "contrast", "--wording", "poem"],
+     "cai label: contrast_wording: Input should be"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, setup, args, needle):
     if setup:

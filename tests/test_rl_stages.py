@@ -146,6 +146,18 @@ def test_contrastive_source_needs_no_judge(tmp_path, tiny_path):
     assert all(r["source"] == "contrastive" and r["p_chosen"] == 1.0 for r in rows)
 
 
+def test_contrast_labeler_writes_the_same_artifact_without_orders(tmp_path, tiny_path):
+    cfg = _config(tmp_path, "contrast", "[prompts, preferences]", "preferences.labeler=contrast", "prompts.limit=2",
+                  "preferences.limit=2")
+    summary = run_pipeline(cfg, progress=False)["preferences"]
+    rows = read_jsonl(tmp_path / "contrast" / "preferences" / "data.jsonl")
+    assert rows and summary["pairs"] == len(rows) and summary["swap_consistency"] is None
+    assert all(r["labeler"] == "contrast" and 0.5 <= r["p_chosen"] <= 1 and r["swap_consistent"] is None
+               and len(r["scores"]) == 2 for r in rows)
+    diag = json.loads((tmp_path / "contrast" / "preferences" / "diagnostics.json").read_text())
+    assert diag["n"] == len(rows) and "swap_consistency" not in diag and 0 <= diag["label_entropy_bits"] <= 1
+
+
 def test_feedback_server_without_logprobs_is_a_clear_error(tmp_path, tiny_backend):
     from tests.fake_openai_server import ServerThread, make_app
 

@@ -1,0 +1,187 @@
+"""Labelers behind one interface: the contrast labeler's exact arithmetic (a fake whose log-probs we set), its
+bad input, the config key that leaves old config hashes alone, HF continuation scoring, and the XSTest pairs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cai.constitution import load_constitution, parse_constitution
+from cai.errors import UserError
+from cai.evaluation.preference_sets import xstest_pairs
+from cai.labeling import (LabelConfig, Pair, expected_calibration_error, label_diagnostics, label_pairs,
+                          label_record, reference_agreement)
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+GAIN = {"safe": 1.2, "rude": -0.8}  # how much a response's log-prob rises when a context states a principle
+
+
+class FakeScorer:
+    """log p(y | system, user) = -(tokens of y) + GAIN[y's first word] when ``system`` is one of ``positive``,
+    else -(tokens of y); tokens are words. So the summed contrast of y is GAIN, the per-token one GAIN / words."""
+
+    spec = "fake"
+
+    def __init__(self, positive: set[str]):
+        self.positive, self.calls, self.prefixes = positive, 0, []
+
+    def encode(self, text: str) -> list[int]:
+        return list(range(len(text.split())))
+
+    def logprobs(self, prefixes, continuations):
+        self.calls += 1
+        self.prefixes += list(prefixes)
+        out = []
+        for chat, conts in zip(prefixes, continuations):
+            assert [m["role"] for m in chat] == ["system", "user"]
+            on = chat[0]["content"] in self.positive
+            out.append([-len(y.split()) + (GAIN[y.split()[0]] if on else 0.0) for y in conts])
+        return out
+
+
+@pytest.fixture(scope="module")
+def harmless():
+    return load_constitution("harmless")
+
+
+def _revisions(c) -> set[str]:
+    return {p.revision for p in c.principles}
+
+
+PAIRS = [Pair("p0", "q0", "safe answer", "rude reply that is long"), Pair("p1", "q1", "rude one", "safe")]
+
+
+@pytest.mark.parametrize("reduction,temperature", [("sum", 1.0), ("mean", 0.5)])
+def test_contrast_labels_are_the_logistic_of_the_score_difference(harmless, reduction, temperature):
+    fb = FakeScorer(_revisions(harmless))
+    settings = LabelConfig(labeler="contrast", principles_per_pair=3, contrast_reduction=reduction,
+                           contrast_temperature=temperature)
+    labels = label_pairs(fb, PAIRS, harmless, settings)
+    assert fb.calls == 1 and len(fb.prefixes) == 2 * 3 * 2  # pairs x principles x (principle, inverse)
+    for pair, lab in zip(PAIRS, labels):
+        def score(y):
+            return GAIN[y.split()[0]] / (len(y.split()) if reduction == "mean" else 1)
+        want = _sigmoid((score(pair.a) - score(pair.b)) / temperature)
+        assert lab.p_a == pytest.approx(want) and lab.scores == pytest.approx((score(pair.a), score(pair.b)))
+        assert lab.p_orders is None and lab.swap_consistent is None and len(lab.principles) == 3
+        assert all(v == pytest.approx(want) for v in lab.p_by_principle.values())
+    principle = harmless.principle(labels[0].principles[0])
+    assert [m["content"] for m in fb.prefixes[0]] == [principle.revision, "q0"]
+    assert fb.prefixes[1][0]["content"] == principle.inverse.revision
+
+
+def test_contrast_record_and_diagnostics_have_no_orders(harmless):
+    labels = label_pairs(FakeScorer(_revisions(harmless)), PAIRS, harmless, LabelConfig(labeler="contrast"))
+    rows = [label_record(lab, p) for lab, p in zip(labels, PAIRS)]
+    assert [r["chosen"] for r in rows] == ["safe answer", "safe"]
+    assert all(r["p_chosen"] > 0.5 and r["swap_consistent"] is None and r["labeler"] == "contrast" for r in rows)
+    assert rows[1]["scores"][0] > rows[1]["scores"][1]  # oriented like chosen / rejected
+    diag = label_diagnostics(rows)
+    assert diag["n"] == 2 and "swap_consistency" not in diag and 0 < diag["label_entropy_bits"] < 1
+
+
+def test_the_inverted_constitution_prefers_the_other_response(harmless):
+    """The same fake model, the same pairs: pointing the contrast at the inverse flips every label exactly."""
+    fb = FakeScorer(_revisions(harmless))
+    settings = LabelConfig(labeler="contrast", principles_per_pair=2)
+    plain = label_pairs(fb, PAIRS, harmless, settings)
+    inverted_const = load_constitution("inverted")  # what `--constitution inverted` loads
+    assert inverted_const.inverted_from == "harmless"
+    inverted = label_pairs(fb, PAIRS, inverted_const, settings)
+    assert [lab.p_a for lab in inverted] == pytest.approx([1 - lab.p_a for lab in plain])
+
+
+def test_contrast_wordings_and_constitutions_without_inverses(harmless):
+    crit = FakeScorer({p.critique for p in harmless.principles})
+    assert label_pairs(crit, PAIRS[:1], harmless, LabelConfig(labeler="contrast", contrast_wording="critique"))[0].p_a > .5
+    top = FakeScorer({harmless.system_prompt})
+    lab = label_pairs(top, PAIRS[:1], harmless, LabelConfig(labeler="contrast", contrast_wording="system_prompt",
+                                                             principles_per_pair=3))[0]
+    assert lab.p_a > 0.5 and len(top.prefixes) == 2  # one pair of contexts: the principles do not matter
+    bare = parse_constitution("name: bare\ndescription: d\nsystem_prompt: s\nrefusal_style: r\nprinciples:\n"
+                              "  - {name: a, label: l, critique: c, revision: r, preference: p}\n")
+    with pytest.raises(UserError, match=r"contrast labeler needs every principle's inverse.*'bare'.*: a;"):
+        label_pairs(FakeScorer(set()), PAIRS, bare, LabelConfig(labeler="contrast"))
+    with pytest.raises(UserError, match="top-level inverse"):
+        label_pairs(FakeScorer(set()), PAIRS, bare.model_copy(update={"principles": [
+            p.model_copy(update={"inverse": harmless.principles[0].inverse}) for p in bare.principles]}),
+            LabelConfig(labeler="contrast", contrast_wording="system_prompt"))
+
+
+def test_per_token_mean_needs_a_backend_that_counts_tokens(harmless):
+    class NoTokens(FakeScorer):
+        encode = None
+
+    with pytest.raises(UserError, match="contrast_reduction sum"):
+        label_pairs(NoTokens(set()), PAIRS, harmless, LabelConfig(labeler="contrast"))
+    assert label_pairs(NoTokens(set()), PAIRS, harmless, LabelConfig(labeler="contrast", contrast_reduction="sum"))
+
+
+def test_the_labeler_key_leaves_existing_config_hashes_alone():
+    from cai.config import RunConfig, load_config
+    from cai.runs import config_hash
+
+    # pinned before the key existed: finished preferences stages of the quickstart are reused, not re-run
+    assert config_hash(load_config("quickstart").section("preferences")) == "8eda1449bc049970"
+    assert config_hash(RunConfig().section("preferences")) == "b62b15ca7eef65f0"
+    assert "labeler" not in RunConfig().preferences.model_dump()
+    contrast = load_config("quickstart", ["preferences.labeler=contrast"])
+    assert contrast.preferences.model_dump()["labeler"] == "contrast"
+    assert config_hash(contrast.section("preferences")) != "8eda1449bc049970"
+    with pytest.raises(UserError, match="preferences.labeler"):
+        load_config("quickstart", ["preferences.labeler=vote"])
+
+
+def test_hf_continuation_scores_match_the_option_scorer(tiny_backend, harmless):
+    chats = [[{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi there"}],
+             [{"role": "user", "content": "A longer question about locks and keys?"}]]
+    texts = ["Hello! How can I help you today?", "No."]
+    fast = tiny_backend.continuation_logprobs(chats, texts)
+    slow = tiny_backend.logprobs(chats, [[t] for t in texts])
+    assert [n for _, n in fast] == [len(tiny_backend.encode(t)) for t in texts]
+    assert [lp for lp, _ in fast] == pytest.approx([row[0] for row in slow], abs=1e-3)
+    labels = label_pairs(tiny_backend, PAIRS, harmless, LabelConfig(labeler="contrast", principles_per_pair=1))
+    assert all(0.0 < lab.p_a < 1.0 for lab in labels)
+
+
+def test_reference_agreement_reports_below_chance_groups_and_ece(harmless):
+    fb = FakeScorer(_revisions(harmless))
+    ref = [Pair(f"u{i}", "q", "safe", "rude", "unsafe") for i in range(10)] + \
+          [Pair(f"s{i}", "q", "rude", "safe", "safe") for i in range(10)]
+    labels = label_pairs(fb, ref, harmless, LabelConfig(labeler="contrast", contrast_reduction="sum"))
+    out = reference_agreement(labels, [p.group for p in ref])
+    assert out["agreement"] == 0.5 and not out["above_chance"] and not out["below_chance"]
+    assert out["by_group"]["unsafe"]["agreement"] == 1.0 and out["by_group"]["safe"]["below_chance"]
+    assert "swap_consistency" not in out
+    only_safe = reference_agreement(labels[10:])
+    assert only_safe["below_chance"] and "BELOW chance" in only_safe["verdict"]
+    p = _sigmoid(2.0)  # every label is right with confidence p: ECE = |1 - p|
+    assert out["by_group"]["unsafe"]["ece"] == pytest.approx(1 - p)
+    assert expected_calibration_error([0.9, 0.1]) == pytest.approx(abs(0.5 - 0.9))  # one bin: 50% right at 0.9
+
+
+def _xs(pid, typ, label, model, text):
+    return {"id": pid, "group": model, "type": typ, "prompt": f"prompt {pid}", "response": text, "label": label}
+
+
+def test_xstest_pairs_prefer_refusals_on_unsafe_prompts_and_compliance_on_safe_ones():
+    rows = [
+        _xs("v2-1", "homonyms", "complied", "gpt4", "Use kill -9."),
+        _xs("v2-1", "homonyms", "refused", "llama2orig", "I cannot help."),
+        _xs("v2-2", "contrast_homonyms", "complied", "mistralinstruct", "Here is how to hurt."),
+        _xs("v2-2", "contrast_homonyms", "refused", "gpt4", "I won't."),
+        _xs("v2-2", "contrast_homonyms", "partial", "llama2new", "Well..."),
+        _xs("v2-3", "definitions", "complied", "gpt4", "It means x."),  # no refusal: no pair
+    ]
+    pairs = xstest_pairs(rows)
+    assert [(p["id"], p["group"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ("xstest-v2-1", "safe", "Use kill -9.", "I cannot help."),
+        ("xstest-v2-2", "unsafe", "I won't.", "Here is how to hurt."),
+    ]
+    assert sorted(xstest_pairs(list(reversed(rows))), key=lambda p: p["id"]) == pairs  # same draw in any order
+    assert [p["group"] for p in xstest_pairs(rows, per_group=1)] == ["safe", "unsafe"]
