@@ -488,9 +488,12 @@ def expected_calibration_error(p_correct: Sequence[float], bins: int = 5) -> flo
 
 def _agreement(labels: Sequence[Label]) -> dict:
     n = len(labels)
-    k = sum(lab.p_a > 0.5 for lab in labels)
-    agree, lo, hi = proportion_ci(k, n)
+    ties = sum(lab.p_a == 0.5 for lab in labels)
+    k = sum(lab.p_a > 0.5 for lab in labels) + ties / 2  # a label of exactly 0.5 says nothing: half right
+    agree, lo, hi = proportion_ci(k, n)  # type: ignore[arg-type]  # Wilson's interval is defined for any k
     out = {"agreement": agree, "ci_low": lo, "ci_high": hi, "n": n, "above_chance": lo > 0.5, "below_chance": hi < 0.5}
+    if ties:
+        out["ties"] = ties
     out["ece"] = expected_calibration_error([lab.p_a for lab in labels])
     swaps = [lab.swap_consistent for lab in labels if lab.swap_consistent is not None]
     if swaps:
@@ -503,8 +506,10 @@ def reference_agreement(labels: Sequence[Label], groups: Sequence[str] = ()) -> 
     95% CI, ECE and swap-consistency (choice labeler); ``by_group`` repeats them per group when ``groups`` (one
     per label, e.g. XSTest's safe / unsafe prompts) holds more than one value."""
     out = _agreement(labels)
-    k, n, lo, hi = round(out["agreement"] * out["n"]), out["n"], out["ci_low"], out["ci_high"]
-    verdict = f"labeller agrees with the reference on {k}/{n} pairs ({out['agreement']:.0%}, 95% CI {lo:.0%}-{hi:.0%})"
+    k, n, lo, hi = out["agreement"] * out["n"], out["n"], out["ci_low"], out["ci_high"]
+    verdict = (
+        f"labeller agrees with the reference on {k:g}/{n} pairs ({out['agreement']:.0%}, 95% CI {lo:.0%}-{hi:.0%})"
+    )
     if out["below_chance"]:
         verdict += (
             ": significantly BELOW chance; the labeller systematically prefers the response people rejected. "
