@@ -266,6 +266,20 @@ def read_reference(path: str | Path) -> list[Pair]:
     ]
 
 
+def agreement_with_reference(
+    backend: Backend,
+    reference: Sequence[Pair],
+    constitution: Constitution,
+    settings: LabelConfig,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Label a human reference set (from :func:`read_reference`) and measure :func:`reference_agreement`."""
+    labels, _ = label_in_batches(backend, reference, constitution, settings, seed=seed, progress=progress)
+    return reference_agreement(labels)
+
+
 def reference_agreement(labels: Sequence[Label]) -> dict:
     """Agreement of the labeller with a reference set (each label's ``a`` is the human-chosen response)."""
     n = len(labels)

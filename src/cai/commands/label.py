@@ -33,12 +33,12 @@ def label(
     from cai.labeling import (
         LabelConfig,
         Pair,
+        agreement_with_reference,
         label_diagnostics,
         label_in_batches,
         label_record,
         read_reference,
         read_rows,
-        reference_agreement,
     )
 
     if pairs is None and reference is None:
@@ -66,8 +66,7 @@ def label(
             out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
             con.print(f"wrote {out}")
     if ref:
-        labels, _ = label_in_batches(backend, ref, const, settings, seed=seed)
-        agreement = reference_agreement(labels)
+        agreement = agreement_with_reference(backend, ref, const, settings, seed=seed)
         con.print(("[green]" if agreement["above_chance"] else "[yellow]") + agreement["verdict"])
 
 

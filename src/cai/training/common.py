@@ -137,6 +137,16 @@ def lora_config(settings, task_type: str = "CAUSAL_LM", target_modules: str | li
     )
 
 
+def preference_columns(rows: Sequence[dict]) -> dict[str, list]:
+    """The conversational columns TRL's preference trainers (DPO, reward) read from (prompt, chosen, rejected)
+    records: the prompt as a user turn, each response as an assistant turn."""
+    return {
+        "prompt": [[{"role": "user", "content": r["prompt"]}] for r in rows],
+        "chosen": [[{"role": "assistant", "content": r["chosen"]}] for r in rows],
+        "rejected": [[{"role": "assistant", "content": r["rejected"]}] for r in rows],
+    }
+
+
 def last_checkpoint(folder: Path) -> str | None:
     """The newest ``checkpoint-N`` in ``folder`` (to resume a killed run), or None."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -186,3 +196,12 @@ def save_training_outputs(
             plot_curves(steps_csv, columns, output_dir / "curves.png", title)
     trainer.accelerator.wait_for_everyone()
     return adapter_dir
+
+
+def train_and_save(
+    trainer, tok, output_dir: Path, *, adapter: bool, curves: tuple[Path, Sequence[str], str] | None = None
+) -> Path | None:
+    """Train, resuming from the newest checkpoint in ``output_dir/checkpoints`` (where :func:`trl_args` put them),
+    then :func:`save_training_outputs`. Returns the adapter folder (None without ``adapter``)."""
+    trainer.train(resume_from_checkpoint=last_checkpoint(output_dir / "checkpoints"))
+    return save_training_outputs(trainer, tok, output_dir, adapter=adapter, curves=curves)
