@@ -42,8 +42,7 @@ class RefusalJudge(Judge):
 
     name = "refusal"
 
-    def __init__(self, threshold: float | None = None, off_topic_below: float = OFF_TOPIC_BELOW, *,
-                 classifier=None):
+    def __init__(self, threshold: float | None = None, off_topic_below: float = OFF_TOPIC_BELOW, *, classifier=None):
         from cai.evaluation.refusal_classifier import FEATURE_VERSION, RefusalClassifier
 
         self.classifier = classifier or RefusalClassifier.shipped()
