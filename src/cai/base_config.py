@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cai.backends.base import CHAT_REPETITION_PENALTY
 from cai.errors import UserError
@@ -31,6 +31,20 @@ class ModelsConfig(Strict):
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
     batch_size: int = Field(16, ge=1, description="generation batch size for in-process models")
     concurrency: int = Field(8, ge=1, description="parallel requests for openai: servers")
+
+    @field_validator("policy", "feedback")
+    @classmethod
+    def _parsable(cls, spec: str | None) -> str | None:
+        """A spec that cannot name a model fails when the config loads, not stages later. The config keeps the
+        string (manifests hash and show it); backends parse it again where they load it."""
+        from cai.models import parse_spec
+
+        if spec is not None:
+            try:
+                parse_spec(spec)
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
+        return spec
 
     @property
     def feedback_spec(self) -> str:
@@ -107,6 +121,8 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
         msg = "unknown key (check the spelling; the bundled configs in cai/resources/configs/ show every key)"
     elif e["type"] == "missing":
         msg = "required key is missing"
+    elif e["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")  # our validators' messages are whole sentences already
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
     return f"{source}: {loc}: {msg}{more}"
 
