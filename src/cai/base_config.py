@@ -6,13 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator
 
 from cai.backends.base import CHAT_REPETITION_PENALTY
 from cai.errors import UserError
+from cai.models import ModelSpec, parse_spec
 
 SEED_MAX = 2**32 - 1  # numpy's limit; torch, random and transformers accept it too
 
@@ -21,6 +22,24 @@ class Strict(BaseModel):
     """Base for every config section: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def parsed_spec(value: object) -> ModelSpec:
+    """A config field's model spec, parsed (a :class:`ModelSpec` passes through); the parse error as a pydantic
+    ValueError, so the one-line message names the file and the field."""
+    if isinstance(value, ModelSpec):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a model spec string (see `cai models`), got {type(value).__name__}")
+    try:
+        return parse_spec(value)
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
+
+
+# A config field holding a model spec parsed once, when the config loads; it serialises back to the string. For
+# configs that are not hashed: run and experiment configs keep the string, which their step hashes include.
+ModelSpecField = Annotated[ModelSpec, PlainValidator(parsed_spec), PlainSerializer(str, return_type=str)]
 
 
 class ModelsConfig(Strict):
@@ -37,13 +56,8 @@ class ModelsConfig(Strict):
     def _parsable(cls, spec: str | None) -> str | None:
         """A spec that cannot name a model fails when the config loads, not stages later. The config keeps the
         string (manifests hash and show it); backends parse it again where they load it."""
-        from cai.models import parse_spec
-
         if spec is not None:
-            try:
-                parse_spec(spec)
-            except UserError as exc:
-                raise ValueError(str(exc)) from None
+            parsed_spec(spec)
         return spec
 
     @property

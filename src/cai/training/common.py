@@ -9,9 +9,12 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from cai.errors import UserError
+
+if TYPE_CHECKING:
+    from cai.models import ModelSpec
 
 
 @dataclass
@@ -63,7 +66,7 @@ def trl_args(output_dir: Path, *, seed: int, progress: bool, checkpointing: bool
 
 
 def load_trainable(
-    spec: str,
+    spec: str | ModelSpec,
     *,
     seed: int,
     head: Literal["causal-lm", "reward"] = "causal-lm",
@@ -77,12 +80,12 @@ def load_trainable(
     ``qlora`` loads a causal LM in 4 bits on this process's GPU, ready for LoRA."""
     from transformers import set_seed
 
-    from cai.models import load_causal_lm, load_tokenizer, parse_spec, resolve_local
+    from cai.models import as_spec, load_causal_lm, load_tokenizer, resolve_local
 
-    s = parse_spec(spec)
+    s = as_spec(spec)
     if not s.in_process:
         raise UserError(
-            f"cannot fine-tune {spec!r}: it is served over HTTP; set the model to a local folder, a hub "
+            f"cannot fine-tune {s.raw!r}: it is served over HTTP; set the model to a local folder, a hub "
             "id or smollm2-135m"
         )
     set_seed(seed)
