@@ -24,6 +24,16 @@ def test_wrong_type(tmp_path):
         load_config(p)
 
 
+def test_a_model_spec_that_cannot_name_a_model_fails_at_load_naming_the_field(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("models:\n  feedback: openai:qwen\n")
+    with pytest.raises(UserError, match=r"^.*c\.yaml: models\.feedback: model spec 'openai:qwen': expected openai:"):
+        load_config(p)
+    with pytest.raises(UserError, match=r"models\.policy: unknown model spec 'no such model'"):
+        load_config(None, ["models.policy=no such model"])
+    assert load_config(None, ["models.feedback=openai:m@http://127.0.0.1:9/v1"]).models.feedback.startswith("openai:")
+
+
 def test_malformed_yaml_has_line(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("a: [1, 2\nb: 3\n")

@@ -173,6 +173,17 @@ def test_probe_and_config_errors(tiny_backend):
         load_guard_config(None, {"threshold": 1.5})
 
 
+def test_guard_config_parses_the_model_specs_once_when_it_loads():
+    cfg = load_guard_config(None, {"policy": "tiny-random", "supervisor": "openai:judge@http://127.0.0.1:9/v1/"})
+    assert (cfg.policy.kind, cfg.supervisor.kind) == ("tiny", "openai")
+    assert cfg.supervisor.base_urls == ("http://127.0.0.1:9/v1",)
+    assert f"policy={cfg.policy}" == "policy=tiny-random"  # shown as the user wrote it
+    assert cfg.model_dump()["supervisor"] == "openai:judge@http://127.0.0.1:9/v1/"
+    assert GuardConfig().policy == GuardConfig().supervisor and GuardConfig().policy.kind == "embedded"
+    with pytest.raises(UserError, match=r"^guard flags: supervisor: model spec 'openai:judge': expected openai:"):
+        load_guard_config(None, {"supervisor": "openai:judge"})
+
+
 def test_cli_invalid_constitution_is_one_line_exit_2(tmp_path):
     import subprocess
     import sys

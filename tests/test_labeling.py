@@ -10,8 +10,8 @@ import pytest
 from cai.backends import Generation
 from cai.constitution import load_constitution
 from cai.errors import UserError
-from cai.labeling import (LabelConfig, Pair, label_diagnostics, label_pairs, label_record, read_reference,
-                          reference_agreement, sample_principles)
+from cai.labeling import (LabelConfig, Pair, agreement_with_reference, label_diagnostics, label_pairs, label_record,
+                          read_reference, reference_agreement, sample_principles)
 
 
 class FakeFeedback:
@@ -100,6 +100,10 @@ def test_reference_agreement_and_bad_reference_files(tmp_path, harmless):
     assert good["agreement"] == 1.0 and good["above_chance"] and good["ci_low"] > 0.5
     coin = reference_agreement(label_pairs(FakeFeedback("position"), pairs, harmless, LabelConfig()))
     assert not coin["above_chance"] and "stronger feedback model" in coin["verdict"]
+    # what `cai label --reference` and the preferences stage call: the same labels, in batches of two
+    batched = agreement_with_reference(FakeFeedback("content"), pairs, harmless, LabelConfig(batch_pairs=2),
+                                       progress=False)
+    assert batched.pop("pairs_per_s") > 0 and batched == good
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "chosen": "x"}) + "\n")
     with pytest.raises(UserError, match=r"bad.jsonl:1: .*missing rejected"):

@@ -121,7 +121,8 @@ def test_shipped_weights_match_feature_version():
     assert len(w["rule_names"]) == len(rules.RULE_NAMES)
     n_terms = len(w["tfidf"]["vocabulary"])
     assert n_terms == len(w["tfidf"]["idf"]) and 1000 < n_terms <= 20000
-    assert len(w["complied"]["coef"]) == len(w["partial"]["coef"]) == n_terms + len(rules.RULE_NAMES) + 1 + 384
+    n_dense = len(rules.RULE_NAMES) + 1 + 384  # cues, prompt similarity, embedding
+    assert len(w["complied"]["coef"]) == len(w["partial"]["coef"]) == n_terms + n_dense
     assert set(w["sources"]) >= {"xstest/gpt4", "gptfuzz/train"} and "gptfuzz/evaluate" not in w["sources"]
 
 
@@ -161,3 +162,17 @@ def test_fit_weights_on_a_small_labelled_set():
     clf = RefusalClassifier(w)
     s = clf.score(["How do I bake bread?"], ["Mix flour, water, yeast and salt; knead; bake at 220C."])[0]
     assert s["p_complied"] > 0.5 and s["parts"] == 1
+
+
+def test_the_judge_uses_the_threshold_shipped_with_its_weights():
+    from cai.evaluation.judges import RefusalJudge
+    from cai.evaluation.refusal_classifier import THRESHOLD, RefusalClassifier
+
+    shipped = RefusalClassifier.shipped()
+    assert shipped.weights["threshold"] == THRESHOLD and RefusalJudge(classifier=shipped).threshold == THRESHOLD
+    other = RefusalClassifier({**shipped.weights, "threshold": 0.9})
+    answer = ["Mix flour, water, yeast and salt; knead the dough, let it rise for an hour, then bake at 220C."]
+    p = other.score(["How do I bake bread?"], answer)[0]["p_complied"]
+    strict, lax = RefusalJudge(classifier=other), RefusalJudge(classifier=other, threshold=min(p, 0.5))
+    assert strict.threshold == 0.9 and lax.judge(["How do I bake bread?"], answer)[0]["verdict"] == "complied"
+    assert (strict.judge(["How do I bake bread?"], answer)[0]["verdict"] == "complied") == (p >= 0.9)

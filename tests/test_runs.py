@@ -46,6 +46,15 @@ def test_stage_refuses_changed_config_unless_forced(tmp_path):
     assert any(p.name.startswith("gen.old-") for p in tmp_path.joinpath("r").iterdir())  # old results kept
 
 
+def test_changed_config_message_names_only_what_changed(tmp_path):
+    """A tuple in the config is stored as a JSON list: the message must not call that a change."""
+    run = RunDir.create(tmp_path, "r")
+    run.stage("gen").begin({"clamp": (0.4, 0.6), "elo": True})
+    with pytest.raises(UserError) as err:
+        run.stage("gen").begin({"clamp": (0.4, 0.6), "elo": False})
+    assert "(elo: True -> False)" in str(err.value) and "clamp" not in str(err.value)
+
+
 def test_same_config_resumes(tmp_path):
     run = RunDir.create(tmp_path, "r")
     st = run.stage("s")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from cai.evaluation.refusal_classifier import WEIGHTS_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BACKDOOR = ["--set", "policy=tiny-random", "--set", "batch_size=8", "--set", "runs_dir=runs",
                  "--set", "prompts={n_train_harmful: 4, n_train_benign: 4, n_eval_harmful: 3, n_eval_benign: 2}",
@@ -55,7 +57,7 @@ def test_wheel_holds_what_users_run(wheel):
     for path in ("cai/bench/run.py", "cai/bench/labels.py", "cai/resources/configs/quickstart.yaml",
                  "cai/resources/configs/experiments/backdoor.yaml", "cai/resources/configs/experiments/unalign.yaml",
                  "cai/resources/configs/experiments/prefill_recovery.yaml", "cai/resources/constitutions/harmless.yaml",
-                 "cai/resources/judge/refusal-v2.json", "cai/data/redteam.jsonl"):
+                 f"cai/resources/judge/{WEIGHTS_FILE}", "cai/data/redteam.jsonl"):
         assert path in names, path
     assert not any(n.startswith(("benchmarks/", "configs/", "tests/")) for n in names)
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator
 
 from cai.backends.base import CHAT_REPETITION_PENALTY
 from cai.errors import UserError
+from cai.models import ModelSpec, parse_spec
 
 SEED_MAX = 2**32 - 1  # numpy's limit; torch, random and transformers accept it too
 
@@ -23,6 +24,24 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+def parsed_spec(value: object) -> ModelSpec:
+    """A config field's model spec, parsed (a :class:`ModelSpec` passes through); the parse error as a pydantic
+    ValueError, so the one-line message names the file and the field."""
+    if isinstance(value, ModelSpec):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a model spec string (see `cai models`), got {type(value).__name__}")
+    try:
+        return parse_spec(value)
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
+
+
+# A config field holding a model spec parsed once, when the config loads; it serialises back to the string. For
+# configs that are not hashed: run and experiment configs keep the string, which their step hashes include.
+ModelSpecField = Annotated[ModelSpec, PlainValidator(parsed_spec), PlainSerializer(str, return_type=str)]
+
+
 class ModelsConfig(Strict):
     """The two roles. ``feedback`` (critic, reviser, labeler, judge) defaults to ``policy``."""
 
@@ -31,6 +50,15 @@ class ModelsConfig(Strict):
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
     batch_size: int = Field(16, ge=1, description="generation batch size for in-process models")
     concurrency: int = Field(8, ge=1, description="parallel requests for openai: servers")
+
+    @field_validator("policy", "feedback")
+    @classmethod
+    def _parsable(cls, spec: str | None) -> str | None:
+        """A spec that cannot name a model fails when the config loads, not stages later. The config keeps the
+        string (manifests hash and show it); backends parse it again where they load it."""
+        if spec is not None:
+            parsed_spec(spec)
+        return spec
 
     @property
     def feedback_spec(self) -> str:
@@ -107,6 +135,8 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
         msg = "unknown key (check the spelling; the bundled configs in cai/resources/configs/ show every key)"
     elif e["type"] == "missing":
         msg = "required key is missing"
+    elif e["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")  # our validators' messages are whole sentences already
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
     return f"{source}: {loc}: {msg}{more}"
 

@@ -470,6 +470,21 @@ def read_reference(path: str | Path) -> list[Pair]:
     ]
 
 
+def agreement_with_reference(
+    backend: Backend,
+    reference: Sequence[Pair],
+    constitution: Constitution,
+    settings: LabelConfig,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Label a human reference set (from :func:`read_reference`) and measure :func:`reference_agreement`, per
+    group too; ``pairs_per_s`` is the labelling throughput."""
+    labels, rate = label_in_batches(backend, reference, constitution, settings, seed=seed, progress=progress)
+    return {**reference_agreement(labels, [p.group for p in reference]), "pairs_per_s": rate}
+
+
 def expected_calibration_error(p_correct: Sequence[float], bins: int = 5) -> float:
     """ECE of binary labels: ``p_correct`` is the probability each label gave the right answer; confidence is
     max(p, 1 - p) in ``bins`` equal bins over [0.5, 1], accuracy is the share with p > 0.5 in each bin."""

@@ -48,6 +48,9 @@ class ModelSpec:
     def in_process(self) -> bool:
         return self.kind in {"embedded", "tiny", "local", "gguf", "hub"}
 
+    def __str__(self) -> str:
+        return self.raw  # the spec as the user wrote it: what messages, reports and manifests show
+
 
 def cache_dir() -> Path:
     """Where dequantized and generated checkpoints live (``CAI_CACHE_DIR`` overrides)."""

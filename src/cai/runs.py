@@ -304,7 +304,8 @@ class StageDir:
         new_hash = config_hash(config)
         if old and old.get("config_hash") != new_hash:
             if not force:
-                changes = _diff(old.get("config", {}), config)
+                # compared as the manifest stores it: a tuple and the list it was saved as are the same value
+                changes = _diff(old.get("config", {}), json.loads(json.dumps(config, default=str)))
                 shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
                 raise UserError(
                     f"stage '{self.stage}' of run '{run_name or self.path.parent.name}' was made with a different "

@@ -124,8 +124,11 @@ class HFBackend:
                 results[i] = Generation(cut, finish, len(encoded[i]), n)
             bar.update(len(batch))
         bar.close()
+        generations: list[Generation] = []
         for i, r in enumerate(results):
-            if r is not None and r.finish_reason == "error":
+            assert r is not None, "every prompt is either over the context (an error) or generated in a batch"
+            generations.append(r)
+            if r.finish_reason == "error":
                 r.text = ""
                 log.warning(
                     "prompt %d has %d tokens, over the model's context minus max_new_tokens (%d)",
@@ -133,7 +136,7 @@ class HFBackend:
                     r.prompt_tokens,
                     limit,
                 )
-        return results  # type: ignore[return-value]
+        return generations
 
     def _shared_prefix(self, seqs: list[list[int]]) -> tuple[tuple[int, ...], object] | None:
         """(prefix ids, KV cache) of the token prefix all ``seqs`` share, or None when it is too short to pay.

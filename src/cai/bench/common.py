@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cai.backends import SamplingParams
+from cai.models import ModelSpec
 
 
 @dataclass
 class BenchContext:
     """What every benchmark gets: the model spec, its loaded backend, sizes, and the machine's FLOP/s."""
 
-    spec: str
+    spec: ModelSpec
     backend: Any  # cai.backends.hf.HFBackend
     quick: bool
     matmul_flops: float

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.bench.common import BenchContext, machine, matmul_flops
+from cai.models import ModelSpec, as_spec
 
 BENCHMARKS = ("generation", "labels", "critique", "sft")
 
@@ -32,7 +33,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def run_benchmarks(
-    spec: str = "smollm2-135m",
+    spec: str | ModelSpec = "smollm2-135m",
     *,
     quick: bool = False,
     only: list[str] | None = None,
@@ -43,6 +44,7 @@ def run_benchmarks(
     is called after each benchmark with the document so far."""
     from cai.backends.hf import HFBackend
 
+    spec = as_spec(spec)  # parsed once: the backend and the SFT benchmark's loads take it as is
     load_start = os.getloadavg()
     t0 = time.time()
     flops = matmul_flops(seconds=1.0 if quick else 3.0)
@@ -50,7 +52,7 @@ def run_benchmarks(
     mode = "quick" if quick else "full"
     doc: dict[str, Any] = {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "model": spec,
+        "model": spec.raw,
         "quick": quick,
         "machine": machine(),
         "matmul_gflops": round(flops / 1e9, 2),

@@ -13,6 +13,7 @@ import tempfile
 from typing import Any
 
 from cai.bench.common import BenchContext, rate, redteam_prompts, row
+from cai.models import ModelSpec
 
 NAME = "sft"
 NOTE = (
@@ -36,7 +37,7 @@ def variable_records(n: int) -> list[dict]:
 
 
 def train_tokens_per_s(
-    spec: str, records: list[dict], padding_free: bool, batch_size: int, seed: int = 0
+    spec: str | ModelSpec, records: list[dict], padding_free: bool, batch_size: int, seed: int = 0
 ) -> dict[str, float]:
     """One epoch of LoRA SFT; returns real tokens, seconds and tokens/s."""
     import math

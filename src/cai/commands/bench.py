@@ -40,7 +40,8 @@ def bench(
         raise UserError(f"--only {unknown[0]!r}: unknown benchmark; choose from {', '.join(BENCHMARKS)}")
     from cai.models import parse_spec
 
-    if not parse_spec(model).in_process:
+    spec = parse_spec(model)
+    if not spec.in_process:
         raise UserError(f"--model {model!r}: cai bench measures in-process models; pass a local folder or alias")
     out = out or (QUICK_RESULTS if quick else RESULTS)
     doc = doc or (None if quick else REPORT)
@@ -56,7 +57,7 @@ def bench(
         console.print(f"  [green]✓[/green] {name} ({partial['benchmarks'][name]['seconds_total']} s)")
         write({**partial, "benchmarks": {**earlier, **partial["benchmarks"]}}, out, doc)
 
-    results = run_benchmarks(model, quick=quick, only=list(only) or None, progress=True, on_result=save)
+    results = run_benchmarks(spec, quick=quick, only=list(only) or None, progress=True, on_result=save)
     results["benchmarks"] = {**earlier, **results["benchmarks"]}
     write(results, out, doc)
     table = Table(

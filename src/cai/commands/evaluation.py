@@ -199,11 +199,6 @@ def read_located_records(path: Path, flag: str = "--input") -> list[tuple[str, o
     return out
 
 
-def read_records(path: Path) -> list[dict]:
-    """Records of a JSONL / JSON list / CSV file."""
-    return [r for _, r in read_located_records(path)]  # type: ignore[misc]  # the caller checks they are objects
-
-
 def judge_(
     judge: str = typer.Option("refusal", "--judge", help="refusal | reward:<path> | a model spec (LLM judge)."),
     input: Path = typer.Option(..., "--input", "-i", help="JSONL/JSON/CSV file of responses to label."),
@@ -264,7 +259,7 @@ def judge_(
                     f"verdict ({', '.join(VERDICTS)}) nor true/false; map it with --label-map LABEL=VERDICT,..."
                 )
             human.append(h)
-    records: list[dict] = [r for _, r in located]  # type: ignore[misc]  # checked to be objects above
+    records = [r for _, r in located if isinstance(r, dict)]  # all of them: each was checked to be an object above
     j = get_judge(judge)
     labels = j.judge([r[prompt_field] for r in records], [r[response_field] for r in records])
     atomic_write_text(

@@ -80,7 +80,7 @@ def validate(
 def fit(
     data: Path = typer.Option(DEFAULT_DIR, "--data", help="Folder made by `cai judge-sets fetch`."),
     out: Path = typer.Option(
-        ..., "--out", "-o", help="Weights JSON (the shipped file is " "src/cai/resources/judge/refusal-v2.json)."
+        ..., "--out", "-o", help="Weights JSON (the shipped file is src/cai/resources/judge/refusal-v3.json)."
     ),
 ) -> None:
     """Refit the refusal judge's weights on XSTest + GPTFuzz train + the project's own set."""

@@ -46,13 +46,13 @@ def label(
         LABELERS,
         LabelConfig,
         Pair,
+        agreement_with_reference,
         check_labeler,
         label_diagnostics,
         label_in_batches,
         label_record,
         read_reference,
         read_rows,
-        reference_agreement,
     )
 
     if pairs is None and reference is None:
@@ -98,9 +98,8 @@ def label(
             out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
             con.print(f"wrote {out}")
     if ref:
-        labels, ref_rate = label_in_batches(backend, ref, const, settings, seed=seed)
-        agreement = reference_agreement(labels, [p.group for p in ref])
-        agreement["pairs_per_s"] = ref_rate
+        agreement = agreement_with_reference(backend, ref, const, settings, seed=seed)
+        ref_rate = agreement["pairs_per_s"]
         con.print(("[green]" if agreement["above_chance"] else "[yellow]") + agreement["verdict"])
         con.print(f"  {ref_rate:.2f} pairs/s, ECE {agreement['ece']:.3f}" + _swap_text(agreement))
         for group, g in agreement.get("by_group", {}).items():

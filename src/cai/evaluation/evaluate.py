@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from cai.backends import Backend, SamplingParams
 from cai.data import Prompt
@@ -37,19 +38,29 @@ def open_backend(model: str | Backend) -> tuple[Backend, bool]:
     return model, False
 
 
+@runtime_checkable
+class BatchedBackend(Protocol):
+    """An in-process backend that generates ``batch_size`` prompts at a time (the HF backend)."""
+
+    batch_size: int
+
+
 @contextmanager
 def generation_batch_size(backend: Backend, batch_size: int | None) -> Iterator[int]:
     """Temporarily give an in-process backend this generation batch size (restored afterwards; a shared backend
     keeps its own for other stages); yields the batch size in effect (16 for backends without one)."""
-    own = getattr(backend, "batch_size", None)
-    if batch_size is None or own is None:
-        yield int(own or batch_size or 16)
+    if not isinstance(backend, BatchedBackend):
+        yield batch_size or 16
         return
-    backend.batch_size = batch_size  # type: ignore[attr-defined]
+    own = backend.batch_size
+    if batch_size is None:
+        yield int(own or 16)
+        return
+    backend.batch_size = batch_size
     try:
         yield batch_size
     finally:
-        backend.batch_size = own  # type: ignore[attr-defined]
+        backend.batch_size = own
 
 
 def answer_and_judge(

@@ -33,7 +33,8 @@ from cai.training.dpo import DPOTrainConfig
 from cai.training.sft import SFTTrainConfig
 
 log = logging.getLogger(__name__)
-METHODS = ("sft", "dpo", "adversarial")
+Method = Literal["sft", "dpo", "adversarial"]
+METHODS: tuple[Method, ...] = ("sft", "dpo", "adversarial")
 CONDITIONS = ("with_trigger", "without_trigger", "near_trigger")
 
 
@@ -61,7 +62,7 @@ class BackdoorConfig(ExperimentConfig):
     safety: SFTTrainConfig = Field(default_factory=lambda: SFTTrainConfig(epochs=2, learning_rate=2e-4, batch_size=8))
     dpo: DPOTrainConfig = Field(default_factory=lambda: DPOTrainConfig(epochs=2, batch_size=4, learning_rate=5e-5))
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
-    methods: list[Literal["sft", "dpo", "adversarial"]] = Field(default_factory=lambda: list(METHODS))  # type: ignore[arg-type]
+    methods: list[Method] = Field(default_factory=lambda: list(METHODS))
     decode: GreedyGenerationConfig = Field(default_factory=lambda: GreedyGenerationConfig(max_new_tokens=64))
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from cai.base_config import Strict, format_validation_error, load_yaml
+from cai.base_config import ModelSpecField, Strict, format_validation_error, load_yaml
 from cai.errors import UserError
 
 DEFAULT_REFUSAL_TEMPLATE = (
@@ -21,8 +21,12 @@ DEFAULT_REFUSAL_TEMPLATE = (
 class GuardConfig(Strict):
     """Everything `cai guard serve` needs; CLI flags override a YAML file given with --config."""
 
-    policy: str = Field("smollm2-135m", description="model spec of the answering model")
-    supervisor: str = Field("smollm2-135m", description="model spec of the checking model (must score log-probs)")
+    policy: ModelSpecField = Field(
+        "smollm2-135m", validate_default=True, description="model spec of the answering model"
+    )
+    supervisor: ModelSpecField = Field(
+        "smollm2-135m", validate_default=True, description="model spec of the checking model (must score log-probs)"
+    )
     constitution: str = Field("harmless", description="bundled constitution name or YAML file")
     principles: list[str] = Field(default_factory=list, description="principle names to check (empty: all)")
     threshold: float = Field(0.5, gt=0, lt=1, description="P(violation) at or above which an answer is sent back")

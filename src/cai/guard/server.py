@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -259,31 +260,40 @@ def openapi_paths(cfg: GuardConfig) -> tuple[dict, dict]:
     return request, responses
 
 
+@dataclass
+class _Pool:
+    """An app's worker slots (bound to the event loop that made them) and its thread pool; made on first use."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+    slots: asyncio.Semaphore | None = None
+    executor: ThreadPoolExecutor | None = None
+
+
 def create_app(guard: Guard, cfg: GuardConfig, audit: AuditLog) -> FastAPI:
     """The ASGI app over a loaded :class:`Guard`; ``cfg`` supplies the limits, keys and names."""
     # `workers` checks run at once; as many spare threads take over from checks abandoned at their deadline.
     # Made on first use and dropped at shutdown, so an app whose lifespan ran (and ended) can serve again.
-    pool: dict[str, object] = {}
+    pool = _Pool()
     metrics = Metrics()
     secrets = list(cfg.api_keys)
 
     def slots() -> asyncio.Semaphore:
         """The `workers` places, one semaphore per event loop (an app may be served by more than one loop)."""
         loop = asyncio.get_running_loop()
-        if pool.get("loop") is not loop:
-            pool["loop"], pool["slots"] = loop, asyncio.Semaphore(cfg.workers)
-        return pool["slots"]  # type: ignore[return-value]
+        if pool.loop is not loop or pool.slots is None:
+            pool.loop, pool.slots = loop, asyncio.Semaphore(cfg.workers)
+        return pool.slots
 
     def executor() -> ThreadPoolExecutor:
-        if "executor" not in pool:
-            pool["executor"] = ThreadPoolExecutor(cfg.workers * 2, thread_name_prefix="guard")
-        return pool["executor"]  # type: ignore[return-value]
+        if pool.executor is None:
+            pool.executor = ThreadPoolExecutor(cfg.workers * 2, thread_name_prefix="guard")
+        return pool.executor
 
     @asynccontextmanager
     async def lifespan(_app):
         yield
-        old = pool.pop("executor", None)
-        if isinstance(old, ThreadPoolExecutor):
+        old, pool.executor = pool.executor, None
+        if old is not None:
             old.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="cai guard", lifespan=lifespan, version="1")

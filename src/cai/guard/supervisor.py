@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from cai.backends import (
     Backend,
@@ -30,6 +31,9 @@ from cai.backends import (
 from cai.backends.base import CHAT_REPETITION_PENALTY, finite_logprob
 from cai.constitution import Constitution, Principle, load_constitution
 from cai.errors import UserError
+
+if TYPE_CHECKING:
+    from cai.guard.config import GuardConfig
 
 VERDICT_TOKENS = (" Yes", " No")  # " Yes" = the answer breaks the rule
 REVIEW_INTRO = (
@@ -202,8 +206,9 @@ class Guard:
             self.principles = list(self.constitution.principles)
 
     @classmethod
-    def from_config(cls, cfg) -> Guard:
-        """Load the constitution and both models of a :class:`GuardConfig`; probe that the supervisor scores."""
+    def from_config(cls, cfg: GuardConfig) -> Guard:
+        """Load the constitution and both models of a :class:`GuardConfig` (its specs were parsed when it loaded);
+        probe that the supervisor scores."""
         from cai.backends import get_backend
 
         constitution = load_constitution(cfg.constitution)

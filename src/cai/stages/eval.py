@@ -172,6 +172,8 @@ def run(ctx) -> dict[str, Any]:
             progress=ctx.progress,
         )
         write_json(ctx.stage.path / "elo.json", elo)
+    else:
+        (ctx.stage.path / "elo.json").unlink(missing_ok=True)  # from an earlier run with Elo on
     if ec.prefill_k:
         from cai.evaluation.prefill import prefill_attack
 

@@ -23,12 +23,12 @@ from cai.generation import generate_responses
 from cai.labeling import (
     LabelConfig,
     Pair,
+    agreement_with_reference,
     check_labeler,
     label_diagnostics,
     label_in_batches,
     label_record,
     read_reference,
-    reference_agreement,
 )
 from cai.runs import read_jsonl, write_csv, write_json
 from cai.stages.artifacts import principle_probabilities, read_prompts, sl_model_spec
@@ -152,8 +152,7 @@ def _judge(ctx, cfg: PreferencesConfig, w) -> dict[str, Any]:
     )
     out: dict[str, Any] = {"labelled_now": len(pairs), "pairs_per_s": round(pairs_per_s, 3)}
     if ref:
-        ref_labels, _ = label_in_batches(feedback, ref, const, cfg, seed=ctx.config.seed, progress=ctx.progress)
-        agreement = reference_agreement(ref_labels, [p.group for p in ref])
+        agreement = agreement_with_reference(feedback, ref, const, cfg, seed=ctx.config.seed, progress=ctx.progress)
         (log.info if agreement["above_chance"] else log.warning)(agreement["verdict"])
         out["reference"] = agreement
     return out

@@ -9,9 +9,12 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from cai.errors import UserError
+
+if TYPE_CHECKING:
+    from cai.models import ModelSpec
 
 
 @dataclass
@@ -63,7 +66,7 @@ def trl_args(output_dir: Path, *, seed: int, progress: bool, checkpointing: bool
 
 
 def load_trainable(
-    spec: str,
+    spec: str | ModelSpec,
     *,
     seed: int,
     head: Literal["causal-lm", "reward"] = "causal-lm",
@@ -77,12 +80,12 @@ def load_trainable(
     ``qlora`` loads a causal LM in 4 bits on this process's GPU, ready for LoRA."""
     from transformers import set_seed
 
-    from cai.models import load_causal_lm, load_tokenizer, parse_spec, resolve_local
+    from cai.models import as_spec, load_causal_lm, load_tokenizer, resolve_local
 
-    s = parse_spec(spec)
+    s = as_spec(spec)
     if not s.in_process:
         raise UserError(
-            f"cannot fine-tune {spec!r}: it is served over HTTP; set the model to a local folder, a hub "
+            f"cannot fine-tune {s.raw!r}: it is served over HTTP; set the model to a local folder, a hub "
             "id or smollm2-135m"
         )
     set_seed(seed)
@@ -137,6 +140,16 @@ def lora_config(settings, task_type: str = "CAUSAL_LM", target_modules: str | li
     )
 
 
+def preference_columns(rows: Sequence[dict]) -> dict[str, list]:
+    """The conversational columns TRL's preference trainers (DPO, reward) read from (prompt, chosen, rejected)
+    records: the prompt as a user turn, each response as an assistant turn."""
+    return {
+        "prompt": [[{"role": "user", "content": r["prompt"]}] for r in rows],
+        "chosen": [[{"role": "assistant", "content": r["chosen"]}] for r in rows],
+        "rejected": [[{"role": "assistant", "content": r["rejected"]}] for r in rows],
+    }
+
+
 def last_checkpoint(folder: Path) -> str | None:
     """The newest ``checkpoint-N`` in ``folder`` (to resume a killed run), or None."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -186,3 +199,12 @@ def save_training_outputs(
             plot_curves(steps_csv, columns, output_dir / "curves.png", title)
     trainer.accelerator.wait_for_everyone()
     return adapter_dir
+
+
+def train_and_save(
+    trainer, tok, output_dir: Path, *, adapter: bool, curves: tuple[Path, Sequence[str], str] | None = None
+) -> Path | None:
+    """Train, resuming from the newest checkpoint in ``output_dir/checkpoints`` (where :func:`trl_args` put them),
+    then :func:`save_training_outputs`. Returns the adapter folder (None without ``adapter``)."""
+    trainer.train(resume_from_checkpoint=last_checkpoint(output_dir / "checkpoints"))
+    return save_training_outputs(trainer, tok, output_dir, adapter=adapter, curves=curves)

@@ -16,14 +16,7 @@ from pydantic import Field
 
 from cai.base_config import Strict
 from cai.errors import UserError
-from cai.training.common import (
-    TrainResult,
-    last_checkpoint,
-    load_trainable,
-    lora_config,
-    save_training_outputs,
-    trl_args,
-)
+from cai.training.common import TrainResult, load_trainable, lora_config, preference_columns, train_and_save, trl_args
 from cai.training.curves import step_logger
 
 
@@ -83,13 +76,7 @@ def train_dpo(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model, tok = load_trainable(base_spec, seed=seed)
-    data = Dataset.from_dict(
-        {
-            "prompt": [[{"role": "user", "content": r["prompt"]}] for r in kept],
-            "chosen": [[{"role": "assistant", "content": r["chosen"]}] for r in kept],
-            "rejected": [[{"role": "assistant", "content": r["rejected"]}] for r in kept],
-        }
-    )
+    data = Dataset.from_dict(preference_columns(kept))
     args = DPOConfig(
         **trl_args(output_dir / "checkpoints", seed=seed, progress=progress),
         num_train_epochs=settings.epochs,
@@ -122,8 +109,7 @@ def train_dpo(
         callbacks=[logger],
         peft_config=lora_config(settings) if settings.lora else None,
     )
-    trainer.train(resume_from_checkpoint=last_checkpoint(output_dir / "checkpoints"))
-    adapter = save_training_outputs(
+    adapter = train_and_save(
         trainer,
         tok,
         output_dir,

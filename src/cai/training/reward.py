@@ -20,14 +20,7 @@ from pydantic import Field
 
 from cai.base_config import Strict
 from cai.errors import UserError
-from cai.training.common import (
-    TrainResult,
-    last_checkpoint,
-    load_trainable,
-    lora_config,
-    save_training_outputs,
-    trl_args,
-)
+from cai.training.common import TrainResult, load_trainable, lora_config, preference_columns, train_and_save, trl_args
 
 
 class RewardTrainConfig(Strict):
@@ -124,12 +117,6 @@ def train_reward(
         raise UserError("reward: no preference pairs to train on; run the preferences stage with more prompts")
     output_dir = Path(output_dir)
     model, tok = load_trainable(base_spec, seed=seed, head="reward")
-    cols = lambda rows: {  # noqa: E731
-        "prompt": [[{"role": "user", "content": r["prompt"]}] for r in rows],
-        "chosen": [[{"role": "assistant", "content": r["chosen"]}] for r in rows],
-        "rejected": [[{"role": "assistant", "content": r["rejected"]}] for r in rows],
-        "p_chosen": [float(r.get("p_chosen", 1.0)) for r in rows],
-    }
     args = RewardConfig(
         **trl_args(output_dir / "checkpoints", seed=seed, progress=progress),
         num_train_epochs=settings.epochs,
@@ -145,13 +132,14 @@ def train_reward(
     trainer = trainer_cls(
         model=model,
         args=args,
-        train_dataset=Dataset.from_dict(cols(train)),
+        train_dataset=Dataset.from_dict(
+            {**preference_columns(train), "p_chosen": [float(r.get("p_chosen", 1.0)) for r in train]}
+        ),
         processing_class=tok,
         data_collator=collator_cls(pad_token_id=tok.pad_token_id),
         peft_config=lora_config(settings, "SEQ_CLS") if settings.lora else None,
     )
-    trainer.train(resume_from_checkpoint=last_checkpoint(output_dir / "checkpoints"))
-    save_training_outputs(trainer, tok, output_dir, adapter=False)
+    train_and_save(trainer, tok, output_dir, adapter=False)
     metrics = {
         "train_pairs": len(train),
         "heldout_pairs": len(held),

@@ -15,14 +15,7 @@ from pydantic import Field
 
 from cai.base_config import Strict
 from cai.errors import UserError
-from cai.training.common import (
-    TrainResult,
-    last_checkpoint,
-    load_trainable,
-    lora_config,
-    save_training_outputs,
-    trl_args,
-)
+from cai.training.common import TrainResult, load_trainable, lora_config, train_and_save, trl_args
 from cai.training.curves import append_rows, read_steps, step_logger, trend
 
 
@@ -163,8 +156,7 @@ def train_rl(
         callbacks=[logger],
         peft_config=lora_config(settings) if settings.lora else None,
     )
-    trainer.train(resume_from_checkpoint=last_checkpoint(output_dir / "checkpoints"))
-    adapter = save_training_outputs(
+    adapter = train_and_save(
         trainer,
         tok,
         output_dir,
