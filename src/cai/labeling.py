@@ -293,8 +293,8 @@ def contrast_labels(
     seed: int = 0,
     weights: dict[str, dict[str, float]] | None = None,
 ) -> list[Label]:
-    """The contrast labeler: one batched ``backend.logprobs`` call scoring both responses of every pair under
-    each sampled principle and its inverse (one prefix per pair x principle x condition, two continuations)."""
+    """The contrast labeler: one batched :func:`continuation_scores` call scoring both responses of every pair
+    under each sampled principle and its inverse (one prefix per pair x principle x condition, two continuations)."""
     picks = [
         sample_principles(constitution, p.id, settings.principles_per_pair, seed, (weights or {}).get(p.id))
         for p in pairs

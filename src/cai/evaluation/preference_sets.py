@@ -20,6 +20,8 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from cai.errors import UserError
+
 UNSAFE_TYPE_PREFIX = "contrast_"
 
 
@@ -37,7 +39,10 @@ def xstest_pairs(rows: Sequence[dict], seed: int = 0, per_group: int | None = No
     pairs = []
     for pid, answers in by_prompt.items():
         if len({a["prompt"] for a in answers}) != 1:
-            raise ValueError(f"XSTest id {pid} names different prompts in different model files")
+            raise UserError(
+                f"XSTest id {pid} names different prompts in different model files; the download is not the pinned "
+                "one: fetch it again with `cai judge-sets fetch`"
+            )
         answers = sorted(answers, key=lambda a: a["group"])  # model order: the draw does not depend on file order
         refused = [a for a in answers if a["label"] == "refused" and a["response"].strip()]
         complied = [a for a in answers if a["label"] == "complied" and a["response"].strip()]
