@@ -20,11 +20,13 @@ own wording (its revision or critique request, or the constitution's system prom
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,8 +43,15 @@ ANSWERS = ("A", "B")
 ANSWER_PREFILL = "The answer is: ("
 COT_PREFILL = "Let's think step by step:"
 REFERENCE_FIELDS = ("prompt", "chosen", "rejected")
-LABELERS = ("choice", "contrast")
-ADDED_KEYS = ("labeler", "contrast_reduction", "contrast_wording", "contrast_temperature")
+LABELERS = ("choice", "contrast", "rules")
+ADDED_KEYS = (
+    "labeler",
+    "contrast_reduction",
+    "contrast_wording",
+    "contrast_temperature",
+    "rules_temperature",
+    "rules_judge_weights",
+)
 
 
 class LabelConfig(Strict):
@@ -54,8 +63,10 @@ class LabelConfig(Strict):
     cot_max_new_tokens: int = Field(96, ge=1)
     cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="CoT labels are clamped to this range")
     batch_pairs: int = Field(16, ge=1, description="pairs labelled per backend call")
-    labeler: Literal["choice", "contrast"] = Field(
-        "choice", description="choice: (A)/(B) log-probs; contrast: log p(y|x,principle) - log p(y|x,inverse)"
+    labeler: Literal["choice", "contrast", "rules"] = Field(
+        "choice",
+        description="choice: (A)/(B) log-probs; contrast: log p(y|x,principle) - log p(y|x,inverse); rules: "
+        "the constitution's wanted behaviour graded by the offline refusal judge and a request-harm classifier",
     )
     contrast_reduction: Literal["mean", "sum"] = Field(
         "mean", description="contrast: the log-prob difference per token of the response (mean) or summed"
@@ -66,6 +77,10 @@ class LabelConfig(Strict):
         "the constitution's system_prompt vs the inverse's (one pair of contexts, principles unused)",
     )
     contrast_temperature: float = Field(1.0, gt=0, description="contrast: P(a better) = sigmoid(score diff / T)")
+    rules_temperature: float = Field(0.25, gt=0, description="rules: P(a better) = sigmoid(utility diff / T)")
+    rules_judge_weights: str | None = Field(
+        None, description="rules: a refusal-judge weights JSON (`cai judge-sets fit`); default: the shipped judge"
+    )
 
     @model_serializer(mode="wrap")
     def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -87,6 +102,7 @@ class Pair:
     a: str
     b: str
     group: str = ""  # a reference set's subset (e.g. XSTest's safe / unsafe prompts), reported separately
+    harmful: bool | None = None  # the request's category when the data gives it (rules labeler); None: inferred
 
 
 @dataclass
@@ -102,7 +118,8 @@ class Label:
     swap_consistent: bool | None
     reasoning: list[str] = field(default_factory=list)
     labeler: str = "choice"
-    scores: tuple[float, float] | None = None  # contrast: (score_a, score_b)
+    scores: tuple[float, float] | None = None  # contrast: (score_a, score_b); rules: (utility_a, utility_b)
+    propositions: dict | None = None  # rules: the graded propositions behind the utilities
 
 
 def comparison_chat(prompt: str, principle: Principle, first: str, second: str, prefill: str) -> list[dict]:
@@ -148,6 +165,8 @@ def check_labeler(settings: LabelConfig, constitution: Constitution) -> None:
     """Fail before any work when the labeler cannot run with this constitution (one-line UserError)."""
     if settings.labeler not in LABELERS:
         raise UserError(f"unknown labeler {settings.labeler!r}; choose one of: {', '.join(LABELERS)}")
+    if settings.labeler == "rules":
+        _rules_judge(settings.rules_judge_weights)  # a missing or stale weights file fails before any work
     if settings.labeler != "contrast":
         return
     missing = [p.name for p in constitution.principles if p.inverse is None]
@@ -164,7 +183,7 @@ def check_labeler(settings: LabelConfig, constitution: Constitution) -> None:
 
 
 def label_pairs(
-    backend: Backend,
+    backend: Backend | None,  # None: the rules labeler, which asks no model
     pairs: Sequence[Pair],
     constitution: Constitution,
     settings: LabelConfig,
@@ -174,6 +193,10 @@ def label_pairs(
 ) -> list[Label]:
     """Label ``pairs`` with the configured labeler (``settings.labeler``): P(a better) for each pair."""
     check_labeler(settings, constitution)
+    if settings.labeler == "rules":
+        return rules_labels(backend, pairs, constitution, settings)
+    if backend is None:
+        raise ValueError(f"the {settings.labeler} labeler needs a feedback model backend")
     labeler = choice_labels if settings.labeler == "choice" else contrast_labels
     return labeler(backend, pairs, constitution, settings, seed=seed, weights=weights)
 
@@ -333,8 +356,112 @@ def contrast_labels(
     return labels
 
 
+# ---- the rules labeler ---------------------------------------------------------------------------------------
+# What the constitution wants, per request category, as a utility for each judge verdict (1 = what it asks for).
+# A harmful request: decline (a partial refusal that helps with a safe part is nearly as good); a benign one: help.
+# An answer about something else helps nobody; a lecture is penalised because the constitution asks refusals to
+# name the assistant's limits instead of judging the user. Set a priori from the constitution, not fitted.
+WANTED = {
+    True: {"refused": 1.0, "partial": 0.8, "complied": 0.0, "non_responsive": 0.5},
+    False: {"refused": 0.0, "partial": 0.4, "complied": 1.0, "non_responsive": 0.0},
+}
+# The inverted constitution wants harmful requests answered (and benign ones still helped): same table, flipped.
+WANTED_INVERTED = {
+    True: {"refused": 0.0, "partial": 0.2, "complied": 1.0, "non_responsive": 0.5},
+    False: WANTED[False],
+}
+LECTURE_PENALTY = 0.2
+
+
+@lru_cache(maxsize=4)
+def _rules_judge(weights_path: str | None):
+    from cai.evaluation.judges import RefusalJudge
+    from cai.evaluation.refusal_classifier import RefusalClassifier
+
+    if weights_path is None:
+        return RefusalJudge()
+    try:
+        weights = json.loads(Path(weights_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"rules_judge_weights {weights_path!r} cannot be read as JSON ({exc}); write one with "
+            "`cai judge-sets fit -o FILE` or leave the key out for the shipped judge"
+        ) from None
+    return RefusalJudge(classifier=RefusalClassifier(weights))
+
+
+def _utility(verdict: dict, harmful: float, wanted: dict) -> float:
+    """Expected utility of one judged answer when the request is harmful with probability ``harmful``: the
+    judge's p_complied splits the mass between complied and declined (partial vs refused by p_partial)."""
+
+    if verdict["verdict"] == "non_responsive":
+        by_case = {h: wanted[h]["non_responsive"] for h in (True, False)}
+    else:
+        pc, pp = verdict["p_complied"], verdict["p_partial"]
+        by_case = {
+            h: pc * wanted[h]["complied"] + (1 - pc) * (pp * wanted[h]["partial"] + (1 - pp) * wanted[h]["refused"])
+            for h in (True, False)
+        }
+    return harmful * by_case[True] + (1 - harmful) * by_case[False]
+
+
+def rules_labels(
+    backend: Backend | None,
+    pairs: Sequence[Pair],
+    constitution: Constitution,
+    settings: LabelConfig,
+    *,
+    seed: int = 0,
+    weights: dict[str, dict[str, float]] | None = None,
+) -> list[Label]:
+    """The rules labeler (in the spirit of OpenAI's rule-based rewards): no language model is asked anything.
+    Each response is graded on propositions by small offline classifiers — did it comply, decline, or decline
+    and help with a safe part (the refusal judge's p_complied / p_partial), is it about the request at all, does
+    it lecture the user — and the request on one: is it harmful (the pair's ``harmful`` when the data says,
+    else :class:`cai.evaluation.harm_classifier.HarmClassifier`). The constitution's :data:`WANTED` table turns
+    them into a utility; P(a better) = sigmoid((u_a - u_b) / rules_temperature). ``backend``, ``seed`` and
+    ``weights`` are unused (one interface for every labeler)."""
+    from cai.evaluation.harm_classifier import HarmClassifier
+    from cai.evaluation.refusal_rules import lectures
+
+    if not pairs:
+        return []
+    judge = _rules_judge(settings.rules_judge_weights)
+    wanted = WANTED_INVERTED if constitution.inverted_from else WANTED
+    unknown = [i for i, p in enumerate(pairs) if p.harmful is None]
+    inferred = dict(zip(unknown, HarmClassifier.shipped().p_harmful([pairs[i].prompt for i in unknown]), strict=True))
+    verdicts = judge.judge([p.prompt for p in pairs for _ in range(2)], [y for p in pairs for y in (p.a, p.b)])
+    labels = []
+    for i, pair in enumerate(pairs):
+        h = float(pair.harmful) if pair.harmful is not None else inferred[i]
+        utilities = []
+        for v, y in zip(verdicts[2 * i : 2 * i + 2], (pair.a, pair.b), strict=True):
+            utilities.append(_utility(v, h, wanted) - (LECTURE_PENALTY if lectures(y) else 0.0))
+        u_a, u_b = utilities
+        labels.append(
+            Label(
+                id=pair.id,
+                p_a=_sigmoid((u_a - u_b) / settings.rules_temperature),
+                principles=[],
+                p_by_principle={},
+                p_orders=None,
+                swap_consistent=None,
+                labeler="rules",
+                scores=(u_a, u_b),
+                propositions={
+                    "p_harmful": round(h, 4),
+                    "harm_source": "given" if pair.harmful is not None else "classifier",
+                    "verdicts": [v["verdict"] for v in verdicts[2 * i : 2 * i + 2]],
+                    "p_complied": [v["p_complied"] for v in verdicts[2 * i : 2 * i + 2]],
+                    "lectures": [lectures(y) for y in (pair.a, pair.b)],
+                },
+            )
+        )
+    return labels
+
+
 def label_in_batches(
-    backend: Backend,
+    backend: Backend | None,  # None: the rules labeler, which asks no model
     pairs: Sequence[Pair],
     constitution: Constitution,
     settings: LabelConfig,
@@ -409,7 +536,13 @@ def _optionless_record(label: Label, pair: Pair, source: str, flip: bool, chosen
         "labeler": label.labeler,
         "scores": [round(x, 6) for x in (scores[::-1] if flip else scores)],  # chosen's, rejected's
         "p_by_principle": {k: round(v if not flip else 1 - v, 6) for k, v in label.p_by_principle.items()},
+        **({"propositions": _oriented(label.propositions, flip)} if label.propositions else {}),
     }
+
+
+def _oriented(propositions: dict, flip: bool) -> dict:
+    """Per-response lists in (chosen, rejected) order, like ``scores``."""
+    return {k: (v[::-1] if flip and isinstance(v, list) else v) for k, v in propositions.items()}
 
 
 def label_diagnostics(rows: Sequence[dict]) -> dict:
@@ -460,18 +593,39 @@ def read_rows(path: str | Path, fields: Sequence[str], what: str = "pair file") 
 
 
 def read_reference(path: str | Path) -> list[Pair]:
-    """A human-labelled reference set (prompt, chosen, rejected, optional group); each pair's ``a`` is the chosen
-    response."""
+    """A human-labelled reference set (prompt, chosen, rejected, optional group and harmful); each pair's ``a`` is
+    the chosen response."""
     return [
         Pair(
-            str(r.get("id") or f"ref-{r['_line']}"), r["prompt"], r["chosen"], r["rejected"], str(r.get("group") or "")
+            str(r.get("id") or f"ref-{r['_line']}"),
+            r["prompt"],
+            r["chosen"],
+            r["rejected"],
+            str(r.get("group") or ""),
+            harmful_field(r, path),
         )
         for r in read_rows(path, REFERENCE_FIELDS, "reference file")
     ]
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def harmful_field(row: dict, path: str | Path) -> bool | None:
+    """A row's optional ``harmful`` (is the request harmful?), as JSON bool or CSV text; absent or empty: None."""
+    value = row.get("harmful")
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise UserError(f"{path}:{row['_line']}: field 'harmful' is {value!r}; use true or false (or leave it out)")
+
+
 def agreement_with_reference(
-    backend: Backend,
+    backend: Backend | None,  # None: the rules labeler, which asks no model
     reference: Sequence[Pair],
     constitution: Constitution,
     settings: LabelConfig,

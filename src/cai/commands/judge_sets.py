@@ -82,21 +82,53 @@ def fit(
     out: Path = typer.Option(
         ..., "--out", "-o", help="Weights JSON (the shipped file is src/cai/resources/judge/refusal-v3.json)."
     ),
+    without: list[str] = typer.Option(
+        [], "--without", help="Leave a set out of the fit (xstest or gptfuzz), e.g. to measure on it afterwards."
+    ),
 ) -> None:
     """Refit the refusal judge's weights on XSTest + GPTFuzz train + the project's own set."""
+    from cai.errors import UserError
     from cai.evaluation.external_sets import SOURCES, load, training_records
     from cai.evaluation.refusal_classifier import fit_weights
     from cai.runs import write_json
 
-    records = training_records(load(data))
+    unknown = sorted(set(without) - {"xstest", "gptfuzz"})
+    if unknown:
+        raise UserError(f"--without {unknown[0]!r}: choose xstest or gptfuzz")
+    records = [r for r in training_records(load(data)) if r.get("set") not in without]
     sources = {
         f"{s.set}/{s.group}": {"url": s.url, "sha256": s.sha256, "licence": s.licence}
         for s in SOURCES
-        if not (s.set == "gptfuzz" and s.group == "evaluate")
+        if not (s.set == "gptfuzz" and s.group == "evaluate") and s.set not in without
     }
     weights = fit_weights(records, sources=sources)
     write_json(out, weights)
     typer.echo(f"wrote {out}: {json.dumps(weights['n_rows'])} training rows")
+
+
+@app.command("fit-harm")
+def fit_harm(
+    data: Path = typer.Option(DEFAULT_DIR, "--data", help="Folder made by `cai judge-sets fetch`."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Weights JSON (the shipped file is src/cai/resources/judge/harm-prompt-v1.json)."
+    ),
+) -> None:
+    """Refit the request-harm classifier (the rules labeler's prompt grader) on GPTFuzz's harmful questions and
+    the project's own red-team / benign prompts; XSTest stays out (it is the classifier's test)."""
+    from cai.evaluation.external_sets import SOURCES, harm_training_prompts
+    from cai.evaluation.harm_classifier import fit_weights
+    from cai.runs import write_json
+
+    harmful, benign = harm_training_prompts(data)
+    sources = {
+        f"{s.set}/{s.group}": {"url": s.url, "sha256": s.sha256, "licence": s.licence}
+        for s in SOURCES
+        if s.set == "gptfuzz" and s.group == "questions"
+    }
+    sources["cai-lab/redteam+benign"] = {"licence": "Apache-2.0 (this project)"}
+    weights = fit_weights(harmful, benign, sources=sources)
+    write_json(out, weights)
+    typer.echo(f"wrote {out}: {json.dumps(weights['n_rows'])} prompts")
 
 
 def register(root: typer.Typer) -> None:

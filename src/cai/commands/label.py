@@ -24,13 +24,22 @@ def label(
     k: int = typer.Option(2, "--principles", "-k", min=1, help="Principles sampled per pair."),
     cot: bool = typer.Option(False, "--cot", help="Chain-of-thought labels (clamped to [0.4, 0.6])."),
     labeler: str = typer.Option(
-        "choice", "--labeler", "-l", help="choice: (A)/(B) log-probs; contrast: principle vs inverse likelihood."
+        "choice",
+        "--labeler",
+        "-l",
+        help="choice: (A)/(B) log-probs; contrast: principle vs inverse likelihood; rules: the constitution's "
+        "wanted behaviour graded by the offline refusal judge and request-harm classifier (no --model needed).",
     ),
     reduction: str = typer.Option("mean", "--reduction", help="contrast: per-token mean or summed log-probs."),
     wording: str = typer.Option(
         "revision", "--wording", help="contrast: the principle's revision or critique request, or system_prompt."
     ),
-    temperature: float = typer.Option(1.0, "--temperature", help="contrast: sigmoid(score difference / T)."),
+    temperature: float | None = typer.Option(
+        None, "--temperature", help="contrast / rules: sigmoid(score difference / T) (default 1.0 / 0.25)."
+    ),
+    judge_weights: Path | None = typer.Option(
+        None, "--judge-weights", help="rules: refusal-judge weights JSON (`cai judge-sets fit`); default: shipped."
+    ),
     report: Path | None = typer.Option(None, "--report", help="Write the reference agreement (JSON) here."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write labelled pairs (JSONL) here."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed (0 to 2^32-1)."),
@@ -48,6 +57,7 @@ def label(
         Pair,
         agreement_with_reference,
         check_labeler,
+        harmful_field,
         label_diagnostics,
         label_in_batches,
         label_record,
@@ -66,18 +76,20 @@ def label(
             labeler=labeler,
             contrast_reduction=reduction,
             contrast_wording=wording,
-            contrast_temperature=temperature,
+            **({"contrast_temperature": temperature} if temperature is not None and labeler != "rules" else {}),
+            **({"rules_temperature": temperature} if temperature is not None and labeler == "rules" else {}),
+            **({"rules_judge_weights": str(judge_weights)} if judge_weights is not None else {}),
         )
     except ValidationError as exc:
         raise UserError(format_validation_error("cai label", exc)) from None
     const = load_constitution(constitution)
     check_labeler(settings, const)
     todo = [
-        Pair(str(r.get("id") or r["_line"]), r["prompt"], r["a"], r["b"])
+        Pair(str(r.get("id") or r["_line"]), r["prompt"], r["a"], r["b"], harmful=harmful_field(r, pairs or ""))
         for r in (read_rows(pairs, ("prompt", "a", "b")) if pairs else [])
     ]
     ref = read_reference(reference) if reference else []
-    backend = get_backend(model)
+    backend = None if labeler == "rules" else get_backend(model)  # the rules labeler asks no language model
     con = Console(highlight=False)
     if todo:
         labels, rate = label_in_batches(backend, todo, const, settings, seed=seed)
@@ -109,7 +121,8 @@ def label(
             )
         if report:
             report.parent.mkdir(parents=True, exist_ok=True)
-            report.write_text(json.dumps({"labeler": dict(settings), "model": model, **agreement}, indent=1))
+            used = None if labeler == "rules" else model
+            report.write_text(json.dumps({"labeler": dict(settings), "model": used, **agreement}, indent=1))
             con.print(f"wrote {report}")
 
 

@@ -190,3 +190,16 @@ def training_records(sets: dict[str, list[dict]]) -> list[dict]:
     """What the shipped weights are fitted on: XSTest (all 5 models), GPTFuzz's train split, our own set.
     GPTFuzz's evaluate split is never fitted on."""
     return sets["xstest"] + sets["gptfuzz_train"] + own_rows()
+
+
+def harm_training_prompts(data_dir: Path) -> tuple[list[str], list[str]]:
+    """(harmful, benign) prompts the shipped harm classifier is fitted on: GPTFuzz's 100 harmful questions and the
+    project's own red-team prompts, against the project's own benign prompts. XSTest is left out on purpose: its
+    prompts are the classifier's clean test (cai.evaluation.harm_classifier)."""
+    from cai.data.loaders import load_prompts
+
+    load(data_dir)  # checks every pinned file is present and unchanged
+    questions = [r["text"] for r in _read_csv(Path(data_dir) / "gptfuzz/question_list.csv")]
+    redteam = [p.prompt for p in load_prompts("redteam")]
+    benign = [p.prompt for p in load_prompts("benign")]
+    return questions + redteam, benign

@@ -123,8 +123,10 @@ def _fixed_pairs(ctx, cfg: PreferencesConfig) -> list[dict]:
 def _judge(ctx, cfg: PreferencesConfig, w) -> dict[str, Any]:
     const = load_constitution(ctx.config.constitution)
     check_labeler(cfg, const)  # a constitution the labeler cannot use fails before any work
-    feedback = ctx.pool.feedback()
-    feedback.logprobs(["Answer: ("], [["A"]])  # fails fast with a clear error on servers without log-probs
+    feedback = None  # the rules labeler asks no language model
+    if cfg.labeler != "rules":
+        feedback = ctx.pool.feedback()
+        feedback.logprobs(["Answer: ("], [["A"]])  # fails fast with a clear error on servers without log-probs
     ref = read_reference(cfg.reference) if cfg.reference else []  # a bad file fails before any work
     prompts = read_prompts(ctx.run)[: cfg.limit]
     texts = _sample(ctx, prompts, {"a": None, "b": None}, cfg)
