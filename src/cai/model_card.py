@@ -156,7 +156,8 @@ def weak_feedback_warning(feedback: Mapping[str, Any] | None) -> str | None:
     return (
         "**Weak feedback.** The AI feedback this model was trained on is weak: "
         + "; ".join(reasons)
-        + ". Treat its preferences as noisy and use a stronger `models.feedback` for results you rely on."
+        + ". Treat the critiques, revisions and preference labels it gave as noisy, and use a stronger "
+        "`models.feedback` for results you rely on."
     )
 
 
@@ -172,7 +173,8 @@ def card_body(facts: CardFacts, metadata: Mapping[str, Any]) -> str:
     title = f"{facts.run} · {facts.method}" if facts.run else f"cai-lab {facts.method}"
     lines = [f"# {title} {kind}", ""]
     base = metadata.get("base_model")
-    started = f"`{base}`" + (f" (via `{facts.base}`)" if base != facts.base else "") if base else f"`{facts.base}`"
+    via = _shown_spec(facts.base)
+    started = f"`{base}`" + (f" (via `{via}`)" if base != via else "") if base else f"`{via}`"
     lines += [
         f"A {what} trained with [cai-lab](https://pypi.org/project/cai-lab/) (Constitutional AI on TRL), "
         f"starting from {started}" + (f", in run `{facts.run}`." if facts.run else "."),
@@ -183,7 +185,7 @@ def card_body(facts: CardFacts, metadata: Mapping[str, Any]) -> str:
         lines += [f"> {warning}", ""]
     if facts.constitution:
         c = facts.constitution
-        lines += ["## Constitution", "", f"`{c['name']}` (sha256 `{c['hash']}`)", ""]
+        lines += ["## Constitution", "", f"`{c['name']}` (hash `{c['hash']}`: sha256 of its parsed text, 16 hex)", ""]
     if facts.data:
         lines += ["## Training data", ""] + [f"- {k}: {_number(v)}" for k, v in facts.data.items()] + [""]
     if facts.settings:
@@ -199,6 +201,13 @@ def card_body(facts: CardFacts, metadata: Mapping[str, Any]) -> str:
         lines += _feedback_lines(facts.feedback)
     lines += _usage_lines(facts, base)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _shown_spec(spec: str) -> str:
+    """A model spec as a card shows it: a local folder by its last two path parts (``sft/merged``), so a card
+    pushed to the Hub carries no local path."""
+    path = Path(spec)
+    return "/".join(path.parts[-2:]) if path.is_absolute() or path.exists() else spec
 
 
 def _evaluation_lines(evaluation: Mapping[str, Mapping[str, Any]], this: str | None) -> list[str]:
@@ -225,7 +234,7 @@ def _feedback_lines(feedback: Mapping[str, Any]) -> list[str]:
         ("mean confidence", feedback.get("mean_confidence")),
         ("position bias (P first option wins)", feedback.get("position_bias_first")),
         ("agreement with the human reference", feedback.get("reference")),
-        ("feedback model", feedback.get("model")),
+        ("feedback model", _shown_spec(feedback["model"]) if feedback.get("model") else None),
     ]
     shown = [(k, v) for k, v in rows if v is not None]
     if not shown:

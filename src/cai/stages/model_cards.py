@@ -75,7 +75,7 @@ def _sft(stage: StageDir, config) -> CardFacts:
     return CardFacts(
         "sft",
         str(c.get("base") or config.sft.base or config.models.policy),
-        settings=_settings(stage, "sft"),
+        settings=_settings(stage, "sft", drop=("base",)),
         data={
             "critique/sft.jsonl records (revisions + helpfulness answers)": c.get("records"),
             "trained on": c.get("n_train"),
