@@ -195,3 +195,18 @@ def test_push_to_an_unreachable_hub_exits_2_with_one_line(tmp_path, monkeypatch,
         main()
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and "name resolution" in err
+
+
+def test_a_pushed_adapter_names_its_public_base_not_the_local_path(tmp_path):
+    from cai.hub import _public_adapter
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/root/.cache/cai-lab/x"}))
+    with pytest.raises(UserError, match="no public hub id"):
+        _public_adapter(adapter, tmp_path)
+    (adapter / "README.md").write_text(f"---\nbase_model: {SMOL}\n---\n")
+    (tmp_path / "out").mkdir()
+    copy = _public_adapter(adapter, tmp_path / "out")
+    assert json.loads((copy / "adapter_config.json").read_text())["base_model_name_or_path"] == SMOL
+    assert "/root" in (adapter / "adapter_config.json").read_text()  # the run's own folder is left as it was

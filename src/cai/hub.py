@@ -100,6 +100,25 @@ def _dataset_folder(run: Path, into: Path) -> list[str]:
     return found
 
 
+def _public_adapter(folder: Path, into: Path) -> Path:
+    """A copy of an adapter folder whose adapter_config.json names the public base model (its card's
+    ``base_model``) instead of the local path PEFT recorded, so it loads from the Hub; UserError without one."""
+    from cai.model_card import card_base_model
+
+    base = card_base_model(folder)
+    if not base:
+        raise UserError(
+            f"{folder}: this adapter's base model has no public hub id, so it cannot load from the Hub; "
+            "push the merged model instead (sft.save_merged: true)"
+        )
+    copy = into / folder.name
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns(".*"))
+    config = json.loads((copy / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base
+    (copy / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return copy
+
+
 def push(run: str | Path, repo: str, *, what: str = "model", private: bool = False) -> str:
     """Upload a model folder of ``run`` (``what``: model, sft, reward, rl, dpo) or its datasets to the Hub repo
     ``repo``; returns the repo's URL."""
@@ -122,6 +141,8 @@ def push(run: str | Path, repo: str, *, what: str = "model", private: bool = Fal
             if folder is None:
                 _dataset_folder(run, Path(tmp))
                 folder = Path(tmp)
+            elif (folder / "adapter_config.json").is_file():
+                folder = _public_adapter(folder, Path(tmp))
             api.upload_folder(
                 repo_id=repo,
                 repo_type=repo_type,
