@@ -63,14 +63,20 @@ def _cai_imports(path: Path) -> set[str]:
     return {m for m in mods if m == "cai" or m.startswith("cai.")}
 
 
+STAGE_HELPERS = ("cai.stages.artifacts", "cai.stages.model_cards")
+
+
 def test_no_stage_imports_the_orchestrator_or_a_sibling_stage():
     upward = ("cai.pipeline", "cai.config", "cai.cli", "cai.commands", "cai.experiments")
     for name, module in STAGES.items():
         path = SRC / "stages" / f"{module.rsplit('.', 1)[1]}.py"
         imports = _cai_imports(path)
         assert not [m for m in imports if m.startswith(upward)], f"stage {name} imports a floor above it"
-        siblings = [m for m in imports if m.startswith("cai.stages.") and m != "cai.stages.artifacts"]
+        # the two shared helpers of the stage layer: what a stage reads (artifacts) and the run's model cards
+        siblings = [m for m in imports if m.startswith("cai.stages.") and m not in STAGE_HELPERS]
         assert not siblings, f"stage {name} imports sibling stage(s) {siblings}; read artifacts via cai.stages.artifacts"
+    for helper in STAGE_HELPERS:
+        assert not set(_cai_imports(SRC / "stages" / f"{helper.rsplit('.', 1)[1]}.py")) & set(STAGES.values())
     assert not [m for m in _cai_imports(SRC / "config.py") if m.startswith("cai.pipeline")]
 
 

@@ -32,6 +32,7 @@ from cai.stages.eval import EvalConfig
 from cai.stages.preferences import PreferencesConfig
 from cai.stages.rl import RLStageConfig
 from cai.stages.sft import SFTStageConfig
+from cai.tracking import TrackingConfig
 from cai.training.dpo import DPOTrainConfig
 from cai.training.reward import RewardTrainConfig
 
@@ -55,6 +56,9 @@ class RunConfig(Strict):
     rl: RLStageConfig = Field(default_factory=RLStageConfig)
     dpo: DPOTrainConfig = Field(default_factory=DPOTrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    # where training curves and stage metrics are also reported; not part of any stage's config (its hash), since
+    # it changes no result: turning a tracker on reuses the finished stages
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     stages: list[str] = Field(default_factory=lambda: ["prompts", "generate"])
 
     @field_validator("stages")

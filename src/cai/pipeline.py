@@ -10,13 +10,16 @@ from typing import Any
 from cai.config import RunConfig
 from cai.runs import RunDir, run_step
 from cai.stages import STAGES, ModelPool, StageContext
+from cai.tracking import StageTracking, require_trackers
 
 
 def run_pipeline(
     config: RunConfig, *, force: bool = False, only: list[str] | None = None, progress: bool = True, on_stage=None
 ) -> dict[str, dict[str, Any]]:
     """Run the configured stages in order; returns each stage's summary. A complete stage whose config is
-    unchanged is skipped; ``force`` recomputes the stages that run."""
+    unchanged is skipped; ``force`` recomputes the stages that run. A configured tracker whose package is missing
+    fails here, before any stage runs."""
+    require_trackers(config.tracking.report_to)
     run = RunDir.create(config.runs_dir, config.name)
     pool = ModelPool(config)
     summaries: dict[str, dict[str, Any]] = {}
@@ -27,8 +30,22 @@ def run_pipeline(
 
             module = importlib.import_module(STAGES[name])
 
-            def stage_run(stage, module=module) -> dict[str, Any]:
-                ctx = StageContext(config=config, run=run, stage=stage, pool=pool, force=force, progress=progress)
+            tracking = (
+                StageTracking.for_stage(config.tracking, run.root, config.name, name)
+                if config.tracking.report_to
+                else None
+            )
+
+            def stage_run(stage, module=module, tracking=tracking) -> dict[str, Any]:
+                ctx = StageContext(
+                    config=config,
+                    run=run,
+                    stage=stage,
+                    pool=pool,
+                    force=force,
+                    progress=progress,
+                    tracking=tracking,
+                )
                 return module.run(ctx)
 
             # a stage whose result also depends on something outside its config (eval: the judge's version)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from cai.config import RunConfig
     from cai.runs import RunDir, StageDir
+    from cai.tracking import StageTracking
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ class ModelPool:
 
 @dataclass
 class StageContext:
-    """What a stage gets: the config, the run folder, its own stage folder, shared models, flags."""
+    """What a stage gets: the config, the run folder, its own stage folder, shared models, flags, and where it
+    reports to (trainers take ``tracking``; a stage logs its own numbers with ``cai.tracking.Tracker``)."""
 
     config: RunConfig
     run: RunDir
@@ -76,3 +78,4 @@ class StageContext:
     pool: ModelPool
     force: bool = False
     progress: bool = True
+    tracking: StageTracking | None = None

@@ -19,6 +19,7 @@ from cai.critique import before_after, critique_and_revise, principle_table, pri
 from cai.errors import UserError
 from cai.runs import write_csv
 from cai.stages.artifacts import principle_probabilities, read_prompts, run_constitution
+from cai.tracking import Tracker
 
 CSV_COLUMNS = ("id", "category", "prompt", "principles", "initial", "critique", "final", "changed", "length_ratio")
 
@@ -78,6 +79,8 @@ def run(ctx) -> dict[str, Any]:
     counts["sft_records"] = len(sft.records)  # with those of an earlier attempt
     samples = before_after(got.items, section.show_samples)
     ctx.stage.finish(counts, samples=samples, feedback_model=cfg.models.feedback_spec)
+    with Tracker(ctx.tracking) as tracker:
+        tracker.log(counts)
     if ctx.progress:
         print_critique_samples(counts, samples)
     return {k: v for k, v in counts.items() if not isinstance(v, (dict, list))}

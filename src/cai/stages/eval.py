@@ -78,6 +78,8 @@ def run(ctx) -> dict[str, Any]:
     from cai.evaluation.judges import get_judge
     from cai.evaluation.standard_sets import load_eval_prompts
     from cai.runs import read_jsonl
+    from cai.stages.model_cards import write_run_model_cards
+    from cai.tracking import Tracker
 
     cfg, ec = ctx.config, ctx.config.eval
     sets: dict[str, list] = {}
@@ -193,4 +195,7 @@ def run(ctx) -> dict[str, Any]:
     for backend in loaded.values():
         backend.close()
     ctx.stage.finish(counts, metrics=summary)
+    with Tracker(ctx.tracking) as tracker:  # one tag per checkpoint and metric, e.g. sl/harmful_compliance_rate
+        tracker.log(summary)
+    write_run_model_cards(ctx.run, cfg)  # the trained models' cards now show these metrics
     return {label: ", ".join(f"{k.split('_')[0]}={v}" for k, v in s.items()) for label, s in summary.items()}

@@ -32,6 +32,7 @@ from cai.labeling import (
 )
 from cai.runs import read_jsonl, write_csv, write_json
 from cai.stages.artifacts import principle_probabilities, read_prompts, sl_model_spec
+from cai.tracking import Tracker
 
 log = logging.getLogger(__name__)
 CSV_FIELDS = ("id", "prompt", "chosen", "rejected", "p_chosen", "principles", "swap_consistent", "source")
@@ -198,4 +199,6 @@ def run(ctx) -> dict[str, Any]:
     if "reference" in extra:
         counts["reference_agreement"] = extra["reference"]["agreement"]
     ctx.stage.finish(counts, diagnostics=diag)
+    with Tracker(ctx.tracking) as tracker:
+        tracker.log({"pairs": counts["pairs"], "skipped": counts["skipped"], "feedback": diag})
     return counts

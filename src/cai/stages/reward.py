@@ -10,6 +10,7 @@ from typing import Any
 
 from cai.runs import read_jsonl, write_json
 from cai.stages.artifacts import sl_model_spec
+from cai.stages.model_cards import write_run_model_cards
 
 
 def run(ctx) -> dict[str, Any]:
@@ -20,7 +21,13 @@ def run(ctx) -> dict[str, Any]:
     base = sl_model_spec(ctx.run, ctx.config)
     ctx.pool.release()
     metrics = train_reward(
-        base, rows, ctx.stage.path, ctx.config.reward, seed=ctx.config.seed, progress=ctx.progress
+        base,
+        rows,
+        ctx.stage.path,
+        ctx.config.reward,
+        seed=ctx.config.seed,
+        progress=ctx.progress,
+        tracking=ctx.tracking,
     ).metrics
     if not is_main_process():
         return {}
@@ -34,4 +41,5 @@ def run(ctx) -> dict[str, Any]:
         "heldout_ece": metrics.get("heldout_ece"),
     }
     ctx.stage.finish(counts)
+    write_run_model_cards(ctx.run, ctx.config)
     return counts

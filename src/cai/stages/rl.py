@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import Field
 
 from cai.stages.artifacts import read_prompts, sl_model_spec
+from cai.stages.model_cards import write_run_model_cards
 from cai.training.rl import RLTrainConfig
 
 
@@ -32,7 +33,16 @@ def run(ctx) -> dict[str, Any]:
     reward_model = ctx.run.artifact("reward", "model")
     base = sl_model_spec(ctx.run, ctx.config)
     ctx.pool.release()
-    result = train_rl(base, prompts, reward_model, ctx.stage.path, cfg, seed=ctx.config.seed, progress=ctx.progress)
+    result = train_rl(
+        base,
+        prompts,
+        reward_model,
+        ctx.stage.path,
+        cfg,
+        seed=ctx.config.seed,
+        progress=ctx.progress,
+        tracking=ctx.tracking,
+    )
     if not is_main_process():
         return {}
     t = result.metrics["reward_trend"]
@@ -45,4 +55,5 @@ def run(ctx) -> dict[str, Any]:
         "kl_last": result.metrics["kl_last"],
     }
     ctx.stage.finish(counts, base_model=base)
+    write_run_model_cards(ctx.run, ctx.config)
     return counts

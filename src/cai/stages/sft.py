@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import Field
 
 from cai.runs import read_jsonl
+from cai.stages.model_cards import write_run_model_cards
 from cai.training.sft import SFTTrainConfig, train_sft
 
 
@@ -27,11 +28,18 @@ def run(ctx) -> dict[str, Any]:
     ctx.pool.release()  # free the generation models before training
     settings = SFTTrainConfig(**section.model_dump(exclude={"base"}))
     result = train_sft(
-        section.base or cfg.models.policy, records, ctx.stage.path, settings, seed=cfg.seed, progress=ctx.progress
+        section.base or cfg.models.policy,
+        records,
+        ctx.stage.path,
+        settings,
+        seed=cfg.seed,
+        progress=ctx.progress,
+        tracking=ctx.tracking,
     )
     ctx.stage.finish(
         {"records": len(records), **result.metrics},
         merged_dir=str(result.merged_dir),
         adapter_dir=str(result.adapter_dir) if result.adapter_dir else None,
     )
+    write_run_model_cards(ctx.run, cfg)
     return {k: v for k, v in result.metrics.items() if k in ("steps", "train_loss", "eval_loss", "method", "loss_on")}

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Literal
 from cai.errors import UserError
 
 if TYPE_CHECKING:
+    from cai.model_card import CardFacts
     from cai.models import ModelSpec
+    from cai.tracking import StageTracking
 
 
 @dataclass
@@ -28,16 +30,42 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
 
 
+def write_cards(result: TrainResult, facts: CardFacts) -> None:
+    """On the main process, the model card (README.md, replacing PEFT's template) of the result's loadable folder
+    and of its adapter folder, from what the trainer knows (a pipeline run re-renders them with more: see
+    cai.stages.model_cards)."""
+    from dataclasses import replace
+
+    from cai.model_card import write_model_card
+
+    if not is_main_process():
+        return
+    adapter = result.adapter_dir
+    write_model_card(result.merged_dir, replace(facts, adapter=adapter is not None and result.merged_dir == adapter))
+    if adapter is not None and adapter != result.merged_dir:
+        write_model_card(adapter, replace(facts, adapter=True))
+
+
 def _bf16_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def trl_args(output_dir: Path, *, seed: int, progress: bool, checkpointing: bool | None = None) -> dict:
+def trl_args(
+    output_dir: Path,
+    *,
+    seed: int,
+    progress: bool,
+    checkpointing: bool | None = None,
+    tracking: StageTracking | None = None,
+) -> dict:
     """The TRL config arguments every trainer here sets alike, each where TRL's default (trl/trainer/base_config.py,
-    over transformers' TrainingArguments) does not fit. ``checkpointing`` defaults to "on a CUDA GPU"."""
+    over transformers' TrainingArguments) does not fit. ``checkpointing`` defaults to "on a CUDA GPU"; ``tracking``
+    names the trackers to report to (the trainer adds :func:`cai.tracking.trainer_callbacks`)."""
     import torch
+
+    from cai.tracking import trainer_args
 
     cuda = torch.cuda.is_available()
     checkpointing = cuda if checkpointing is None else checkpointing
@@ -47,9 +75,9 @@ def trl_args(output_dir: Path, *, seed: int, progress: bool, checkpointing: bool
         # TRL logs every 10 steps; runs here are a few dozen steps and steps.csv, the curves and log_history.json
         # want every one.
         logging_steps=1,
-        # The run folder is the record: never report to a tracker (wandb, tensorboard, ...) that happens to be
-        # installed (older transformers defaulted to "all").
-        report_to=[],
+        # The run folder is the record: report only to the trackers the run config's `tracking` section names,
+        # never to one that happens to be installed (older transformers defaulted to "all").
+        **trainer_args(tracking),
         disable_tqdm=not progress,
         # Without CUDA, the CPU: transformers would otherwise take any other device torch sees (MPS, XPU), which
         # nothing here is tested on.

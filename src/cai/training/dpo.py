@@ -10,14 +10,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from cai.base_config import Strict
 from cai.errors import UserError
-from cai.training.common import TrainResult, load_trainable, lora_config, preference_columns, train_and_save, trl_args
+from cai.training.common import (
+    TrainResult,
+    load_trainable,
+    lora_config,
+    preference_columns,
+    train_and_save,
+    trl_args,
+    write_cards,
+)
 from cai.training.curves import step_logger
+
+if TYPE_CHECKING:
+    from cai.tracking import StageTracking
 
 
 class DPOTrainConfig(Strict):
@@ -59,10 +70,15 @@ def train_dpo(
     *,
     seed: int = 0,
     progress: bool = True,
+    tracking: StageTracking | None = None,
 ) -> TrainResult:
-    """DPO on ``pairs`` (prompt, chosen, rejected[, p_chosen]); writes steps.csv, curves.png, adapter/, model/."""
+    """DPO on ``pairs`` (prompt, chosen, rejected[, p_chosen]); writes steps.csv, curves.png, adapter/ and model/
+    with their model cards. ``tracking`` names the trackers the trainer reports to."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
+
+    from cai.model_card import CardFacts
+    from cai.tracking import trainer_callbacks
 
     kept, dropped = confident_pairs(pairs, settings.min_confidence)
     if not kept:
@@ -78,7 +94,7 @@ def train_dpo(
     model, tok = load_trainable(base_spec, seed=seed)
     data = Dataset.from_dict(preference_columns(kept))
     args = DPOConfig(
-        **trl_args(output_dir / "checkpoints", seed=seed, progress=progress),
+        **trl_args(output_dir / "checkpoints", seed=seed, progress=progress, tracking=tracking),
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
         learning_rate=settings.learning_rate,
@@ -106,7 +122,7 @@ def train_dpo(
         args=args,
         train_dataset=data,
         processing_class=tok,
-        callbacks=[logger],
+        callbacks=[logger, *trainer_callbacks(tracking)],
         peft_config=lora_config(settings) if settings.lora else None,
     )
     adapter = train_and_save(
@@ -126,4 +142,10 @@ def train_dpo(
         "label_smoothing": smoothing,
         "steps": trainer.state.global_step,
     }
-    return TrainResult(output_dir, adapter, output_dir / "model", metrics)
+    result = TrainResult(output_dir, adapter, output_dir / "model", metrics)
+    data = {"preference pairs trained on": len(kept), "dropped as uncertain": dropped}
+    card_metrics = {"steps": metrics["steps"], "label_smoothing": smoothing}
+    write_cards(
+        result, CardFacts("dpo", str(base_spec), settings=settings.model_dump(), data=data, metrics=card_metrics)
+    )
+    return result

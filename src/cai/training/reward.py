@@ -14,13 +14,24 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from cai.base_config import Strict
 from cai.errors import UserError
-from cai.training.common import TrainResult, load_trainable, lora_config, preference_columns, train_and_save, trl_args
+from cai.training.common import (
+    TrainResult,
+    load_trainable,
+    lora_config,
+    preference_columns,
+    train_and_save,
+    trl_args,
+    write_cards,
+)
+
+if TYPE_CHECKING:
+    from cai.tracking import StageTracking
 
 
 class RewardTrainConfig(Strict):
@@ -106,11 +117,16 @@ def train_reward(
     *,
     seed: int = 0,
     progress: bool = True,
+    tracking: StageTracking | None = None,
 ) -> TrainResult:
     """Train a reward model on preference records (prompt, chosen, rejected, p_chosen); save the merged model to
-    ``output_dir/model``; its metrics are the held-out accuracy and calibration. Resumes from checkpoints."""
+    ``output_dir/model`` with its model card; its metrics are the held-out accuracy and calibration. Resumes from
+    checkpoints. ``tracking`` names the trackers the trainer reports to."""
     from datasets import Dataset
     from trl import RewardConfig
+
+    from cai.model_card import CardFacts
+    from cai.tracking import trainer_callbacks
 
     train, held = split_pairs(records, settings.eval_fraction, seed)
     if not train:
@@ -118,7 +134,7 @@ def train_reward(
     output_dir = Path(output_dir)
     model, tok = load_trainable(base_spec, seed=seed, head="reward")
     args = RewardConfig(
-        **trl_args(output_dir / "checkpoints", seed=seed, progress=progress),
+        **trl_args(output_dir / "checkpoints", seed=seed, progress=progress, tracking=tracking),
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
         learning_rate=settings.learning_rate,
@@ -138,6 +154,7 @@ def train_reward(
         processing_class=tok,
         data_collator=collator_cls(pad_token_id=tok.pad_token_id),
         peft_config=lora_config(settings, "SEQ_CLS") if settings.lora else None,
+        callbacks=trainer_callbacks(tracking),
     )
     train_and_save(trainer, tok, output_dir, adapter=False)
     metrics = {
@@ -148,7 +165,13 @@ def train_reward(
     if held and trainer.accelerator.is_main_process:
         scorer = RewardScorer(trainer.model.eval(), tok)
         metrics.update(heldout_metrics(scorer, held, settings.calibration_bins))
-    return TrainResult(output_dir, None, output_dir / "model", metrics)
+    result = TrainResult(output_dir, None, output_dir / "model", metrics)
+    data = {"preference pairs trained on": len(train), "held out": len(held)}
+    shown = {k: v for k, v in metrics.items() if k not in ("train_pairs", "heldout_pairs", "reliability")}
+    write_cards(
+        result, CardFacts("reward-model", str(base_spec), settings=settings.model_dump(), data=data, metrics=shown)
+    )
+    return result
 
 
 def _last(history: list[dict], key: str):

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from cai.base_config import Strict
 from cai.errors import UserError
-from cai.training.common import TrainResult, load_trainable, lora_config, train_and_save, trl_args
+from cai.training.common import TrainResult, load_trainable, lora_config, train_and_save, trl_args, write_cards
 from cai.training.curves import append_rows, read_steps, step_logger, trend
+
+if TYPE_CHECKING:
+    from cai.tracking import StageTracking
 
 
 class RLTrainConfig(Strict):
@@ -99,11 +102,15 @@ def train_rl(
     *,
     seed: int = 0,
     progress: bool = True,
+    tracking: StageTracking | None = None,
 ) -> TrainResult:
     """Optimise the policy ``base_spec`` on ``prompts`` against the reward model; writes steps.csv,
-    samples.csv, curves.png, adapter/ and model/ (merged) under ``output_dir``. Resumes from checkpoints."""
+    samples.csv, curves.png, adapter/ and model/ (merged) with their model cards under ``output_dir``. Resumes
+    from checkpoints. ``tracking`` names the trackers the trainer reports to."""
     from datasets import Dataset
 
+    from cai.model_card import CardFacts
+    from cai.tracking import trainer_callbacks
     from cai.training.reward import load_reward_model
 
     if settings.algorithm == "grpo":
@@ -120,7 +127,7 @@ def train_rl(
     scorer = load_reward_model(reward_model)
     batch = settings.prompts_per_step * settings.num_generations
     args = Config(
-        **trl_args(output_dir / "checkpoints", seed=seed, progress=progress),
+        **trl_args(output_dir / "checkpoints", seed=seed, progress=progress, tracking=tracking),
         max_steps=settings.steps,
         learning_rate=settings.learning_rate,
         per_device_train_batch_size=batch,
@@ -153,7 +160,7 @@ def train_rl(
         args=args,
         train_dataset=dataset,
         processing_class=tok,
-        callbacks=[logger],
+        callbacks=[logger, *trainer_callbacks(tracking)],
         peft_config=lora_config(settings) if settings.lora else None,
     )
     adapter = train_and_save(
@@ -167,9 +174,24 @@ def train_rl(
             f"{settings.algorithm.upper()} against the reward model",
         ),
     )
+    reward = trend(steps_csv, "reward_mean")
     metrics = {
         "steps": trainer.state.global_step,
-        "reward_trend": trend(steps_csv, "reward_mean"),
+        "reward_trend": reward,
         "kl_last": trend(steps_csv, "kl").get("last"),
     }
-    return TrainResult(output_dir, adapter, output_dir / "model", metrics)
+    result = TrainResult(output_dir, adapter, output_dir / "model", metrics)
+    facts = CardFacts(
+        settings.algorithm,
+        str(base_spec),
+        settings=settings.model_dump(),
+        data={"prompts practised on": len(prompts)},
+        metrics={
+            "steps": metrics["steps"],
+            "reward_first": reward.get("first"),
+            "reward_last": reward.get("last"),
+            "kl_last": metrics["kl_last"],
+        },
+    )
+    write_cards(result, facts)
+    return result

@@ -16,15 +16,26 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
 from cai.base_config import Strict
 from cai.errors import UserError
 from cai.runs import write_json
-from cai.training.common import TrainResult, last_checkpoint, load_trainable, lora_config, save_merged, trl_args
+from cai.training.common import (
+    TrainResult,
+    last_checkpoint,
+    load_trainable,
+    lora_config,
+    save_merged,
+    trl_args,
+    write_cards,
+)
 from cai.training.curves import plot_loss
+
+if TYPE_CHECKING:
+    from cai.tracking import StageTracking
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +129,19 @@ def split_records(records: list[dict], eval_fraction: float) -> tuple[list[dict]
     return [r for r in records if id(r) not in held_ids], held
 
 
-def _sft_config(settings: SFTTrainConfig, ckpt_dir: Path, seed: int, has_eval: bool, progress: bool):
+def _sft_config(
+    settings: SFTTrainConfig,
+    ckpt_dir: Path,
+    seed: int,
+    has_eval: bool,
+    progress: bool,
+    tracking: StageTracking | None = None,
+):
     from trl import SFTConfig
 
     return SFTConfig(
-        **trl_args(ckpt_dir, seed=seed, progress=progress, checkpointing=settings.qlora),  # QLoRA: memory pressure
+        # QLoRA: memory pressure, so activation checkpointing
+        **trl_args(ckpt_dir, seed=seed, progress=progress, checkpointing=settings.qlora, tracking=tracking),
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps or -1,
         per_device_train_batch_size=settings.batch_size,
@@ -157,11 +176,15 @@ def build_trainer(
     *,
     seed: int = 0,
     progress: bool = True,
+    tracking: StageTracking | None = None,
 ):
-    """(SFTTrainer, tokenizer) over prompt/completion datasets; checkpoints go to ``output_dir/checkpoints``."""
+    """(SFTTrainer, tokenizer) over prompt/completion datasets; checkpoints go to ``output_dir/checkpoints``;
+    ``tracking`` names the trackers it reports to."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import SFTTrainer
+
+    from cai.tracking import trainer_callbacks
 
     model, tok = load_trainable(base_spec, seed=seed, dtype="auto", qlora=settings.qlora)
     tok.padding_side = "right"
@@ -173,11 +196,12 @@ def build_trainer(
         convert = to_prompt_completion
     trainer = SFTTrainer(
         model=model,
-        args=_sft_config(settings, Path(output_dir) / "checkpoints", seed, bool(eval_recs), progress),
+        args=_sft_config(settings, Path(output_dir) / "checkpoints", seed, bool(eval_recs), progress, tracking),
         train_dataset=Dataset.from_list([convert(r) for r in train_recs]),
         eval_dataset=Dataset.from_list([convert(r) for r in eval_recs]) if eval_recs else None,
         processing_class=tok,
         peft_config=lora_config(settings, target_modules=settings.target_modules) if settings.uses_adapter else None,
+        callbacks=trainer_callbacks(tracking),
     )
     if not progress:
         trainer.remove_callback(PrinterCallback)
@@ -192,10 +216,11 @@ def train_sft(
     *,
     seed: int = 0,
     progress: bool = True,
+    tracking: StageTracking | None = None,
 ) -> TrainResult:
-    """Fine-tune ``base_spec`` on chat ``records`` into ``output_dir`` (checkpoints/, adapter/, merged/,
-    metrics.json, log_history.json, loss_curve.png). Resumes from the newest checkpoint; a finished output
-    folder is returned as is."""
+    """Fine-tune ``base_spec`` on chat ``records`` into ``output_dir`` (checkpoints/, adapter/, merged/ with their
+    model cards, metrics.json, log_history.json, loss_curve.png). Resumes from the newest checkpoint; a finished
+    output folder is returned as is. ``tracking`` names the trackers the trainer reports to."""
     output_dir = Path(output_dir)
     adapter_dir = output_dir / "adapter" if settings.uses_adapter else None
     if (output_dir / "metrics.json").is_file():  # written last: the folder is complete
@@ -204,7 +229,9 @@ def train_sft(
     if not records:
         raise UserError("no SFT records to train on; check the critique stage's sft.jsonl")
     train_recs, eval_recs = split_records(records, settings.eval_fraction)
-    trainer, tok = build_trainer(base_spec, train_recs, eval_recs, output_dir, settings, seed=seed, progress=progress)
+    trainer, tok = build_trainer(
+        base_spec, train_recs, eval_recs, output_dir, settings, seed=seed, progress=progress, tracking=tracking
+    )
     last = last_checkpoint(output_dir / "checkpoints")
     if last:
         log.info("resuming SFT from %s", last)
@@ -222,17 +249,19 @@ def train_sft(
     }
     if eval_recs:
         metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 4)
+    result = TrainResult(output_dir, adapter_dir, _merged_dir(output_dir, adapter_dir, settings), metrics)
     if trainer.is_world_process_zero():
-        _save_outputs(trainer, tok, output_dir, adapter_dir, settings, metrics)
+        _save_outputs(trainer, tok, result, settings)
     trainer.accelerator.wait_for_everyone()
-    return TrainResult(output_dir, adapter_dir, _merged_dir(output_dir, adapter_dir, settings), metrics)
+    return result
 
 
-def _save_outputs(
-    trainer, tok, output_dir: Path, adapter_dir: Path | None, settings: SFTTrainConfig, metrics: dict
-) -> None:
-    """Logs, loss curve, the adapter (with the tokenizer: the folder is a model spec), the merged model, and
-    metrics.json last (it marks the folder complete)."""
+def _save_outputs(trainer, tok, result: TrainResult, settings: SFTTrainConfig) -> None:
+    """Logs, loss curve, the adapter (with the tokenizer: the folder is a model spec), the merged model, their
+    model cards, and metrics.json last (it marks the folder complete)."""
+    from cai.model_card import CardFacts
+
+    output_dir, adapter_dir, metrics = result.output_dir, result.adapter_dir, result.metrics
     model = trainer.model
     history = trainer.state.log_history
     write_json(output_dir / "log_history.json", history)
@@ -247,6 +276,11 @@ def _save_outputs(
         full = _merge_qlora(adapter_dir) if settings.qlora and adapter_dir is not None else model
         tok.padding_side = "left"
         save_merged(full, tok, output_dir / "merged")
+    data = {"chat records trained on": metrics["n_train"], "held out (eval loss)": metrics["n_eval"]}
+    trained = {k: metrics[k] for k in ("train_loss", "eval_loss", "steps", "train_runtime_s") if k in metrics}
+    write_cards(
+        result, CardFacts("sft", str(metrics["base"]), settings=settings.model_dump(), data=data, metrics=trained)
+    )
     write_json(output_dir / "metrics.json", metrics)
 
 
