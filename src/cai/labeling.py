@@ -569,6 +569,34 @@ def label_diagnostics(rows: Sequence[dict]) -> dict:
     }
 
 
+WEAK_SWAP_CONSISTENCY = 0.6  # under this share of pairs keeping their label when swapped, labels follow position
+WEAK_CONFIDENCE = 0.55  # mean max(p, 1 - p) under this: the labels are close to coin flips
+
+
+def weak_feedback_warning(diag: dict) -> str | None:
+    """The weak-feedback warning in words for a preferences ``diagnostics.json`` (None when the labels look
+    usable): position-driven labels (low swap consistency) or near coin-flip confidence."""
+    reasons = []
+    swap = diag.get("swap_consistency") or {}
+    if isinstance(swap.get("rate"), (int, float)) and swap["rate"] < WEAK_SWAP_CONSISTENCY:
+        reasons.append(
+            f"only {100 * swap['rate']:.0f}% of pairs keep their label when the two answers are swapped "
+            f"(95% CI {100 * swap.get('ci_low', 0):.0f}–{100 * swap.get('ci_high', 1):.0f}%), so the feedback model "
+            "mostly answers by position"
+        )
+    conf = diag.get("mean_confidence")
+    if isinstance(conf, (int, float)) and conf < WEAK_CONFIDENCE:
+        reasons.append(f"its mean confidence is {conf:.2f} (0.5 = a coin flip)")
+    if not reasons:
+        return None
+    return (
+        "Weak feedback: "
+        + "; ".join(reasons)
+        + ". Preferences, the reward model and RL trained on them carry little signal; use a stronger "
+        "models.feedback or preferences.source revision/contrastive."
+    )
+
+
 def read_rows(path: str | Path, fields: Sequence[str], what: str = "pair file") -> list[dict]:
     """Rows of a .jsonl/.csv/.json file that must each have ``fields``; one-line errors name the line."""
     from cai.data.loaders import _read_file

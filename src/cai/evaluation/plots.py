@@ -91,6 +91,32 @@ def curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], title:
     return to_b64(fig)
 
 
+def panels(panels: Sequence, title: str) -> str:
+    """One axis per metric family (training_curves.Panel: title, ylabel, series with an optional band), up to three
+    per row, so no axis mixes quantities on different scales."""
+    plt = pyplot()
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.0 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        for s in panel.series:
+            (line,) = ax.plot(s.x, s.y, marker="." if len(s.x) < 40 else None, label=s.label)
+            if s.band is not None:
+                lo, hi, band_label = s.band
+                ax.fill_between(s.x, lo, hi, color=line.get_color(), alpha=0.2, label=band_label)
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(alpha=0.3)
+        if len(panel.series) > 1 or any(s.band for s in panel.series):
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return to_b64(fig)
+
+
 def histogram(values: Sequence[float], title: str, xlabel: str, bins: int = 20) -> str:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 2.8))

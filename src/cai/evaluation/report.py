@@ -2,15 +2,15 @@
 
 It reads only artifacts: ``eval/<checkpoint>/metrics.json`` + ``samples.jsonl``, ``eval/paired.json`` (paired
 tests between checkpoints; computed from the samples for runs evaluated before it existed), ``eval/elo.json``,
-``eval/prefill/prefill.json``, any ``*.png`` / ``log_history.json`` / step-indexed ``*.csv`` of the stages
-(training curves), ``preferences/data.jsonl`` (feedback diagnostics) and every stage's ``manifest.json``
-(timings, counts, skipped items).
+``eval/prefill/prefill.json``, the trainers' ``log_history.json`` / ``steps.csv`` (training curves grouped by
+meaning, training_curves.py) and other ``*.png`` of the stages, ``preferences/diagnostics.json`` + ``data.jsonl``
+(feedback diagnostics) and every stage's ``manifest.json`` (timings, counts, skipped items). The per-checkpoint
+samples go into a side-by-side viewer with filters (sample_viewer.py).
 """
 
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import math
@@ -20,8 +20,11 @@ from pathlib import Path
 from cai.errors import UserError
 from cai.evaluation import plots
 from cai.evaluation.evaluate import format_rate
-from cai.evaluation.metrics import verdict_of
 from cai.evaluation.paired import TABLE_HEADER, paired_comparisons, table_rows
+from cai.evaluation.sample_viewer import VIEWER_CSS, VIEWER_JS, sample_viewer
+from cai.evaluation.training_curves import panels as training_panels
+from cai.evaluation.training_curves import read_log
+from cai.labeling import weak_feedback_warning
 from cai.runs import atomic_write_text, read_jsonl
 
 RATES = [
@@ -30,7 +33,8 @@ RATES = [
     ("loop_rate", "loop rate"),
 ]
 CURVE_SKIP = ("checkpoint-", "/model/", "/merged/", "/adapter/", "/eval/", "/report/")
-SAMPLES_SHOWN = 4
+TRAINING_ORDER = ("sft", "reward", "rl", "dpo")  # the pipeline's order, so curves read as the run went
+STAGE_CURVE_PNGS = ("loss_curve.png", "curves.png")  # the trainers' own drawings of the logs the report redraws
 
 
 def checkpoint_metrics(run: Path) -> list[tuple[str, dict]]:
@@ -246,83 +250,67 @@ def _prefill_section(run: Path) -> str:
 
 
 def _curves_section(run: Path) -> str:
-    parts = []
-    for stage in sorted(d for d in run.iterdir() if d.is_dir() and d.name not in ("eval", "report")):
-        for f in sorted(stage.rglob("*")):
-            rel = "/" + str(f.relative_to(run)) + "/"
-            if not f.is_file() or any(s in rel for s in CURVE_SKIP) or ".old-" in rel:
-                continue
-            if f.suffix == ".png":
-                parts.append(_img(base64.b64encode(f.read_bytes()).decode(), f"{f.relative_to(run)}"))
-            elif f.name == "log_history.json":
-                parts.append(_log_history(f, run))
-            elif f.suffix == ".csv":
-                parts.append(_csv_curve(f, run))
-    parts = [p for p in parts if p]
-    return "<h2>Training curves</h2>" + ("\n".join(parts) if parts else "<p class='muted'>none found</p>")
-
-
-def _log_history(path: Path, run: Path) -> str:
-    try:
-        hist = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return ""
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for row in hist if isinstance(hist, list) else []:
-        for k, v in row.items():
-            if k not in ("step", "epoch") and isinstance(v, (int, float)) and ("loss" in k or "reward" in k):
-                xs, ys = series.setdefault(k, ([], []))
-                xs.append(row.get("step", len(xs)))
-                ys.append(v)
-    return _img(plots.curves(series, str(path.relative_to(run))), str(path.relative_to(run))) if series else ""
-
-
-def _csv_curve(path: Path, run: Path) -> str:
-    """A CSV with a ``step`` column becomes a curve of its numeric columns (per-step RL logs); data CSVs are
-    left alone."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if len(rows) < 2 or "step" not in rows[0]:
-        return ""
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for col in rows[0]:
-        if col == "step":
+    """Per training folder, its log drawn as panels grouped by meaning (training_curves.py); figures the stages
+    drew themselves from the same logs are left out, any other figure is listed below."""
+    parts, figures = [], []
+    stages = [d for d in run.iterdir() if d.is_dir() and d.name not in ("eval", "report")]
+    for stage in sorted(
+        stages, key=lambda d: (TRAINING_ORDER.index(d.name) if d.name in TRAINING_ORDER else 99, d.name)
+    ):
+        if ".old-" in stage.name:
             continue
-        try:
-            ys = [float(r[col]) for r in rows]
-            xs = [float(r["step"]) for r in rows]
-        except (TypeError, ValueError):
-            continue
-        series[col] = (xs, ys)
-    return (
-        _img(plots.curves(dict(list(series.items())[:4]), str(path.relative_to(run))), str(path.relative_to(run)))
-        if series
-        else ""
+        redrawn = set()
+        for folder in sorted({f.parent for f in stage.rglob("*") if f.name in ("log_history.json", "steps.csv")}):
+            logged = None if _skipped(folder, run) else read_log(folder)
+            drawn = training_panels(logged[0]) if logged else []
+            if logged and drawn:
+                name = str(folder.relative_to(run))
+                parts.append(_img(plots.panels(drawn, name), f"{name} ({logged[1]}), one metric family per axis"))
+                redrawn.add(folder)
+        for f in sorted(stage.rglob("*.png")):
+            if not _skipped(f.parent, run) and not (f.parent in redrawn and f.name in STAGE_CURVE_PNGS):
+                figures.append(_img(base64.b64encode(f.read_bytes()).decode(), str(f.relative_to(run))))
+    if figures:
+        parts.append("<details><summary>other figures</summary>" + "".join(figures) + "</details>")
+    return "<h2>Training curves</h2>" + (
+        "<p class='muted'>One metric family per axis; shaded: ± std within a step (reward) or min–max.</p>"
+        + "\n".join(parts)
+        if parts
+        else "<p class='muted'>none found</p>"
     )
 
 
+def _skipped(folder: Path, run: Path) -> bool:
+    """Model folders, checkpoints and replaced (``.old-``) stages hold no curves of their own."""
+    rel = "/" + str(folder.relative_to(run)) + "/"
+    return any(s in rel for s in CURVE_SKIP) or ".old-" in rel
+
+
 def _feedback_section(run: Path) -> str:
-    prefs = read_jsonl(run / "preferences" / "data.jsonl")
     parts = []
+    diag_path = run / "preferences" / "diagnostics.json"
+    if diag_path.is_file():
+        diag = json.loads(diag_path.read_text())
+        parts.append(_table(_diagnostic_rows(diag), ["diagnostic", "value", "reads as"]))
+        warning = weak_feedback_warning(diag)
+        parts.append(
+            f"<p class='warn'>{html.escape(warning)}</p>"
+            if warning
+            else "<p class='muted'>The labels keep their order when swapped and are not coin flips.</p>"
+        )
+    prefs = read_jsonl(run / "preferences" / "data.jsonl")
     if prefs:
         soft = [float(p["p_chosen"]) for p in prefs if isinstance(p.get("p_chosen"), (int, float))]
-        consistent = [bool(p["swap_consistent"]) for p in prefs if "swap_consistent" in p]
         sources: dict[str, int] = {}
         for p in prefs:
             sources[str(p.get("source", "?"))] = sources.get(str(p.get("source", "?")), 0) + 1
-        row = {
-            "pairs": len(prefs),
-            "sources": ", ".join(f"{k}: {v}" for k, v in sources.items()),
-            "swap-consistent": f"{sum(consistent)}/{len(consistent)}" if consistent else "–",
-            "mean |p_chosen − 0.5|": f"{sum(abs(s - 0.5) for s in soft) / len(soft):.3f}" if soft else "–",
-        }
-        parts += [
-            _table([row]),
-            _img(plots.histogram(soft, "feedback confidence", "p_chosen"), "p_chosen") if soft else "",
-        ]
-        counts = _manifest(run / "preferences").get("counts", {})
-        if counts:
-            parts.append(_table([{k: v for k, v in counts.items() if not isinstance(v, (dict, list))}]))
+        parts.append(
+            "<p>"
+            + html.escape(f"{len(prefs)} pairs; sources: " + ", ".join(f"{k}: {v}" for k, v in sources.items()))
+            + "</p>"
+        )
+        if soft:
+            parts.append(_img(plots.histogram(soft, "feedback confidence", "p_chosen"), "p_chosen"))
     crit = read_jsonl(run / "critique" / "data.jsonl")
     if crit:
         changed = sum(bool(c.get("changed")) for c in crit)
@@ -332,27 +320,31 @@ def _feedback_section(run: Path) -> str:
     )
 
 
+def _diagnostic_rows(diag: dict) -> list[dict]:
+    rows = [{"diagnostic": "pairs labelled", "value": diag.get("n", "–"), "reads as": ""}]
+    swap = diag.get("swap_consistency")
+    if isinstance(swap, dict) and swap.get("n"):
+        rows.append(
+            {
+                "diagnostic": "swap consistency",
+                "value": format_rate(swap),
+                "reads as": "share of pairs whose label survives swapping the answers (1 = order-independent)",
+            }
+        )
+    described = [
+        ("position_bias_first", "position bias", "{:.2f}", "P(first answer wins); 0.5 = none"),
+        ("mean_confidence", "mean confidence", "{:.2f}", "mean max(p, 1 − p); 0.5 = coin flips"),
+        ("label_entropy_bits", "label entropy", "{:.2f} bits", "1 bit = coin flips, 0 = certain"),
+        ("pairs_per_s", "labelling speed", "{:.2f} pairs/s", ""),
+    ]
+    for key, name, fmt, reads in described:
+        if isinstance(diag.get(key), (int, float)):
+            rows.append({"diagnostic": name, "value": fmt.format(diag[key]), "reads as": reads})
+    return rows
+
+
 def _samples_section(run: Path) -> str:
-    parts = []
-    for label, _ in checkpoint_metrics(run):
-        samples = read_jsonl(run / "eval" / label / "samples.jsonl")
-        for which in ("harmful", "benign"):
-            for s in [x for x in samples if x["set"] == which][:SAMPLES_SHOWN]:
-                lab = s.get("labels", {})
-                verdict = verdict_of(lab) if lab else "?"
-                tags = f"{verdict} (p_refused={lab.get('p_refused', float('nan')):.2f})" + (
-                    " · loop" if lab.get("loop") else ""
-                )
-                if lab.get("harmful") is not None:
-                    tags += f" · harmful={lab['harmful']:.2f}"
-                parts.append(
-                    f"<div class='sample {which}'><div class='meta'>{html.escape(label)} · {which} · "
-                    f"{html.escape(s.get('category', ''))} · <b>{html.escape(tags)}</b></div>"
-                    f"<div class='user'>{html.escape(s['prompt'])}</div>"
-                    f"<div class='assistant'>"
-                    f"{html.escape(s.get('prefill', '') + s['response']) or '<i>(empty)</i>'}</div></div>"
-                )
-    return "<h2>Sample transcripts</h2>" + ("\n".join(parts) if parts else "<p class='muted'>none</p>")
+    return "<h2>Samples side by side</h2>" + sample_viewer(run, [label for label, _ in checkpoint_metrics(run)])
 
 
 def _stages_section(run: Path) -> str:
@@ -390,6 +382,9 @@ th{background:#f0f0f0}figure{display:inline-block;margin:.5em}img{max-width:100%
 .sample{border:1px solid #ddd;border-radius:6px;margin:.6em 0;padding:.5em}.meta{font-size:.8em;color:#555}
 .user{background:#eef4ff;padding:.3em;margin:.3em 0;white-space:pre-wrap}
 .assistant{background:#f6f6f6;padding:.3em;white-space:pre-wrap}"""
+# records uncaught script errors on the page, so a headless browser (and the test) can see there were none
+ERRORS = """<script>window.addEventListener('error',function(e){var d=document.documentElement;
+d.setAttribute('data-js-errors',(d.getAttribute('data-js-errors')||'')+(e.message||'error')+';');});</script>"""
 # lets a headless browser (and the test) see that every embedded image decoded
 ONLOAD = """<script>window.addEventListener('load',function(){var i=Array.from(document.images);
 document.body.setAttribute('data-images-total',i.length);
@@ -419,7 +414,7 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> Path:
         ]
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{CSS}</style></head><body>{''.join(body)}{ONLOAD}</body></html>"
+        f"<style>{CSS}\n{VIEWER_CSS}</style>{ERRORS}</head><body>{''.join(body)}{VIEWER_JS}{ONLOAD}</body></html>"
     )
     html_path = out_dir / "report.html"
     atomic_write_text(html_path, page)

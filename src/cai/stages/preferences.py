@@ -21,6 +21,7 @@ from cai.constitution import invert_constitution, load_constitution
 from cai.errors import UserError
 from cai.generation import generate_responses
 from cai.labeling import (
+    WEAK_SWAP_CONSISTENCY,
     LabelConfig,
     Pair,
     agreement_with_reference,
@@ -181,7 +182,7 @@ def run(ctx) -> dict[str, Any]:
     )
     diag = {**label_diagnostics(rows), **extra}
     swap = diag.get("swap_consistency", {}).get("rate")
-    if swap is not None and swap < 0.6:
+    if swap is not None and swap < WEAK_SWAP_CONSISTENCY:
         log.warning(
             "only %.0f%% of pairs keep their label when the options are swapped: the feedback model mostly "
             "answers by position. Use a stronger models.feedback or preferences.source revision/contrastive",
