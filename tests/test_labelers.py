@@ -127,7 +127,10 @@ def test_the_labeler_key_leaves_existing_config_hashes_alone():
     from cai.runs import config_hash
 
     # pinned before the key existed: finished preferences stages of the quickstart are reused, not re-run
-    assert config_hash(load_config("quickstart").section("preferences")) == "8eda1449bc049970"
+    # (the quickstart now ships labeler: rules; with the default labeler its section hashes as before)
+    choice = load_config("quickstart", ["preferences.labeler=choice"])
+    assert config_hash(choice.section("preferences")) == "8eda1449bc049970"
+    assert config_hash(load_config("quickstart").section("preferences")) != "8eda1449bc049970"
     assert config_hash(RunConfig().section("preferences")) == "b62b15ca7eef65f0"
     assert "labeler" not in RunConfig().preferences.model_dump()
     contrast = load_config("quickstart", ["preferences.labeler=contrast"])
