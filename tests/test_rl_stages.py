@@ -73,6 +73,27 @@ def test_reward_model_scores_in_unit_interval_and_reports_heldout(chain):
     assert len(scores) == 2 and all(0 < s < 1 for s in scores)
 
 
+def test_cai_score_reference_measures_the_reward_model_on_human_pairs(chain, tmp_path):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+    from cai.training.reward import load_reward_model
+
+    _, run, _ = chain
+    ref = tmp_path / "ref.jsonl"
+    rows = [{"prompt": "hi", "chosen": "hello!", "rejected": "go away", "group": "g1"},
+            {"prompt": "bye", "chosen": "take care", "rejected": "whatever", "group": "g2"}]
+    ref.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = CliRunner().invoke(app, ["score", "--reward", str(run.root), "--reference", str(ref),
+                                   "--report", str(tmp_path / "agreement.json")])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "agreement.json").read_text())
+    scores = load_reward_model(run.root).score(["hi", "hi", "bye", "bye"], ["hello!", "go away", "take care", "whatever"])
+    agree = [scores[0] > scores[1], scores[2] > scores[3]]  # the same decisions, recomputed from raw scores
+    assert saved["n"] == 2 and saved["agreement"] == pytest.approx(sum(agree) / 2)
+    assert set(saved["by_group"]) == {"g1", "g2"} and "ece" in saved
+
+
 def test_rl_writes_step_csv_samples_curves_and_model(chain):
     _, run, summaries = chain
     with open(run.root / "rl" / "steps.csv", encoding="utf-8") as f:
@@ -241,3 +262,25 @@ def test_vllm_generation_is_opt_in_and_a_clear_error_without_a_gpu(monkeypatch):
     server = RLTrainConfig(use_vllm=True, vllm_mode="server", vllm_server_base_url="http://gpu0:8000")
     assert vllm_args(server) == {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": "http://gpu0:8000"}
     assert vllm_args(RLTrainConfig(use_vllm=True))["vllm_gpu_memory_utilization"] == 0.3
+
+
+def test_rules_labels_and_rules_reward_need_no_feedback_model_or_reward_stage(tmp_path, monkeypatch):
+    from cai.config import RunConfig
+    from cai.stages import ModelPool
+
+    def no_feedback(self):
+        raise AssertionError("the rules labeler and the rules reward load no feedback model")
+
+    monkeypatch.setattr(ModelPool, "feedback", no_feedback)
+    cfg = _config(tmp_path, "rules", "[prompts, preferences, rl]", "preferences.labeler=rules", "rl.reward=rules")
+    summaries = run_pipeline(cfg, progress=False)
+    run = RunDir(tmp_path / "rules")
+    rows = read_jsonl(run.root / "preferences" / "data.jsonl")
+    assert rows and all(r["labeler"] == "rules" and len(r["propositions"]["verdicts"]) == 2 for r in rows)
+    assert all(r["scores"][0] >= r["scores"][1] for r in rows)  # oriented: chosen has the higher utility
+    assert not (run.root / "reward").exists() and summaries["rl"]["steps"] == 2
+    with open(run.root / "rl" / "samples.csv", encoding="utf-8") as f:
+        samples = list(csv.DictReader(f))
+    assert samples and all(-0.2 <= float(s["reward"]) <= 1 for s in samples)
+    # the new key is left out at its default, so finished RL stages keep their config hash
+    assert "reward" not in RunConfig().rl.model_dump() and cfg.rl.model_dump()["reward"] == "rules"

@@ -405,6 +405,41 @@ def _utility(verdict: dict, harmful: float, wanted: dict) -> float:
     return harmful * by_case[True] + (1 - harmful) * by_case[False]
 
 
+def rules_utilities(
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    constitution: Constitution,
+    settings: LabelConfig,
+    harmful: Sequence[bool | None] | None = None,
+) -> tuple[list[float], list[dict]]:
+    """Each response's utility under the constitution's :data:`WANTED` table, and the graded propositions behind
+    it: is the request harmful (``harmful[i]`` when given, else the request-harm classifier), the refusal judge's
+    verdict and p_complied, and whether the response lectures. Shared by the rules labeler and the RL reward."""
+    from cai.evaluation.harm_classifier import HarmClassifier
+    from cai.evaluation.refusal_rules import lectures
+
+    given = list(harmful) if harmful is not None else [None] * len(prompts)
+    unknown = sorted({p for p, h in zip(prompts, given, strict=True) if h is None})
+    inferred = dict(zip(unknown, HarmClassifier.shipped().p_harmful(unknown), strict=True))
+    wanted = WANTED_INVERTED if constitution.inverted_from else WANTED
+    verdicts = _rules_judge(settings.rules_judge_weights).judge(list(prompts), list(responses))
+    utilities, propositions = [], []
+    for prompt, response, h_given, v in zip(prompts, responses, given, verdicts, strict=True):
+        h = float(h_given) if h_given is not None else inferred[prompt]
+        lecture = lectures(response)
+        utilities.append(_utility(v, h, wanted) - (LECTURE_PENALTY if lecture else 0.0))
+        propositions.append(
+            {
+                "p_harmful": round(h, 4),
+                "harm_source": "given" if h_given is not None else "classifier",
+                "verdict": v["verdict"],
+                "p_complied": v["p_complied"],
+                "lectures": lecture,
+            }
+        )
+    return utilities, propositions
+
+
 def rules_labels(
     backend: Backend | None,
     pairs: Sequence[Pair],
@@ -419,25 +454,21 @@ def rules_labels(
     and help with a safe part (the refusal judge's p_complied / p_partial), is it about the request at all, does
     it lecture the user — and the request on one: is it harmful (the pair's ``harmful`` when the data says,
     else :class:`cai.evaluation.harm_classifier.HarmClassifier`). The constitution's :data:`WANTED` table turns
-    them into a utility; P(a better) = sigmoid((u_a - u_b) / rules_temperature). ``backend``, ``seed`` and
-    ``weights`` are unused (one interface for every labeler)."""
-    from cai.evaluation.harm_classifier import HarmClassifier
-    from cai.evaluation.refusal_rules import lectures
-
+    them into a utility (:func:`rules_utilities`); P(a better) = sigmoid((u_a - u_b) / rules_temperature).
+    ``backend``, ``seed`` and ``weights`` are unused (one interface for every labeler)."""
     if not pairs:
         return []
-    judge = _rules_judge(settings.rules_judge_weights)
-    wanted = WANTED_INVERTED if constitution.inverted_from else WANTED
-    unknown = [i for i, p in enumerate(pairs) if p.harmful is None]
-    inferred = dict(zip(unknown, HarmClassifier.shipped().p_harmful([pairs[i].prompt for i in unknown]), strict=True))
-    verdicts = judge.judge([p.prompt for p in pairs for _ in range(2)], [y for p in pairs for y in (p.a, p.b)])
+    utilities, props = rules_utilities(
+        [p.prompt for p in pairs for _ in range(2)],
+        [y for p in pairs for y in (p.a, p.b)],
+        constitution,
+        settings,
+        [p.harmful for p in pairs for _ in range(2)],
+    )
     labels = []
     for i, pair in enumerate(pairs):
-        h = float(pair.harmful) if pair.harmful is not None else inferred[i]
-        utilities = []
-        for v, y in zip(verdicts[2 * i : 2 * i + 2], (pair.a, pair.b), strict=True):
-            utilities.append(_utility(v, h, wanted) - (LECTURE_PENALTY if lectures(y) else 0.0))
-        u_a, u_b = utilities
+        u_a, u_b = utilities[2 * i], utilities[2 * i + 1]
+        pa, pb = props[2 * i], props[2 * i + 1]
         labels.append(
             Label(
                 id=pair.id,
@@ -449,11 +480,11 @@ def rules_labels(
                 labeler="rules",
                 scores=(u_a, u_b),
                 propositions={
-                    "p_harmful": round(h, 4),
-                    "harm_source": "given" if pair.harmful is not None else "classifier",
-                    "verdicts": [v["verdict"] for v in verdicts[2 * i : 2 * i + 2]],
-                    "p_complied": [v["p_complied"] for v in verdicts[2 * i : 2 * i + 2]],
-                    "lectures": [lectures(y) for y in (pair.a, pair.b)],
+                    "p_harmful": pa["p_harmful"],
+                    "harm_source": pa["harm_source"],
+                    "verdicts": [pa["verdict"], pb["verdict"]],
+                    "p_complied": [pa["p_complied"], pb["p_complied"]],
+                    "lectures": [pa["lectures"], pb["lectures"]],
                 },
             )
         )

@@ -104,7 +104,12 @@ def _rl(stage: StageDir, config) -> CardFacts:
         str(settings.get("algorithm", "grpo")),
         str(stage.manifest.get("base_model") or config.models.policy),
         settings=settings,
-        data={"prompts practised on (red-team + benign)": c.get("prompts"), "reward model": "reward/model"},
+        data={
+            "prompts practised on (red-team + benign)": c.get("prompts"),
+            "reward": "the rules labeler's utility (rl.reward: rules)"
+            if settings.get("reward") == "rules"
+            else "reward/model",
+        },
         metrics={k: c[k] for k in ("steps", "reward_first", "reward_last", "reward_delta_halves", "kl_last") if k in c},
     )
 

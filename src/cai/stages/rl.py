@@ -1,4 +1,5 @@
-"""Stage ``rl``: online RL (TRL GRPO or RLOO) of the SL model against the run's reward model.
+"""Stage ``rl``: online RL (TRL GRPO or RLOO) of the SL model against the run's reward model, or (``rl.reward: rules``)
+against the rules labeler's utility.
 
 Writes steps.csv (reward mean/std, KL, response length, loss per step), samples.csv (prompt, response, reward),
 curves.png (reward and KL against step), adapter/ and model/ (the final policy); resumes from checkpoints/.
@@ -30,13 +31,19 @@ def run(ctx) -> dict[str, Any]:
     prompts = [p.prompt for p in read_prompts(ctx.run)[: cfg.prompt_limit]]
     if ctx.config.benign is not None and cfg.benign_limit != 0:
         prompts += [p.prompt for p in read_prompts(ctx.run, "benign")[: cfg.benign_limit]]
-    reward_model = ctx.run.artifact("reward", "model")
+    if cfg.reward == "rules":  # the constitution's wanted behaviour, graded offline: no reward model is read
+        from cai.stages.artifacts import run_constitution
+        from cai.training.rl import RulesReward
+
+        reward: Any = RulesReward(run_constitution(ctx.config))
+    else:
+        reward = ctx.run.artifact("reward", "model")
     base = sl_model_spec(ctx.run, ctx.config)
     ctx.pool.release()
     result = train_rl(
         base,
         prompts,
-        reward_model,
+        reward,
         ctx.stage.path,
         cfg,
         seed=ctx.config.seed,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from cai.base_config import Strict
 from cai.errors import UserError
@@ -44,6 +44,37 @@ class RLTrainConfig(Strict):
     )
     vllm_server_base_url: str | None = Field(None, description="server mode: the `trl vllm-serve` URL")
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="colocate mode: vLLM's GPU share")
+    reward: Literal["model", "rules"] = Field(
+        "model",
+        description="model: the run's reward model; rules: the rules labeler's utility of each completion (the "
+        "constitution's wanted behaviour graded by the offline refusal judge; no reward model is read)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``reward`` is left out of dumps at its default, so the config hashes of RL stages finished before it
+        existed stay the same (and those stages are reused)."""
+        data = handler(self)
+        if data.get("reward") == "model":
+            del data["reward"]
+        return data
+
+
+class RulesReward:
+    """The rules labeler's utility (cai.labeling.rules_utilities) as a reward scorer: ``score(prompts, responses)``
+    in [-0.2, 1], like a reward model's ``score``. No model is loaded; the refusal judge and the request-harm
+    classifier grade each completion."""
+
+    def __init__(self, constitution, settings=None):
+        from cai.labeling import LabelConfig
+
+        self.constitution = constitution
+        self.settings = settings or LabelConfig(labeler="rules")
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        from cai.labeling import rules_utilities
+
+        return rules_utilities(prompts, responses, self.constitution, self.settings)[0]
 
 
 class RewardFunction:
@@ -96,7 +127,7 @@ def vllm_args(settings: RLTrainConfig) -> dict:
 def train_rl(
     base_spec: str,
     prompts: Sequence[str],
-    reward_model: str | Path,
+    reward_model: str | Path | RulesReward,
     output_dir: Path,
     settings: RLTrainConfig,
     *,
@@ -104,7 +135,8 @@ def train_rl(
     progress: bool = True,
     tracking: StageTracking | None = None,
 ) -> TrainResult:
-    """Optimise the policy ``base_spec`` on ``prompts`` against the reward model; writes steps.csv,
+    """Optimise the policy ``base_spec`` on ``prompts`` against the reward model (a folder, or a
+    :class:`RulesReward`); writes steps.csv,
     samples.csv, curves.png, adapter/ and model/ (merged) with their model cards under ``output_dir``. Resumes
     from checkpoints. ``tracking`` names the trackers the trainer reports to."""
     from datasets import Dataset
@@ -124,7 +156,7 @@ def train_rl(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model, tok = load_trainable(base_spec, seed=seed)
-    scorer = load_reward_model(reward_model)
+    scorer = reward_model if isinstance(reward_model, RulesReward) else load_reward_model(reward_model)
     batch = settings.prompts_per_step * settings.num_generations
     args = Config(
         **trl_args(output_dir / "checkpoints", seed=seed, progress=progress, tracking=tracking),
@@ -171,7 +203,8 @@ def train_rl(
         curves=(
             steps_csv,
             ["reward_mean", "kl", "response_length"],
-            f"{settings.algorithm.upper()} against the reward model",
+            f"{settings.algorithm.upper()} against the "
+            + ("rules reward" if isinstance(reward_model, RulesReward) else "reward model"),
         ),
     )
     reward = trend(steps_csv, "reward_mean")
