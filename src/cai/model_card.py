@@ -143,8 +143,10 @@ def weak_feedback_warning(feedback: Mapping[str, Any] | None) -> str | None:
     reasons = []
     if feedback.get("weak"):
         reasons.append("the feedback model was the policy itself or the 135M default")
+    from cai.labeling import WEAK_SWAP_CONSISTENCY  # one threshold for the report, the stage log and the cards
+
     swap = (feedback.get("swap_consistency") or {}).get("rate")
-    if swap is not None and swap < 0.6:
+    if swap is not None and swap < WEAK_SWAP_CONSISTENCY:
         reasons.append(
             f"only {swap:.0%} of its labels survived swapping the two options (it mostly answers by position)"
         )

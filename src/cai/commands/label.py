@@ -69,6 +69,11 @@ def label(
         raise UserError("pass --pairs FILE to label, --reference FILE to measure agreement, or both")
     if labeler not in LABELERS:
         raise UserError(f"--labeler {labeler!r} is not a labeler; choose one of: {', '.join(LABELERS)}")
+    optional: dict[str, object] = {}  # left out when not given, so each labeler keeps its own default
+    if temperature is not None:
+        optional["rules_temperature" if labeler == "rules" else "contrast_temperature"] = temperature
+    if judge_weights is not None:
+        optional["rules_judge_weights"] = str(judge_weights)
     try:
         settings = LabelConfig(
             principles_per_pair=k,
@@ -76,9 +81,7 @@ def label(
             labeler=labeler,
             contrast_reduction=reduction,
             contrast_wording=wording,
-            **({"contrast_temperature": temperature} if temperature is not None and labeler != "rules" else {}),
-            **({"rules_temperature": temperature} if temperature is not None and labeler == "rules" else {}),
-            **({"rules_judge_weights": str(judge_weights)} if judge_weights is not None else {}),
+            **optional,
         )
     except ValidationError as exc:
         raise UserError(format_validation_error("cai label", exc)) from None
