@@ -210,3 +210,24 @@ def test_a_pushed_adapter_names_its_public_base_not_the_local_path(tmp_path):
     copy = _public_adapter(adapter, tmp_path / "out")
     assert json.loads((copy / "adapter_config.json").read_text())["base_model_name_or_path"] == SMOL
     assert "/root" in (adapter / "adapter_config.json").read_text()  # the run's own folder is left as it was
+
+
+def test_one_list_of_weak_feedback_reasons_for_report_and_cards():
+    from cai.labeling import weak_feedback_reasons, weak_feedback_warning
+    from cai.model_card import CardFacts, card_body
+
+    assert weak_feedback_reasons(None) == [] and weak_feedback_warning({}) is None
+    usable = {"swap_consistency": {"rate": 0.9}, "mean_confidence": 0.8, "reference": {"above_chance": True}}
+    assert weak_feedback_reasons(usable) == []
+    weak = {
+        "weak": True,
+        "swap_consistency": {"rate": 0.2, "ci_low": 0.1, "ci_high": 0.35},
+        "mean_confidence": 0.51,
+        "reference": {"above_chance": False},
+    }
+    reasons = weak_feedback_reasons(weak)
+    assert len(reasons) == 4
+    assert "20% of pairs keep their label" in reasons[1] and "10–35%" in reasons[1]
+    assert weak_feedback_warning(weak).startswith("Weak feedback: the feedback model was the policy itself")
+    card = card_body(CardFacts(method="dpo", base="smollm2-135m", feedback=weak), {})
+    assert "**Weak feedback.**" in card and all(r in card for r in reasons)

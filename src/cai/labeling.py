@@ -24,7 +24,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -604,20 +604,41 @@ WEAK_SWAP_CONSISTENCY = 0.6  # under this share of pairs keeping their label whe
 WEAK_CONFIDENCE = 0.55  # mean max(p, 1 - p) under this: the labels are close to coin flips
 
 
-def weak_feedback_warning(diag: dict) -> str | None:
-    """The weak-feedback warning in words for a preferences ``diagnostics.json`` (None when the labels look
-    usable): position-driven labels (low swap consistency) or near coin-flip confidence."""
+def weak_feedback_reasons(diag: Mapping[str, Any] | None) -> list[str]:
+    """Why the AI feedback is weak, in words (empty when it looks usable), read from a preferences
+    ``diagnostics.json`` or a model card's feedback facts: the feedback model is the policy itself or the 135M
+    default (``weak``), its labels mostly follow the option's position (low swap consistency), its confidence is
+    near a coin flip, or its agreement with a human reference set is not above chance. The report, the stage log
+    and the model cards all read this one list."""
+    if not diag:
+        return []
     reasons = []
+    if diag.get("weak"):
+        reasons.append("the feedback model was the policy itself or the 135M default")
     swap = diag.get("swap_consistency") or {}
     if isinstance(swap.get("rate"), (int, float)) and swap["rate"] < WEAK_SWAP_CONSISTENCY:
+        ci = (
+            f" (95% CI {100 * swap['ci_low']:.0f}–{100 * swap['ci_high']:.0f}%)"
+            if isinstance(swap.get("ci_low"), (int, float)) and isinstance(swap.get("ci_high"), (int, float))
+            else ""
+        )
         reasons.append(
-            f"only {100 * swap['rate']:.0f}% of pairs keep their label when the two answers are swapped "
-            f"(95% CI {100 * swap.get('ci_low', 0):.0f}–{100 * swap.get('ci_high', 1):.0f}%), so the feedback model "
-            "mostly answers by position"
+            f"only {100 * swap['rate']:.0f}% of pairs keep their label when the two answers are swapped{ci}, "
+            "so the feedback model mostly answers by position"
         )
     conf = diag.get("mean_confidence")
     if isinstance(conf, (int, float)) and conf < WEAK_CONFIDENCE:
         reasons.append(f"its mean confidence is {conf:.2f} (0.5 = a coin flip)")
+    ref = diag.get("reference")
+    if isinstance(ref, Mapping) and "above_chance" in ref and not ref["above_chance"]:
+        reasons.append("its agreement with the human reference set is not above chance")
+    return reasons
+
+
+def weak_feedback_warning(diag: Mapping[str, Any] | None) -> str | None:
+    """The weak-feedback warning in words (None when the feedback looks usable): see
+    :func:`weak_feedback_reasons`."""
+    reasons = weak_feedback_reasons(diag)
     if not reasons:
         return None
     return (

@@ -134,35 +134,6 @@ def _with_ci(m: Any) -> str:
     return _number(m)
 
 
-def weak_feedback_warning(feedback: Mapping[str, Any] | None) -> str | None:
-    """The weak-feedback warning in words, when it applies: the feedback model is the policy itself or the small
-    default, its labels mostly follow the option's position (swap-consistency < 60%), or it does not agree with a
-    human reference above chance."""
-    if not feedback:
-        return None
-    reasons = []
-    if feedback.get("weak"):
-        reasons.append("the feedback model was the policy itself or the 135M default")
-    from cai.labeling import WEAK_SWAP_CONSISTENCY  # one threshold for the report, the stage log and the cards
-
-    swap = (feedback.get("swap_consistency") or {}).get("rate")
-    if swap is not None and swap < WEAK_SWAP_CONSISTENCY:
-        reasons.append(
-            f"only {swap:.0%} of its labels survived swapping the two options (it mostly answers by position)"
-        )
-    ref = feedback.get("reference")
-    if isinstance(ref, Mapping) and "above_chance" in ref and not ref["above_chance"]:
-        reasons.append("its agreement with the human reference set is not above chance")
-    if not reasons:
-        return None
-    return (
-        "**Weak feedback.** The AI feedback this model was trained on is weak: "
-        + "; ".join(reasons)
-        + ". Treat the critiques, revisions and preference labels it gave as noisy, and use a stronger "
-        "`models.feedback` for results you rely on."
-    )
-
-
 def card_body(facts: CardFacts, metadata: Mapping[str, Any]) -> str:
     what = {
         "sft": "supervised (SL-CAI) fine-tune",
@@ -182,9 +153,17 @@ def card_body(facts: CardFacts, metadata: Mapping[str, Any]) -> str:
         f"starting from {started}" + (f", in run `{facts.run}`." if facts.run else "."),
         "",
     ]
-    warning = weak_feedback_warning(facts.feedback)
-    if warning:
-        lines += [f"> {warning}", ""]
+    from cai.labeling import weak_feedback_reasons  # one list of reasons for the report, the log and the cards
+
+    reasons = weak_feedback_reasons(facts.feedback)
+    if reasons:
+        lines += [
+            "> **Weak feedback.** The AI feedback this model was trained on is weak: "
+            + "; ".join(reasons)
+            + ". Treat the critiques, revisions and preference labels it gave as noisy, and use a stronger "
+            "`models.feedback` for results you rely on.",
+            "",
+        ]
     if facts.constitution:
         c = facts.constitution
         lines += ["## Constitution", "", f"`{c['name']}` (hash `{c['hash']}`: sha256 of its parsed text, 16 hex)", ""]
