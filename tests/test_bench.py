@@ -86,6 +86,9 @@ def test_cai_bench_quick_writes_json_table_and_report(tmp_path, tiny_path):
             assert r["met"] is None or r["met"] == (r["value"] >= r["target"])
     gen = data["benchmarks"]["generation"]
     assert gen["naive"]["tokens"] > 0 and gen["ratio"] > 0 and 0 < gen["utilisation"] < 1
+    # today's path and the growing KV cache answer the same prompts with the same greedy tokens
+    assert set(gen["concatenating_kv"]) == set(gen["batched"])
+    assert all(gen["concatenating_kv"][k]["tokens"] == gen["batched"][k]["tokens"] for k in gen["batched"])
     labels = data["benchmarks"]["labels"]
     unparseable_row = next(r for r in labels["rows"] if r["metric"] == "generate-and-parse unparseable")
     assert unparseable_row["value"] == pytest.approx(labels["unparseable_share"] * 100, abs=0.01)
@@ -117,3 +120,53 @@ def test_vllm_backend_matches_hf_logprobs(backend, tiny_path):
     got = vb.logprobs(chats, [[" (A)", " (B)"]] * 2)
     assert got == pytest.approx(backend.logprobs(chats, [[" (A)", " (B)"]] * 2), abs=5e-2)
     vb.close()
+
+
+def test_growing_kv_cache_gives_the_same_generations_as_the_concatenating_one(backend, monkeypatch):
+    """The growing cache only changes where keys/values are stored: greedy answers (generate() and our own loop,
+    which drops ended rows and so exercises batch_select_indices), sampled answers and shared-prefix answers
+    (batch_repeat_interleave) are the same token for token, including answers longer than one growth chunk."""
+    import cai.backends.kv_cache as kv
+
+    monkeypatch.setattr(kv, "GROW_CHUNK", 3)  # forces several re-allocations within a few tokens
+    chats = _chats(5)
+    settings = (
+        SamplingParams(max_new_tokens=9, temperature=0),
+        SamplingParams(max_new_tokens=9, temperature=0, stop_loops=True),
+        SamplingParams(max_new_tokens=9, seed=2),
+    )
+    for sp in settings:
+        for reuse in (False, True):
+            backend.reuse_prefix = reuse
+            backend.growing_kv = False
+            plain = backend.generate(chats, sp)
+            backend.growing_kv = True
+            grown = backend.generate(chats, sp)
+            assert [g.text for g in grown] == [g.text for g in plain], (sp, reuse)
+            assert [g.completion_tokens for g in grown] == [g.completion_tokens for g in plain]
+    backend.reuse_prefix = True
+
+
+def test_growing_layer_keeps_a_dynamic_layers_contract():
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from cai.backends.kv_cache import GrowingLayer
+
+    grown, plain = GrowingLayer(), DynamicLayer()
+    for n in (4, 1, 1, 130, 1):  # the prompt, then decode steps, then a chunk larger than the head-room
+        k, v = torch.randn(3, 2, n, 8), torch.randn(3, 2, n, 8)
+        gk, gv = grown.update(k, v)
+        pk, pv = plain.update(k, v)
+        assert torch.equal(gk, pk) and torch.equal(gv, pv)
+    assert grown.get_seq_length() == plain.get_seq_length() == 137
+    idx = torch.tensor([2, 0])
+    grown.batch_select_indices(idx)
+    plain.batch_select_indices(idx)
+    grown.crop(-5)
+    plain.crop(-5)
+    grown.batch_repeat_interleave(2)
+    plain.batch_repeat_interleave(2)
+    assert torch.equal(grown.keys, plain.keys) and torch.equal(grown.values, plain.values)
+    k = torch.randn(4, 2, 1, 8)
+    assert torch.equal(grown.update(k, k)[0], plain.update(k, k)[0])

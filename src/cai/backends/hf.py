@@ -62,6 +62,7 @@ class HFBackend:
         device: str | None = None,
         score_batch_size: int | None = None,
         reuse_prefix: bool = True,
+        growing_kv: bool = True,
     ):
         from cai.models import ModelSpec, load_causal_lm
 
@@ -76,6 +77,9 @@ class HFBackend:
         self.device = next(self.model.parameters()).device
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         self.reuse_prefix = reuse_prefix  # encode a prefix shared by a whole generate() call once
+        # decode into pre-allocated KV buffers (cai.backends.kv_cache) instead of transformers' concatenating cache;
+        # False is the earlier path, kept so `cai bench` can measure both side by side
+        self.growing_kv = growing_kv
 
     # ---- rendering -------------------------------------------------------------------------------------
     def render(self, prefix: Prefix) -> str:
@@ -151,11 +155,21 @@ class HFBackend:
             out = self.model(input_ids=torch.tensor([key], device=self.device), use_cache=True, logits_to_keep=1)
         return key, out.past_key_values
 
+    def _decoding_cache(self, copy_of=None):
+        """An empty KV cache to decode into, or a copy of a shared prefix's cache (see ``growing_kv``)."""
+        import copy
+
+        from transformers import DynamicCache
+
+        from cai.backends.kv_cache import growing_cache
+
+        if self.growing_kv:
+            return growing_cache(self.model.config, copy_of=copy_of)
+        return copy.deepcopy(copy_of) if copy_of is not None else DynamicCache(config=self.model.config)
+
     def _padded(self, ids: list[list[int]], shared: tuple[tuple[int, ...], object] | None):
         """(input_ids, attention mask, cache or None, shared-prefix length): rows left-padded; with a shared prefix
         the pads sit between the cached prefix and each row's own tokens, and the cache holds the prefix per row."""
-        import copy
-
         import torch
 
         pad = self.tokenizer.pad_token_id
@@ -166,9 +180,9 @@ class HFBackend:
         mask = torch.tensor(
             [[1] * len(head) + [0] * (width - len(x)) + [1] * len(x) for x in tails], device=self.device
         )
-        cache: Any = None  # a transformers DynamicCache when a prefix is shared
+        cache: Any = None  # a decoding cache holding the prefix per row, when a prefix is shared
         if shared:
-            cache = copy.deepcopy(shared[1])
+            cache = self._decoding_cache(copy_of=shared[1])
             cache.batch_repeat_interleave(len(ids))
         return input_ids, mask, cache, len(head)
 
@@ -206,8 +220,7 @@ class HFBackend:
             eos_token_id=tok.eos_token_id,
             repetition_penalty=sampling.repetition_penalty,
         )
-        if cache is not None:
-            kwargs["past_key_values"] = cache
+        kwargs["past_key_values"] = cache if cache is not None else self._decoding_cache()
         if not sampling.greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
         else:
@@ -254,9 +267,7 @@ class HFBackend:
         eos = tok.eos_token_id
         input_ids, mask, cache, n_head = self._padded(ids, shared)
         if cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.model.config)
+            cache = self._decoding_cache()
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         use_mask = not bool((mask == 1).all())  # like generate(): no padding, no mask
         penalty = None

@@ -18,7 +18,13 @@ BENCHMARKS = ("generation", "labels", "critique", "sft")
 # Sizes per mode. "quick" keeps `cai bench --quick` under 3 minutes on a 2-core CPU with the 135M model.
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
-        "generation": {"prompts": 32, "naive_prompts": 8, "max_new_tokens": 64, "batch_sizes": [8, 32]},
+        "generation": {
+            "prompts": 32,
+            "naive_prompts": 8,
+            "max_new_tokens": 64,
+            "batch_sizes": [32, 64, 128],
+            "int8": True,
+        },
         "labels": {"pairs": 16, "parse_max_new_tokens": 24},
         "critique": {"items": 8, "few_shot": 2, "max_new_tokens": 32},
         "sft": {"records": 32, "batch_size": 8},
