@@ -151,10 +151,12 @@ def controllability(
     config: Path | None = typer.Argument(
         None, help="Experiment config: a bundled name or a YAML file (default: the bundled controllability)."
     ),
-    monitor: str | None = typer.Option(None, "--monitor", help="Model spec that reads the transcripts "
-                                       "(default: the policy)."),
-    tasks: Path | None = typer.Option(None, "--tasks", help="JSONL of {id, task, avoid, forms, synonyms, topic} "
-                                      "(default: the bundled task set)."),
+    monitor: str | None = typer.Option(
+        None, "--monitor", help="Model spec that reads the transcripts " "(default: the policy)."
+    ),
+    tasks: Path | None = typer.Option(
+        None, "--tasks", help="JSONL of {id, task, avoid, forms, synonyms, topic} " "(default: the bundled task set)."
+    ),
     set_: list[str] = SetOpt,
     name: str | None = NameOpt,
     force: bool = ForceOpt,
