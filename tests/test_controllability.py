@@ -144,8 +144,9 @@ def test_auroc_mann_whitney_and_interval():
 
 
 def test_measure_counts_every_rate_from_transcripts_and_scores():
-    tasks = [ctrl.Task(i, "t", w, synonyms=("fungus",) if w == "yeast" else ()) for i, w in
+    tasks = [ctrl.Task(i, f"Why {i}?", w, synonyms=("fungus",) if w == "yeast" else ()) for i, w in
              (("a", "yeast"), ("b", "cloud"), ("c", "sun"), ("d", "cold"))]
+    tasks[1] = ctrl.Task("b", "Why do clouds form?", "cloud")  # a task that gives its word away is reported
     transcripts = {"control": {"a": "Yeast eats sugar.", "b": "Clouds form.", "c": "The sky.", "d": "Cold air."},
                    "avoid": {"a": "The fungus eats sugar.", "b": "A cloud.", "c": "The sky.", "d": "Chilly air."}}
     p = {("control", "a"): 0.9, ("control", "b"): 0.8, ("control", "c"): 0.2, ("control", "d"): 0.7,
@@ -154,6 +155,7 @@ def test_measure_counts_every_rate_from_transcripts_and_scores():
     scores = [{"set": s, "task": t, "p_yes": v} for (s, t), v in p.items()]
     m = ctrl.measure(tasks, transcripts, scores, recall=0.75)
     assert m["word_rate_control"]["rate"] == 0.75 and m["word_rate_avoid"]["rate"] == 0.25
+    assert m["tasks_naming_the_word"] == ["b"]
     assert m["compliance"]["rate"] == 0.75 and m["compliance"]["n"] == 4
     assert m["compliance_where_control_used_word"]["rate"] == pytest.approx(2 / 3)  # a, d kept it out; b did not
     assert m["topic_compliance"]["rate"] == 0.5  # "fungus" is a's listed synonym

@@ -240,7 +240,8 @@ def run(cfg: ControllabilityConfig, *, force: bool = False, progress: bool = Tru
     from cai.models import parse_spec
 
     monitor = cfg.monitor or cfg.policy
-    parse_spec(cfg.policy), parse_spec(monitor)  # a bad spec fails before any model loads
+    for spec in (cfg.policy, monitor):
+        parse_spec(spec)  # a bad spec fails before any model loads
     tasks = load_tasks(cfg.tasks, cfg.n_tasks)
     exp = Experiment("controllability", cfg, force=force, progress=progress)  # type: ignore[arg-type]
     sampling = cfg.decode.sampling(cfg.seed)
@@ -324,6 +325,7 @@ def measure(
     ]
     return {
         "n_tasks": len(both),
+        "tasks_naming_the_word": [t.id for t in both if t.word.found(t.task)],
         "word_rate_control": rate(used["control"].values()),
         "word_rate_avoid": rate(used["avoid"].values()),
         "compliance": rate(not u for u in used["avoid"].values()),
@@ -388,6 +390,11 @@ def _finish(exp, cfg, tasks, transcripts, scores, monitor: str) -> dict[str, Any
         f"{cfg.monitor_recall:.0%} of control transcripts; unrelated = another task's control transcript, "
         "same question",
         "task success is not measured",
+        *(
+            [f"the task text itself uses the avoided word in {', '.join(m['tasks_naming_the_word'])}: rephrase them"]
+            if m["tasks_naming_the_word"]
+            else []
+        ),
     ]
     write_report(
         exp,
