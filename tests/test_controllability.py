@@ -222,3 +222,12 @@ def test_end_to_end_on_tiny_random_writes_metrics_and_resumes(tmp_path, tiny_pat
     assert again["compliance"] == res["compliance"]
     assert {v["status"] for v in json.loads((root / "manifest.json").read_text())["steps"].values()} == {
         "already complete"}
+
+
+def test_bar_plot_takes_rates_of_zero_and_one(tmp_path):
+    from cai.evaluation.metrics import rate
+    from cai.evaluation.plots import bar_plot
+
+    # Wilson's lower bound at 0/6 is 2.8e-17, above the rate: the error bar must not go negative
+    path = bar_plot(tmp_path / "p.png", "t", ["none", "all"], {"s": [rate([False] * 6), rate([True] * 6)]})
+    assert path.stat().st_size > 1000
