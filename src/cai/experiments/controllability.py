@@ -274,18 +274,23 @@ def run(cfg: ControllabilityConfig, *, force: bool = False, progress: bool = Tru
     items += [("unrelated", t.id, other) for t, other in negatives]
 
     def score(st: StageDir) -> dict[str, Any]:
-        backend = get_backend(monitor, batch_size=cfg.batch_size)
-        try:
-            texts = [
-                (transcripts["control" if c == "unrelated" else c][src], by_id[tid].topic) for c, tid, src in items
-            ]
-            probs = p_yes(backend, texts, cfg.batch_size)
-        finally:
-            release(backend)
+        # written a batch at a time, so a killed run keeps the scores it had
         with st.writer("scores.jsonl") as w:
-            for (c, tid, src), p in zip(items, probs, strict=True):
-                w.write({"id": f"{c}-{tid}", "set": c, "task": tid, "transcript_of": src, "p_yes": p})
-        return {"scored": len(probs)}
+            todo = [(c, tid, src) for c, tid, src in items if f"{c}-{tid}" not in w]
+            if todo:
+                backend = get_backend(monitor, batch_size=cfg.batch_size)
+                try:
+                    for k in range(0, len(todo), cfg.batch_size):
+                        part = todo[k : k + cfg.batch_size]
+                        texts = [
+                            (transcripts["control" if c == "unrelated" else c][src], by_id[tid].topic)
+                            for c, tid, src in part
+                        ]
+                        for (c, tid, src), p in zip(part, p_yes(backend, texts, cfg.batch_size), strict=True):
+                            w.write({"id": f"{c}-{tid}", "set": c, "task": tid, "transcript_of": src, "p_yes": p})
+                finally:
+                    release(backend)
+            return {"scored": len(w.records)}
 
     exp.step(
         "monitor",
