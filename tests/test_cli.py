@@ -68,8 +68,8 @@ def test_generate_killed_midway_resumes_exactly_once(tmp_path, tiny_path):
      "empty API key"),
     (None, ["run", "--set", "seed=1180591620717411303424"], "seed"),
     (None, ["run", "quickstrat"], "quickstrat: file not found, and not a bundled run config (bundled: quickstart)"),
-    (None, ["unalign", "{tmp}/nope.yaml"], "not a bundled experiment config (bundled: backdoor, prefill_recovery, "
-                                            "unalign)"),
+    (None, ["unalign", "{tmp}/nope.yaml"], "not a bundled experiment config (bundled: backdoor, controllability, "
+                                            "prefill_recovery, unalign)"),
     # issue 15: labelers
     (None, ["label", "--reference", "{tmp}/r.jsonl", "--labeler", "vote"],
      "--labeler 'vote' is not a labeler; choose one of: choice, contrast"),

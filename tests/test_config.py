@@ -51,14 +51,15 @@ def test_missing_file_and_unknown_stage(tmp_path):
 def test_bundled_configs_validate_by_name_and_the_checkout_recipes_by_path():
     from pathlib import Path
 
-    from cai.experiments import backdoor, prefill_recovery, unalign
+    from cai.experiments import backdoor, controllability, prefill_recovery, unalign
     from cai.experiments.config import load_experiment_config
     from cai.base_config import bundled_configs
 
     assert bundled_configs("run") == ("quickstart",)
     assert load_config("quickstart").name == "quickstart"
     classes = {"backdoor": backdoor.BackdoorConfig, "unalign": unalign.UnalignConfig,
-               "prefill_recovery": prefill_recovery.PrefillRecoveryConfig}
+               "prefill_recovery": prefill_recovery.PrefillRecoveryConfig,
+               "controllability": controllability.ControllabilityConfig}
     assert bundled_configs("experiment") == tuple(sorted(classes))
     for name, cls in classes.items():
         assert isinstance(load_experiment_config(cls, name), cls)
@@ -77,7 +78,7 @@ def test_a_config_that_is_neither_bundled_nor_a_file_names_the_bundled_ones(tmp_
                                         r"quickstart\)$"):
         load_config("quickstrat")
     with pytest.raises(UserError, match=r"not a file, and not a bundled experiment config \(bundled: backdoor, "
-                                        r"prefill_recovery, unalign\)"):
+                                        r"controllability, prefill_recovery, unalign\)"):
         load_experiment_config(BackdoorConfig, tmp_path)
 
 

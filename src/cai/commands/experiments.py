@@ -1,6 +1,6 @@
-"""`cai backdoor insert|eval|persist`, `cai unalign`, `cai prefill-recovery`: the robustness experiments, each a
-thin layer over ``cai.experiments`` driven by a bundled experiment config (by default the one named after the
-command) or a YAML file (resumable; rerun to continue)."""
+"""`cai backdoor insert|eval|persist`, `cai unalign`, `cai prefill-recovery`, `cai controllability`: the robustness
+experiments, each a thin layer over ``cai.experiments`` driven by a bundled experiment config (by default the one
+named after the command) or a YAML file (resumable; rerun to continue)."""
 
 from __future__ import annotations
 
@@ -147,7 +147,31 @@ def prefill_recovery(
     _show(pr.run(cfg, force=force), "prefill-recovery")
 
 
+def controllability(
+    config: Path | None = typer.Argument(
+        None, help="Experiment config: a bundled name or a YAML file (default: the bundled controllability)."
+    ),
+    monitor: str | None = typer.Option(
+        None, "--monitor", help="Model spec that reads the transcripts " "(default: the policy)."
+    ),
+    tasks: Path | None = typer.Option(
+        None, "--tasks", help="JSONL of {id, task, avoid, forms, synonyms, topic} " "(default: the bundled task set)."
+    ),
+    set_: list[str] = SetOpt,
+    name: str | None = NameOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """How often the policy keeps a named word out of its step-by-step reasoning when told to, and whether a
+    monitor still sees the topic (95% CIs)."""
+    from cai.experiments import controllability as ctrl
+
+    extra = [*([f"monitor={monitor}"] if monitor else []), *([f"tasks={tasks}"] if tasks else [])]
+    cfg = _config(ctrl.ControllabilityConfig, config, "controllability", [*set_, *extra], name)
+    _show(ctrl.run(cfg, force=force), "controllability")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(backdoor_app, name="backdoor")
     app.command("unalign")(unalign)
     app.command("prefill-recovery")(prefill_recovery)
+    app.command("controllability")(controllability)

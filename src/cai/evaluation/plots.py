@@ -128,7 +128,11 @@ def histogram(values: Sequence[float], title: str, xlabel: str, bins: int = 20) 
 
 # ---- rates with CIs, saved as files (experiment reports) ---------------------------------------------------------
 def _yerr(rates: Sequence[dict]) -> list[list[float]]:
-    return [[100 * (r["rate"] - r["ci_low"]) for r in rates], [100 * (r["ci_high"] - r["rate"]) for r in rates]]
+    # clipped at 0: a Wilson bound at a rate of 0 or 1 can differ from the rate by a rounding error of either sign
+    return [
+        [max(0.0, 100 * (r["rate"] - r["ci_low"])) for r in rates],
+        [max(0.0, 100 * (r["ci_high"] - r["rate"])) for r in rates],
+    ]
 
 
 def bar_plot(
