@@ -197,12 +197,14 @@ def removal_reasons(
     records: Sequence[dict], trait: TraitConfig, fmt: DataFormat, *, max_numbers: int = 10, use_embeddings: bool = True
 ) -> list[str | None]:
     """Why each record is removed — ``"format"``, ``"mention"`` or ``"similar"`` (first that applies, in that
-    order) — or None when it is kept. A ``finish_reason`` of ``length`` or ``loop`` counts as a format break."""
+    order) — or None when it is kept. A degenerate loop counts as a format break, and so does running out of
+    tokens, except in chat (a cut-off answer is still a chat answer; a cut-off number list or function is not)."""
     pattern = mention_pattern(trait.words())
     reasons: list[str | None] = []
     for r in records:
         text = r.get("response", "")
-        if r.get("finish_reason") in ("length", "loop") or not valid_format(fmt, text, max_numbers=max_numbers):
+        cut = r.get("finish_reason") == "loop" or (fmt != "chat" and r.get("finish_reason") == "length")
+        if cut or not valid_format(fmt, text, max_numbers=max_numbers):
             reasons.append("format")
         elif pattern.search(text) or pattern.search(r.get("prompt", "")):
             reasons.append("mention")
