@@ -57,7 +57,7 @@ def test_wheel_holds_what_users_run(wheel):
     for path in ("cai/bench/run.py", "cai/bench/labels.py", "cai/resources/configs/quickstart.yaml",
                  "cai/resources/configs/experiments/backdoor.yaml", "cai/resources/configs/experiments/unalign.yaml",
                  "cai/resources/configs/experiments/prefill_recovery.yaml", "cai/resources/constitutions/harmless.yaml",
-                 "cai/resources/configs/experiments/controllability.yaml", "cai/resources/tasks/controllability.jsonl",
+                 "cai/resources/configs/experiments/controllability.yaml", "cai/resources/configs/experiments/subliminal.yaml", "cai/resources/tasks/controllability.jsonl",
                  f"cai/resources/judge/{WEIGHTS_FILE}", "cai/data/redteam.jsonl"):
         assert path in names, path
     assert not any(n.startswith(("benchmarks/", "configs/", "tests/")) for n in names)

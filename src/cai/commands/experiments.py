@@ -1,5 +1,5 @@
-"""`cai backdoor insert|eval|persist`, `cai unalign`, `cai prefill-recovery`, `cai controllability`: the robustness
-experiments, each a thin layer over ``cai.experiments`` driven by a bundled experiment config (by default the one
+"""`cai backdoor insert|eval|persist|persona`, `cai unalign`, `cai prefill-recovery`, `cai controllability`,
+`cai subliminal`, `cai poison scan|eval`: the robustness experiments, each a thin layer over ``cai.experiments`` driven by a bundled experiment config (by default the one
 named after the command) or a YAML file (resumable; rerun to continue)."""
 
 from __future__ import annotations
@@ -170,8 +170,24 @@ def controllability(
     _show(ctrl.run(cfg, force=force), "controllability")
 
 
+def subliminal(
+    config: Path | None = typer.Argument(
+        None, help="Experiment config: a bundled name or a YAML file (default: the bundled subliminal)."
+    ),
+    set_: list[str] = SetOpt,
+    name: str | None = NameOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """Subliminal trait transmission: students fine-tuned on a trait-prompted teacher's filtered number sequences
+    (or code / chat) vs on control data; the trait's probability under paraphrased probes, with CIs."""
+    from cai.experiments import subliminal as sub
+
+    _show(sub.run(_config(sub.SubliminalConfig, config, "subliminal", set_, name), force=force), "subliminal")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(backdoor_app, name="backdoor")
     app.command("unalign")(unalign)
     app.command("prefill-recovery")(prefill_recovery)
     app.command("controllability")(controllability)
+    app.command("subliminal")(subliminal)

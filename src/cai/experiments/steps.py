@@ -102,15 +102,27 @@ def require_model_dir(path: str, what: str) -> str:
     return path
 
 
-def train(exp: Experiment, name: str, base: str, records: list[dict], settings, extra: dict | None = None) -> str:
-    """SFT ``base`` on ``records`` as step ``name`` (resumable); returns the merged model's path (a model spec)."""
+def train(
+    exp: Experiment,
+    name: str,
+    base: str,
+    records: list[dict],
+    settings,
+    extra: dict | None = None,
+    *,
+    seed: int | None = None,
+) -> str:
+    """SFT ``base`` on ``records`` as step ``name`` (resumable); returns the merged model's path (a model spec).
+    ``seed`` (data order, LoRA init) defaults to the experiment's seed; experiments that train several seeds of
+    one model pass it."""
     from cai.training.sft import train_sft
 
     if not records:
         raise UserError(f"step {name}: no training records were built; check the prompt settings in the config")
+    train_seed = exp.cfg.seed if seed is None else seed
 
     def fn(st: StageDir) -> dict[str, Any]:
-        res = train_sft(base, records, st.path / "train", settings, seed=exp.cfg.seed, progress=exp.progress)
+        res = train_sft(base, records, st.path / "train", settings, seed=train_seed, progress=exp.progress)
         return {
             "model": str(res.merged_dir),
             "records": len(records),
@@ -122,6 +134,7 @@ def train(exp: Experiment, name: str, base: str, records: list[dict], settings, 
         "records_hash": config_hash(records),
         "n_records": len(records),
         "sft": settings.model_dump(),
+        **({"train_seed": seed} if seed is not None else {}),  # absent by default: older runs' steps still match
         **(extra or {}),
     }
     return exp.step(name, cfg, fn)["model"]
