@@ -180,11 +180,13 @@ def rank(
 
 
 def rank_of(result: dict, category: str, candidate: str) -> int | None:
-    """The 1-based rank of (category, candidate) in a scan's full ranking."""
-    for i, (cat, cand, _) in enumerate(result["ranking"]):
-        if cat == category and cand.lower() == candidate.lower():
-            return i + 1
-    return None
+    """The 1-based rank of (category, candidate) in a scan's full ranking, counted pessimistically: every other
+    candidate with a t at least as high ranks above it (so an all-tied ranking does not credit a hit)."""
+    ts = {(cat, cand.lower()): t for cat, cand, t in result["ranking"]}
+    key = (category, candidate.lower())
+    if key not in ts:
+        return None
+    return 1 + sum(1 for k, t in ts.items() if k != key and t >= ts[key])
 
 
 def probe_and_rank(
