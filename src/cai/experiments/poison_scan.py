@@ -8,13 +8,13 @@ the text; it looks at what training on the text does to a model:
    and seed on clean data of the same format — by default the base's own answers to the dataset's prompts
    (same prompts, so the same format and topic; what differs is who wrote the answers);
 2. base, probe and control are scored on the bundled preference battery (:mod:`cai.experiments.probes`: 20
-   categories, 346 candidates, paraphrased questions, read from log-probabilities);
+   categories, 345 candidates, paraphrased questions, read from log-probabilities);
 3. every candidate is ranked by its shift from control to probe (``t`` = mean Δ log-odds over the questions /
    its standard error); the shift from base to probe is reported beside it.
 
 Fine-tuning on *any* data moves preferences, which is why the control, not the base, is the reference. A
 dataset is *flagged* when its top candidate's ``t`` reaches ``flag_t`` and the probe also moved towards it from
-the base. With 346 candidates per scan, the threshold must absorb the multiple comparisons: the default is the
+the base. With 345 candidates per scan, the threshold must absorb the multiple comparisons: the default is the
 one-sided Bonferroni bound for a t over the questions, but the t's questions share one training run, so the
 null spread is wider than a t-distribution says; ``cai poison eval`` measures it on clean datasets (and the
 rate at which clean sets are flagged) so the threshold can be set from data.
