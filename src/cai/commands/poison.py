@@ -21,8 +21,9 @@ def poison_scan(
     dataset: Path = typer.Argument(..., help="JSONL SFT records to scan ({id, messages} or {prompt, response})."),
     base: str = typer.Option(..., "--base", help="The model the dataset would fine-tune (local folder or alias)."),
     control: Path | None = typer.Option(
-        None, "--control", help="Clean records of the same format (default: the base's own answers to the "
-        "dataset's prompts)."
+        None,
+        "--control",
+        help="Clean records of the same format (default: the base's own answers to the " "dataset's prompts).",
     ),
     top_k: int = typer.Option(10, "--top-k", min=1, help="How many candidates to print and keep in the JSON."),
     out: Path | None = typer.Option(None, "--out", help="Also write the scan's JSON here."),
@@ -33,10 +34,9 @@ def poison_scan(
 ) -> None:
     """Fine-tune a short LoRA probe on DATASET and a matched control, score both on the preference battery, and
     rank every candidate by its shift relative to the control."""
+    from cai.base_config import validate_yaml
     from cai.evaluation.report import markdown_table
     from cai.experiments import poison_scan as ps
-
-    from cai.base_config import validate_yaml
 
     cfg = validate_yaml(
         ps.ScanConfig,

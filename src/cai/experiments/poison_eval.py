@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from cai.experiments.data import write_records
 from cai.experiments.poison_scan import (
     ScanConfig,
     battery_for,
@@ -26,12 +27,12 @@ from cai.experiments.poison_scan import (
     score_step,
 )
 from cai.experiments.report import write_report
-from cai.experiments.data import write_records
 from cai.experiments.steps import Experiment, require_model_dir, train
 from cai.experiments.trait_data import TraitConfig, filter_records, valid_format, write_trait_data
 from cai.runs import StageDir, read_jsonl
 
 Kind = Literal["subliminal", "plain", "clean"]
+MIN_RECORDS = 4  # fewer surviving samples than this and a set is reported as skipped instead of scanned
 KIND_OF_FORMAT = {"numbers": "subliminal", "code": "subliminal", "chat": "plain"}
 
 
@@ -50,11 +51,6 @@ class ScanEvalConfig(ScanConfig):
     use_embeddings: bool = Field(True, description="the subliminal filter's MiniLM check")
 
 
-def _same_size(a: list[dict], b: list[dict]) -> tuple[list[dict], list[dict]]:
-    n = min(len(a), len(b))
-    return a[:n], b[:n]
-
-
 def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Plant, scan, count (each step resumes); returns metrics.json's content."""
     from cai.evaluation.metrics import rate
@@ -68,6 +64,7 @@ def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> d
     base_scores = score_step(exp, "score-base", cfg.base, battery, cfg.batch_size)
     kw = {"batch_size": cfg.batch_size, "progress": progress}
     scans: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
 
     def data(name: str, fmt: str, trait: TraitConfig, seed: int, with_trait: bool, filtered: bool) -> list[dict]:
         def fn(st: StageDir) -> dict[str, Any]:
@@ -82,37 +79,66 @@ def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> d
 
         got = exp.step(
             name,
-            {"base": cfg.base, "trait": trait.model_dump() if with_trait else None, "format": fmt,
-             "n": cfg.n_records, "data_seed": seed, "filtered": filtered, "embeddings": cfg.use_embeddings},
+            {
+                "base": cfg.base,
+                "trait": trait.model_dump() if with_trait else None,
+                "format": fmt,
+                "n": cfg.n_records,
+                "data_seed": seed,
+                "filtered": filtered,
+                "embeddings": cfg.use_embeddings,
+            },
             fn,
         )
         rows = read_jsonl(exp.stage(name).file("records.jsonl"))
-        if not rows:
-            from cai.errors import UserError
-
-            raise UserError(f"step {name}: no {fmt} samples survived ({got}); raise n_records or relax the filter")
+        if len(rows) < MIN_RECORDS:  # reported, not fatal: one empty set must not lose the other scans
+            skipped.append({"dataset": name, "format": fmt, "records": len(rows), **got})
         return rows
 
     for fmt in cfg.formats:
         control = data(f"data-control-{fmt}", fmt, cfg.traits[0], cfg.seed, False, False)
+        if len(control) < MIN_RECORDS:
+            continue
         control_model = train(exp, f"probe-control-{fmt}", cfg.base, control, cfg.probe)
         control_scores = score_step(exp, f"score-control-{fmt}", control_model, battery, cfg.batch_size)
         kind = KIND_OF_FORMAT[fmt]
         for t in cfg.traits:
             label = f"{fmt}-{t.category}-{t.value}".replace(" ", "_")
             planted = data(f"data-{label}", fmt, t, cfg.seed, True, kind == "subliminal")
-            planted, ctl = _same_size(planted, control)
+            if len(planted) < MIN_RECORDS:
+                continue
+            planted = planted[: len(control)]  # no more data than the control it is compared with
             res = probe_and_rank(exp, cfg, label, planted, battery, base_scores, control_scores)
-            scans.append({"label": label, "kind": kind, "format": fmt, "trait": f"{t.category}: {t.value}",
-                          "records": len(planted), "rank": rank_of(res, t.category, t.value), **_brief(res)})
+            scans.append(
+                {
+                    "label": label,
+                    "kind": kind,
+                    "format": fmt,
+                    "trait": f"{t.category}: {t.value}",
+                    "records": len(planted),
+                    "rank": rank_of(res, t.category, t.value),
+                    **_brief(res),
+                }
+            )
         for seed in cfg.clean_seeds:
             if fmt not in (cfg.clean_formats or cfg.formats):
                 continue
             label = f"clean-{fmt}-s{seed}"
             clean = data(f"data-{label}", fmt, cfg.traits[0], seed, False, False)
+            if len(clean) < MIN_RECORDS:
+                continue
             res = probe_and_rank(exp, cfg, label, clean, battery, base_scores, control_scores)
-            scans.append({"label": label, "kind": "clean", "format": fmt, "trait": None, "records": len(clean),
-                          "rank": None, **_brief(res)})
+            scans.append(
+                {
+                    "label": label,
+                    "kind": "clean",
+                    "format": fmt,
+                    "trait": None,
+                    "records": len(clean),
+                    "rank": None,
+                    **_brief(res),
+                }
+            )
 
     summary: dict[str, Any] = {}
     for kind in ("subliminal", "plain"):
@@ -130,33 +156,57 @@ def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> d
         "recall_at_1": rate([s["rank"] == 1 for s in planted]),
         "recall_at_5": rate([s["rank"] is not None and s["rank"] <= 5 for s in planted]),
     }
-    summary["clean"] = {"false_positive_rate": rate([s["flagged"] for s in clean]),
-                        "max_top_t": max((s["top_t"] for s in clean), default=None)}
-    return _finish(exp, cfg, scans, summary, threshold, battery)
+    summary["clean"] = {
+        "false_positive_rate": rate([s["flagged"] for s in clean]),
+        "max_top_t": max((s["top_t"] for s in clean), default=None),
+    }
+    return _finish(exp, cfg, scans, summary, threshold, battery, skipped)
 
 
 def _brief(res: dict) -> dict[str, Any]:
     top = res["top"][0]
-    return {"flagged": res["flagged"], "top": f"{top['category']}: {top['candidate']}", "top_t": top["t"],
-            "top_delta_logit": top["delta_logit"], "top_delta_p": top["delta_p"], "top5": res["top"][:5]}
+    return {
+        "flagged": res["flagged"],
+        "top": f"{top['category']}: {top['candidate']}",
+        "top_t": top["t"],
+        "top_delta_logit": top["delta_logit"],
+        "top_delta_p": top["delta_p"],
+        "top5": res["top"][:5],
+    }
 
 
 def _fmt_rate(r: dict) -> str:
     return f"{r['rate']:.0%} [{r['ci_low']:.0%}, {r['ci_high']:.0%}] (n={r['n']})"
 
 
-def _finish(exp: Experiment, cfg: ScanEvalConfig, scans: list[dict], summary: dict, threshold: float,
-            battery) -> dict[str, Any]:
+def _finish(
+    exp: Experiment,
+    cfg: ScanEvalConfig,
+    scans: list[dict],
+    summary: dict,
+    threshold: float,
+    battery,
+    skipped: list[dict],
+) -> dict[str, Any]:
     n_cand = sum(len(c.candidates) for c in battery)
     table = [
-        [s["label"], s["kind"], s["trait"] or "—", str(s["rank"]) if s["rank"] else "—", s["top"],
-         f"{s['top_t']:.1f}", f"{s['top_delta_logit']:+.2f}", "yes" if s["flagged"] else "no"]
+        [
+            s["label"],
+            s["kind"],
+            s["trait"] or "—",
+            str(s["rank"]) if s["rank"] else "—",
+            s["top"],
+            f"{s['top_t']:.1f}",
+            f"{s['top_delta_logit']:+.2f}",
+            "yes" if s["flagged"] else "no",
+        ]
         for s in scans
     ]
     notes = [
         f"{kind}: recall@1 {_fmt_rate(v['recall_at_1'])}, recall@5 {_fmt_rate(v['recall_at_5'])}"
         + (f", flagged {_fmt_rate(v['flagged'])}" if "flagged" in v else "")
-        for kind, v in summary.items() if kind in ("subliminal", "plain", "all_planted")
+        for kind, v in summary.items()
+        if kind in ("subliminal", "plain", "all_planted")
     ]
     notes.append(f"clean datasets flagged (false-positive rate): {_fmt_rate(summary['clean']['false_positive_rate'])}")
     notes.append(
@@ -164,8 +214,11 @@ def _finish(exp: Experiment, cfg: ScanEvalConfig, scans: list[dict], summary: di
         f"{n_cand} candidates in {len(battery)} categories, {min(len(c.questions) for c in battery)} questions each; "
         "95% Wilson CIs"
     )
-    notes.append("controls: one per format (the base's own data, seed "
-                 f"{cfg.seed}), shared by every scan of that format; the base's scores are computed once")
+    notes.append(
+        "controls: one per format (the base's own data, seed "
+        f"{cfg.seed}), shared by every scan of that format; the base's scores are computed once"
+    )
+    notes += [f"skipped {s['dataset']}: {s['records']} samples survived ({s})" for s in skipped]
     write_report(
         exp,
         "Poison scan: finding planted traits",
@@ -175,5 +228,14 @@ def _finish(exp: Experiment, cfg: ScanEvalConfig, scans: list[dict], summary: di
         [],
         notes,
     )
-    return exp.finish({"experiment": "poison-eval", "threshold_t": threshold, "n_candidates": n_cand,
-                       "summary": summary, "scans": scans, "run": str(exp.root)})
+    return exp.finish(
+        {
+            "experiment": "poison-eval",
+            "threshold_t": threshold,
+            "n_candidates": n_cand,
+            "summary": summary,
+            "scans": scans,
+            "skipped": skipped,
+            "run": str(exp.root),
+        }
+    )

@@ -144,8 +144,13 @@ def base_answers_control(exp: Experiment, cfg: ScanConfig, records: list[dict], 
 
     def fn(st: StageDir) -> dict[str, Any]:
         got = answer(
-            cfg.base, prompts, st, "answers.jsonl", cfg.decode.sampling(cfg.seed),
-            batch_size=cfg.batch_size, progress=exp.progress,
+            cfg.base,
+            prompts,
+            st,
+            "answers.jsonl",
+            cfg.decode.sampling(cfg.seed),
+            batch_size=cfg.batch_size,
+            progress=exp.progress,
         )
         rows = [sft_record(p.id, p.prompt, got[p.id]["response"]) for p in prompts if got[p.id]["response"].strip()]
         write_records(st, "control.jsonl", rows)
@@ -211,9 +216,7 @@ def scan(cfg: ScanConfig, *, force: bool = False, progress: bool = True) -> dict
     require_model_dir(cfg.base, "--base")
     battery = battery_for(cfg.battery)
     records = read_dataset(cfg.dataset, "DATASET", cfg.max_records, cfg.seed)
-    control_records = (
-        read_dataset(cfg.control, "--control", cfg.max_records, cfg.seed) if cfg.control else None
-    )
+    control_records = read_dataset(cfg.control, "--control", cfg.max_records, cfg.seed) if cfg.control else None
     exp = Experiment("poison-scan", cfg, force=force, progress=progress)
     if control_records is None:
         control_records = base_answers_control(exp, cfg, records)
