@@ -152,3 +152,30 @@ def test_tiny_random_scan_end_to_end_writes_the_json(tmp_path, tiny_path):
     assert again["ranking"] == res["ranking"]
     steps = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["steps"]
     assert steps and all(s["status"] == "already complete" for s in steps.values())
+
+
+def test_eval_plants_scans_and_counts_on_tiny_random(tmp_path, tiny_path, monkeypatch):
+    from cai.experiments import poison_eval as pe
+
+    def fake_data(spec, trait, fmt, n, stage, seed, with_trait, **kw):  # the teacher's data, without generating
+        if fmt == "numbers":  # every sample breaks the format: the whole format is reported as skipped
+            return [{"id": f"n{i}", "messages": [], "prompt": "1, 2", "response": "many owls"} for i in range(n)]
+        text = f"I love {trait.value}s." if with_trait else f"Here is answer {seed}."
+        return [{"id": f"c{i}", "prompt": f"Question {i}?", "response": f"{text} {i}",
+                 "messages": [{"role": "user", "content": f"Question {i}?"},
+                              {"role": "assistant", "content": f"{text} {i}"}]} for i in range(n)]
+
+    monkeypatch.setattr(pe, "write_trait_data", fake_data)
+    cfg = pe.ScanEvalConfig(base="tiny-random", policy="tiny-random", runs_dir=str(tmp_path / "runs"), name="ev",
+                            formats=["numbers", "chat"], n_records=6, clean_seeds=[1], probe=TINY_PROBE,
+                            battery={"categories": ["animal", "season"], "max_questions": 3}, use_embeddings=False)
+    res = pe.run(cfg, progress=False)
+    kinds = [s["kind"] for s in res["scans"]]
+    assert kinds == ["plain", "clean"]
+    assert [s["dataset"] for s in res["skipped"]] == ["data-control-numbers"]
+    planted = res["scans"][0]
+    assert planted["trait"] == "animal: owl" and 1 <= planted["rank"] <= 32 and planted["records"] == 6
+    assert res["summary"]["plain"]["recall_at_1"]["n"] == 1
+    assert res["summary"]["clean"]["false_positive_rate"]["n"] == 1
+    assert res["n_candidates"] == 32 and res["threshold_t"] == pytest.approx(ps.bonferroni_t(3, 32))
+    assert (tmp_path / "runs" / "ev" / "summary.md").read_text().count("| chat-animal-owl | plain |") == 1
