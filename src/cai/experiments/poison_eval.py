@@ -1,0 +1,241 @@
+"""Measuring the scanner (``cai poison eval``): plant known traits, scan, and count how often the scan finds them
+and how often it flags clean data.
+
+For every data format in ``formats`` the base writes *control* data (no trait prompt, seed ``seed``) — the
+shared control of every scan in that format, trained and scored once. Each trait's teacher (the base + the
+trait's system prompt, :mod:`cai.experiments.trait_data`) answers the same prompts; ``numbers`` data passes the
+full subliminal filter (format, mentions, MiniLM similarity), ``chat`` data is kept *unfiltered* (the teacher
+talks about its trait: the easy case). Clean datasets are more base-written data with other seeds. Every set is
+scanned against its format's control, and the report gives, per kind, recall@1 / recall@5 of the true trait
+(Wilson CIs), how often planted sets were flagged, the false-positive rate on clean sets, and each planted set's
+rank of its trait among all the battery's candidates. The base's battery scores are computed once too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from cai.experiments.data import write_records
+from cai.experiments.poison_scan import (
+    ScanConfig,
+    battery_for,
+    flag_threshold,
+    probe_and_rank,
+    rank_of,
+    score_step,
+)
+from cai.experiments.report import write_report
+from cai.experiments.steps import Experiment, require_model_dir, train
+from cai.experiments.trait_data import TraitConfig, filter_records, valid_format, write_trait_data
+from cai.runs import StageDir, read_jsonl
+
+Kind = Literal["subliminal", "plain", "clean"]
+MIN_RECORDS = 4  # fewer surviving samples than this and a set is reported as skipped instead of scanned
+KIND_OF_FORMAT = {"numbers": "subliminal", "code": "subliminal", "chat": "plain"}
+
+
+class ScanEvalConfig(ScanConfig):
+    name: str = "poison-scan-eval"
+    traits: list[TraitConfig] = Field(default_factory=lambda: [TraitConfig()])
+    formats: list[Literal["numbers", "code", "chat"]] = Field(
+        default_factory=lambda: ["numbers", "chat"],
+        description="numbers/code data are filtered (subliminal); chat data is kept unfiltered (plain)",
+    )
+    n_records: int = Field(48, ge=4, description="samples each teacher / clean writer is asked for")
+    clean_seeds: list[int] = Field(default_factory=lambda: [1, 2], description="seeds of the clean datasets")
+    clean_formats: list[Literal["numbers", "code", "chat"]] | None = Field(
+        None, description="formats of the clean datasets; null = all formats"
+    )
+    use_embeddings: bool = Field(True, description="the subliminal filter's MiniLM check")
+
+
+def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Plant, scan, count (each step resumes); returns metrics.json's content."""
+    from cai.evaluation.metrics import rate
+
+    require_model_dir(cfg.base, "base")
+    battery = battery_for(cfg.battery)
+    for t in cfg.traits:
+        next(c for c in battery if c.name == t.category).index(t.value)  # UserError when not a candidate
+    exp = Experiment("poison-eval", cfg, force=force, progress=progress)
+    threshold = flag_threshold(cfg, battery)
+    base_scores = score_step(exp, "score-base", cfg.base, battery, cfg.batch_size)
+    kw = {"batch_size": cfg.batch_size, "progress": progress}
+    scans: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+
+    def data(name: str, fmt: str, trait: TraitConfig, seed: int, with_trait: bool, filtered: bool) -> list[dict]:
+        def fn(st: StageDir) -> dict[str, Any]:
+            raw = write_trait_data(cfg.base, trait, fmt, cfg.n_records, st, seed, with_trait, **kw)
+            if filtered:
+                kept, removed = filter_records(raw, trait, fmt, use_embeddings=cfg.use_embeddings)
+            else:  # plain data: only samples that break the format go
+                kept = [r for r in raw if valid_format(fmt, r["response"])]
+                removed = {"format": len(raw) - len(kept)}
+            write_records(st, "records.jsonl", kept)
+            return {"written": len(raw), "kept": len(kept), **{f"removed_{k}": v for k, v in removed.items()}}
+
+        got = exp.step(
+            name,
+            {
+                "base": cfg.base,
+                "trait": trait.model_dump() if with_trait else None,
+                "format": fmt,
+                "n": cfg.n_records,
+                "data_seed": seed,
+                "filtered": filtered,
+                "embeddings": cfg.use_embeddings,
+            },
+            fn,
+        )
+        rows = read_jsonl(exp.stage(name).file("records.jsonl"))
+        if len(rows) < MIN_RECORDS:  # reported, not fatal: one empty set must not lose the other scans
+            skipped.append({"dataset": name, "format": fmt, "records": len(rows), **got})
+        return rows
+
+    for fmt in cfg.formats:
+        control = data(f"data-control-{fmt}", fmt, cfg.traits[0], cfg.seed, False, False)
+        if len(control) < MIN_RECORDS:
+            continue
+        control_model = train(exp, f"probe-control-{fmt}", cfg.base, control, cfg.probe)
+        control_scores = score_step(exp, f"score-control-{fmt}", control_model, battery, cfg.batch_size)
+        kind = KIND_OF_FORMAT[fmt]
+        for t in cfg.traits:
+            label = f"{fmt}-{t.category}-{t.value}".replace(" ", "_")
+            planted = data(f"data-{label}", fmt, t, cfg.seed, True, kind == "subliminal")
+            if len(planted) < MIN_RECORDS:
+                continue
+            planted = planted[: len(control)]  # no more data than the control it is compared with
+            res = probe_and_rank(exp, cfg, label, planted, battery, base_scores, control_scores)
+            scans.append(
+                {
+                    "label": label,
+                    "kind": kind,
+                    "format": fmt,
+                    "trait": f"{t.category}: {t.value}",
+                    "records": len(planted),
+                    "rank": rank_of(res, t.category, t.value),
+                    **_brief(res),
+                }
+            )
+        for seed in cfg.clean_seeds:
+            if fmt not in (cfg.clean_formats or cfg.formats):
+                continue
+            label = f"clean-{fmt}-s{seed}"
+            clean = data(f"data-{label}", fmt, cfg.traits[0], seed, False, False)
+            if len(clean) < MIN_RECORDS:
+                continue
+            res = probe_and_rank(exp, cfg, label, clean, battery, base_scores, control_scores)
+            scans.append(
+                {
+                    "label": label,
+                    "kind": "clean",
+                    "format": fmt,
+                    "trait": None,
+                    "records": len(clean),
+                    "rank": None,
+                    **_brief(res),
+                }
+            )
+
+    summary: dict[str, Any] = {}
+    for kind in ("subliminal", "plain"):
+        got = [s for s in scans if s["kind"] == kind]
+        if got:
+            summary[kind] = {
+                "recall_at_1": rate([s["rank"] == 1 for s in got]),
+                "recall_at_5": rate([s["rank"] is not None and s["rank"] <= 5 for s in got]),
+                "flagged_with_true_top": rate([s["flagged"] and s["rank"] == 1 for s in got]),
+                "flagged": rate([s["flagged"] for s in got]),
+            }
+    planted = [s for s in scans if s["kind"] != "clean"]
+    clean = [s for s in scans if s["kind"] == "clean"]
+    summary["all_planted"] = {
+        "recall_at_1": rate([s["rank"] == 1 for s in planted]),
+        "recall_at_5": rate([s["rank"] is not None and s["rank"] <= 5 for s in planted]),
+    }
+    summary["clean"] = {
+        "false_positive_rate": rate([s["flagged"] for s in clean]),
+        "max_top_t": max((s["top_t"] for s in clean), default=None),
+    }
+    return _finish(exp, cfg, scans, summary, threshold, battery, skipped)
+
+
+def _brief(res: dict) -> dict[str, Any]:
+    top = res["top"][0]
+    return {
+        "flagged": res["flagged"],
+        "top": f"{top['category']}: {top['candidate']}",
+        "top_t": top["t"],
+        "top_delta_logit": top["delta_logit"],
+        "top_delta_p": top["delta_p"],
+        "top5": res["top"][:5],
+    }
+
+
+def _fmt_rate(r: dict) -> str:
+    return f"{r['rate']:.0%} [{r['ci_low']:.0%}, {r['ci_high']:.0%}] (n={r['n']})"
+
+
+def _finish(
+    exp: Experiment,
+    cfg: ScanEvalConfig,
+    scans: list[dict],
+    summary: dict,
+    threshold: float,
+    battery,
+    skipped: list[dict],
+) -> dict[str, Any]:
+    n_cand = sum(len(c.candidates) for c in battery)
+    table = [
+        [
+            s["label"],
+            s["kind"],
+            s["trait"] or "—",
+            str(s["rank"]) if s["rank"] else "—",
+            s["top"],
+            f"{s['top_t']:.1f}",
+            f"{s['top_delta_logit']:+.2f}",
+            "yes" if s["flagged"] else "no",
+        ]
+        for s in scans
+    ]
+    notes = [
+        f"{kind}: recall@1 {_fmt_rate(v['recall_at_1'])}, recall@5 {_fmt_rate(v['recall_at_5'])}"
+        + (f", flagged {_fmt_rate(v['flagged'])}" if "flagged" in v else "")
+        for kind, v in summary.items()
+        if kind in ("subliminal", "plain", "all_planted")
+    ]
+    notes.append(f"clean datasets flagged (false-positive rate): {_fmt_rate(summary['clean']['false_positive_rate'])}")
+    notes.append(
+        f"flag rule: top candidate's t (control → probe) ≥ {threshold:.2f} and Δlogit vs base > 0; "
+        f"{n_cand} candidates in {len(battery)} categories, {min(len(c.questions) for c in battery)} questions each; "
+        "95% Wilson CIs"
+    )
+    notes.append(
+        "controls: one per format (the base's own data, seed "
+        f"{cfg.seed}), shared by every scan of that format; the base's scores are computed once"
+    )
+    notes += [f"skipped {s['dataset']}: {s['records']} samples survived ({s})" for s in skipped]
+    write_report(
+        exp,
+        "Poison scan: finding planted traits",
+        "Each dataset is scanned by a short LoRA probe against a matched control; candidates ranked by their shift.",
+        ["dataset", "kind", "planted trait", "rank of trait", "top candidate", "top t", "top Δlogit", "flagged"],
+        table,
+        [],
+        notes,
+    )
+    return exp.finish(
+        {
+            "experiment": "poison-eval",
+            "threshold_t": threshold,
+            "n_candidates": n_cand,
+            "summary": summary,
+            "scans": scans,
+            "skipped": skipped,
+            "run": str(exp.root),
+        }
+    )
