@@ -121,3 +121,12 @@ def test_cli_bad_input_is_one_line(tmp_path, args, needle):
                          cwd=str(Path(__file__).parents[1]))
     assert res.returncode == 2, res.stderr
     assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+def test_bar_plot_accepts_a_zero_rate_whose_wilson_bound_rounds_above_it(tmp_path):
+    from cai.evaluation.metrics import rate
+    from cai.evaluation.plots import bar_plot
+
+    zero = rate([False] * 50)  # ci_low comes out as 7e-18, a hair above the rate
+    path = bar_plot(tmp_path / "p.png", "t", ["a"], {"s": [zero]})
+    assert path.stat().st_size > 1000
