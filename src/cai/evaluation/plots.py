@@ -128,7 +128,8 @@ def histogram(values: Sequence[float], title: str, xlabel: str, bins: int = 20) 
 
 # ---- rates with CIs, saved as files (experiment reports) ---------------------------------------------------------
 def _yerr(rates: Sequence[dict]) -> list[list[float]]:
-    # clipped at 0: a Wilson bound at a rate of 0 or 1 can differ from the rate by a rounding error of either sign
+    """Error-bar lengths in percentage points; clipped at 0 because a Wilson bound at a rate of 0 or 1 can land a
+    rounding error on the wrong side of it (0 with ci_low 7e-18 at n = 50), which matplotlib rejects."""
     return [
         [max(0.0, 100 * (r["rate"] - r["ci_low"])) for r in rates],
         [max(0.0, 100 * (r["ci_high"] - r["rate"])) for r in rates],
