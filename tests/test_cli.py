@@ -69,7 +69,7 @@ def test_generate_killed_midway_resumes_exactly_once(tmp_path, tiny_path):
     (None, ["run", "--set", "seed=1180591620717411303424"], "seed"),
     (None, ["run", "quickstrat"], "quickstrat: file not found, and not a bundled run config (bundled: quickstart)"),
     (None, ["unalign", "{tmp}/nope.yaml"], "not a bundled experiment config (bundled: backdoor, controllability, "
-                                            "prefill_recovery, unalign)"),
+                                            "persona, poison_scan, prefill_recovery, subliminal, unalign)"),
     # issue 15: labelers
     (None, ["label", "--reference", "{tmp}/r.jsonl", "--labeler", "vote"],
      "--labeler 'vote' is not a labeler; choose one of: choice, contrast"),

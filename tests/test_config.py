@@ -51,7 +51,7 @@ def test_missing_file_and_unknown_stage(tmp_path):
 def test_bundled_configs_validate_by_name_and_the_checkout_recipes_by_path():
     from pathlib import Path
 
-    from cai.experiments import backdoor, controllability, prefill_recovery, unalign
+    from cai.experiments import backdoor, controllability, persona, poison_eval, prefill_recovery, subliminal, unalign
     from cai.experiments.config import load_experiment_config
     from cai.base_config import bundled_configs
 
@@ -59,7 +59,8 @@ def test_bundled_configs_validate_by_name_and_the_checkout_recipes_by_path():
     assert load_config("quickstart").name == "quickstart"
     classes = {"backdoor": backdoor.BackdoorConfig, "unalign": unalign.UnalignConfig,
                "prefill_recovery": prefill_recovery.PrefillRecoveryConfig,
-               "controllability": controllability.ControllabilityConfig}
+               "controllability": controllability.ControllabilityConfig, "persona": persona.PersonaConfig,
+               "subliminal": subliminal.SubliminalConfig, "poison_scan": poison_eval.ScanEvalConfig}
     assert bundled_configs("experiment") == tuple(sorted(classes))
     for name, cls in classes.items():
         assert isinstance(load_experiment_config(cls, name), cls)
@@ -78,7 +79,8 @@ def test_a_config_that_is_neither_bundled_nor_a_file_names_the_bundled_ones(tmp_
                                         r"quickstart\)$"):
         load_config("quickstrat")
     with pytest.raises(UserError, match=r"not a file, and not a bundled experiment config \(bundled: backdoor, "
-                                        r"controllability, prefill_recovery, unalign\)"):
+                                        r"controllability, persona, poison_scan, prefill_recovery, subliminal, "
+                                        r"unalign\)"):
         load_experiment_config(BackdoorConfig, tmp_path)
 
 
