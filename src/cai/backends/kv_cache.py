@@ -88,11 +88,13 @@ def growing_cache(config, copy_of: DynamicCache | None = None) -> DynamicCache:
     cache = DynamicCache(config=config)
     if any(type(layer) is not DynamicLayer for layer in cache.layers):
         return DynamicCache(config=config) if copy_of is None else _plain_copy(copy_of)
-    cache.layers = [GrowingLayer() for _ in cache.layers]
+    growing = [GrowingLayer() for _ in cache.layers]
+    cache.layers = list(growing)
     if copy_of is not None:
-        for mine, theirs in zip(cache.layers, copy_of.layers, strict=True):
-            if theirs.is_initialized and theirs.get_seq_length() > 0:
-                mine.update(theirs.keys, theirs.values)
+        for mine, theirs in zip(growing, copy_of.layers, strict=True):
+            source: Any = theirs  # a DynamicLayer: the shared prefix was encoded with transformers' default cache
+            if source.is_initialized and source.get_seq_length() > 0:
+                mine.update(source.keys, source.values)
     return cache
 
 

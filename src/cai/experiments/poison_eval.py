@@ -28,7 +28,7 @@ from cai.experiments.poison_scan import (
 )
 from cai.experiments.report import write_report
 from cai.experiments.steps import Experiment, require_model_dir, train
-from cai.experiments.trait_data import TraitConfig, filter_records, valid_format, write_trait_data
+from cai.experiments.trait_data import DataFormat, TraitConfig, filter_records, valid_format, write_trait_data
 from cai.runs import StageDir, read_jsonl
 
 Kind = Literal["subliminal", "plain", "clean"]
@@ -39,13 +39,13 @@ KIND_OF_FORMAT = {"numbers": "subliminal", "code": "subliminal", "chat": "plain"
 class ScanEvalConfig(ScanConfig):
     name: str = "poison-scan-eval"
     traits: list[TraitConfig] = Field(default_factory=lambda: [TraitConfig()])
-    formats: list[Literal["numbers", "code", "chat"]] = Field(
-        default_factory=lambda: ["numbers", "chat"],
+    formats: list[DataFormat] = Field(
+        default_factory=lambda: list[DataFormat](["numbers", "chat"]),
         description="numbers/code data are filtered (subliminal); chat data is kept unfiltered (plain)",
     )
     n_records: int = Field(48, ge=4, description="samples each teacher / clean writer is asked for")
     clean_seeds: list[int] = Field(default_factory=lambda: [1, 2], description="seeds of the clean datasets")
-    clean_formats: list[Literal["numbers", "code", "chat"]] | None = Field(
+    clean_formats: list[DataFormat] | None = Field(
         None, description="formats of the clean datasets; null = all formats"
     )
     use_embeddings: bool = Field(True, description="the subliminal filter's MiniLM check")
@@ -62,13 +62,14 @@ def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> d
     exp = Experiment("poison-eval", cfg, force=force, progress=progress)
     threshold = flag_threshold(cfg, battery)
     base_scores = score_step(exp, "score-base", cfg.base, battery, cfg.batch_size)
-    kw = {"batch_size": cfg.batch_size, "progress": progress}
     scans: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
 
-    def data(name: str, fmt: str, trait: TraitConfig, seed: int, with_trait: bool, filtered: bool) -> list[dict]:
+    def data(name: str, fmt: DataFormat, trait: TraitConfig, seed: int, with_trait: bool, filtered: bool) -> list[dict]:
         def fn(st: StageDir) -> dict[str, Any]:
-            raw = write_trait_data(cfg.base, trait, fmt, cfg.n_records, st, seed, with_trait, **kw)
+            raw = write_trait_data(
+                cfg.base, trait, fmt, cfg.n_records, st, seed, with_trait, batch_size=cfg.batch_size, progress=progress
+            )
             if filtered:
                 kept, removed = filter_records(raw, trait, fmt, use_embeddings=cfg.use_embeddings)
             else:  # plain data: only samples that break the format go
