@@ -86,9 +86,9 @@ def test_cai_bench_quick_writes_json_table_and_report(tmp_path, tiny_path):
             assert r["met"] is None or r["met"] == (r["value"] >= r["target"])
     gen = data["benchmarks"]["generation"]
     assert gen["naive"]["tokens"] > 0 and gen["ratio"] > 0 and 0 < gen["utilisation"] < 1
-    # today's path and the growing KV cache answer the same prompts with the same greedy tokens
-    assert set(gen["concatenating_kv"]) == set(gen["batched"])
-    assert all(gen["concatenating_kv"][k]["tokens"] == gen["batched"][k]["tokens"] for k in gen["batched"])
+    # the default path and the growing KV cache answer the same prompts with the same greedy tokens
+    assert set(gen["growing_kv"]) == set(gen["batched"])
+    assert all(gen["growing_kv"][k]["tokens"] == gen["batched"][k]["tokens"] for k in gen["batched"])
     labels = data["benchmarks"]["labels"]
     unparseable_row = next(r for r in labels["rows"] if r["metric"] == "generate-and-parse unparseable")
     assert unparseable_row["value"] == pytest.approx(labels["unparseable_share"] * 100, abs=0.01)

@@ -1,11 +1,13 @@
-"""A KV cache for decoding that writes into pre-allocated buffers instead of concatenating.
+"""A KV cache for decoding that writes into pre-allocated buffers instead of concatenating (opt-in:
+``HFBackend(growing_kv=True)``).
 
 transformers' ``DynamicLayer`` appends each step's keys and values with ``torch.cat``, which copies the layer's
-whole cache every token: on the 2-core CPU that copy was half of a decode step at batch 64 (``aten::cat``, 1.1 s
-of 2.3 s over three steps; see docs/performance.md). :class:`GrowingLayer` keeps the same interface and returns
-views of a buffer that grows in chunks, so a step writes only its new token. The views have the layout a
-``DynamicLayer`` has (``[batch, kv_heads, length, head_dim]``, last dimension contiguous), so attention is
-unchanged; only the allocation strategy differs.
+whole cache every token: in a torch profile of one decode step at batch 64 on the 2-core CPU, ``aten::cat`` took
+half the step (1.1 s of 2.3 s over three steps). :class:`GrowingLayer` keeps the same interface and returns views
+of a buffer that grows in chunks, so a step writes only its new token; the views have a ``DynamicLayer``'s layout,
+so attention and the generated tokens are unchanged (tests/test_bench.py). A single decode step got 17–24% faster
+at batch 64–128, but end-to-end generation in ``cai bench`` showed no consistent gain (docs/performance.md), which
+is why the backend does not use it by default.
 """
 
 from __future__ import annotations
