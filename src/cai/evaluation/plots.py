@@ -148,7 +148,7 @@ def bar_plot(
         ax.bar(xs, [100 * r["rate"] for r in rates], width, yerr=_yerr(rates), capsize=3, label=label)
     ax.set_xticks(range(len(groups)), groups, rotation=15, ha="right")
     ax.set_ylim(0, 105)
-    return _save_figure(plt, fig, ax, path, title, ylabel)
+    return save_figure(plt, fig, ax, path, title, ylabel)
 
 
 def line_plot(
@@ -168,11 +168,11 @@ def line_plot(
     ax.set_xticks(list(xs))
     ax.set_ylim(0, 105)
     ax.set_xlabel(xlabel)
-    return _save_figure(plt, fig, ax, path, title, ylabel)
+    return save_figure(plt, fig, ax, path, title, ylabel)
 
 
-def _save_figure(plt, fig, ax, path: Path, title: str, ylabel: str) -> Path:
-    """Label, lay out and save a plot (shared tail of bar_plot and line_plot)."""
+def save_figure(plt, fig, ax, path: Path, title: str, ylabel: str) -> Path:
+    """Label, lay out and save a plot (the shared tail of every plot the experiments write)."""
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)

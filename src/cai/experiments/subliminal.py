@@ -307,7 +307,7 @@ def _finish(exp, cfg: SubliminalConfig, battery, index: int, data: dict, scores:
 def _shift_plot(path, cfg: SubliminalConfig, value: str, levels: dict) -> Any:
     """Log-odds of the trait (95% CI over questions): base → control students → trait students, each seed a
     faint marker beside its seed-averaged point; the teacher as a reference line."""
-    from cai.evaluation.plots import pyplot
+    from cai.evaluation.plots import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -331,11 +331,4 @@ def _shift_plot(path, cfg: SubliminalConfig, value: str, levels: dict) -> Any:
             ax.scatter([x + 0.12] * len(ys), ys, s=12, alpha=0.5, color="grey")
     ax.axhline(levels["teacher"]["logit"], ls="--", color="C2", label="teacher (base + trait prompt)")
     ax.set_xticks(range(len(stages)), ["base", "control student", "trait student"])
-    ax.set_ylabel(f"log-odds of {value!r} (95% CI)")
-    ax.set_title(f"subliminal transmission ({cfg.format})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, ax, path, f"subliminal transmission ({cfg.format})", f"log-odds of {value!r} (95% CI)")
