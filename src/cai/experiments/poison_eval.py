@@ -177,7 +177,10 @@ def _brief(res: dict) -> dict[str, Any]:
 
 
 def _fmt_rate(r: dict) -> str:
-    return f"{r['rate']:.0%} [{r['ci_low']:.0%}, {r['ci_high']:.0%}] (n={r['n']})"
+    """The project's rate format (cai.evaluation.evaluate.format_rate) with the count, which is small here."""
+    from cai.evaluation.evaluate import format_rate
+
+    return f"{format_rate(r)} (n={r['n']})"
 
 
 def _finish(
