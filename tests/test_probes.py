@@ -6,12 +6,12 @@ import math
 import pytest
 
 from cai.errors import UserError
+from cai.evaluation.metrics import t_summary
 from cai.experiments.probes import (
     load_battery,
     paired_shift,
     rank_shifts,
     score_battery,
-    summarize,
 )
 
 
@@ -73,7 +73,7 @@ def test_paired_shift_detects_a_planted_preference_and_not_noise():
     assert len(ranked) == 4 and all(r["t"] < 0 for r in ranked[1:])
 
 
-def test_summarize_uses_a_t_interval():
-    s = summarize([1.0, 2.0, 3.0])
+def test_t_summary_uses_a_t_interval():
+    s = t_summary([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0 and s["n"] == 3
     assert s["ci_high"] - 2.0 == pytest.approx(4.303 * 1.0 / math.sqrt(3), rel=1e-3)

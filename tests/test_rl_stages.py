@@ -105,6 +105,12 @@ def test_rl_writes_step_csv_samples_curves_and_model(chain):
     assert samples and all(0 <= float(s["reward"]) <= 1 for s in samples)
     assert (run.root / "rl" / "curves.png").stat().st_size > 1000
     assert (run.root / "rl" / "model" / "config.json").is_file() and summaries["rl"]["steps"] == 2
+    with open(run.root / "rl" / "rewards.csv", encoding="utf-8") as f:
+        rewards = list(csv.DictReader(f))
+    assert len(rewards) == 2 * 1 * 2  # every completion: steps x prompts_per_step x num_generations
+    trend = summaries["rl"]["reward_paired"]
+    assert trend["n_prompts"] + trend["visited_once"] == len({r["prompt"] for r in rewards})
+    assert set(trend["groups"]) <= {"harmful", "benign"}
 
 
 def test_dpo_and_final_model_spec(chain):
@@ -246,6 +252,8 @@ def test_reward_samples_are_not_logged_twice_after_a_resume(tmp_path):
         call(resumed, s)
     steps = [int(r["step"]) for r in csv.DictReader(path.open())]
     assert steps == [1, 1, 2, 2, 3, 3, 4, 4]
+    rewards = list(csv.DictReader((tmp_path / "rewards.csv").open()))  # every completion, once per step
+    assert [(int(r["step"]), r["prompt"]) for r in rewards] == [(s, p) for s in (1, 2, 3, 4) for p in ("p1", "p2")]
 
 
 def test_vllm_generation_is_opt_in_and_a_clear_error_without_a_gpu(monkeypatch):

@@ -67,6 +67,20 @@ def mean_ci(values: Sequence[float], z: float = Z95) -> dict:
     return {"rate": m, "ci_low": m - half, "ci_high": m + half, "n": n}
 
 
+def t_summary(values: Sequence[float]) -> dict:
+    """Mean with a t-based 95% interval (small samples: questions, prompts): ``{"mean", "ci_low", "ci_high",
+    "sd", "n"}``."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "sd": math.nan, "n": 0}
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n > 1 else math.nan
+    return {"mean": m, "ci_low": m - half, "ci_high": m + half, "sd": sd, "n": n}
+
+
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 

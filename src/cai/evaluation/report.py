@@ -187,6 +187,33 @@ def _paired_section(run: Path) -> str:
     )
 
 
+def reward_trend_lines(run: Path) -> list[str]:
+    """The RL stage's paired reward trend (same prompts, first vs last pass; cai.training.reward_trend), overall
+    and per prompt group; [] when the run has no RL stage or it predates rewards.csv."""
+    from cai.training.reward_trend import describe
+
+    trend = _manifest(run / "rl").get("counts", {}).get("reward_paired")
+    if not isinstance(trend, dict):
+        return []
+    lines = [describe(trend)]
+    for group, t in (trend.get("groups") or {}).items():
+        lines.append(f"{group}: {describe(t)}")
+    return lines
+
+
+def _reward_trend_section(run: Path) -> str:
+    lines = reward_trend_lines(run)
+    if not lines:
+        return ""
+    return (
+        "<h3>RL reward trend</h3><ul>"
+        + "".join(f"<li>{html.escape(x)}</li>" for x in lines)
+        + "</ul><p class='muted'>Each prompt's mean reward on its first visit vs its last visit during RL, "
+        "paired over prompts (t-interval, Wilcoxon signed-rank p): unlike the per-step mean, it does not move "
+        "with which prompts a step drew.</p>"
+    )
+
+
 def _elo_section(run: Path) -> str:
     p = run / "eval" / "elo.json"
     if not p.is_file():
@@ -405,6 +432,7 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> Path:
         body += [
             f"<hr><h1>run {html.escape(run.name)}</h1>",
             _paired_section(run),
+            _reward_trend_section(run),
             _elo_section(run),
             _prefill_section(run),
             _curves_section(run),
@@ -431,6 +459,10 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path) -> Path:
                 + markdown_table(TABLE_HEADER, table_rows(paired))
                 + f"\n\n{_paired_note(paired)}\n"
             )
+    for run in run_dirs:
+        trend = reward_trend_lines(run)
+        if trend:
+            md.append(f"\n## RL reward trend ({run.name})\n\n" + "".join(f"- {x}\n" for x in trend))
     for run in run_dirs:
         p = run / "eval" / "elo.json"
         if p.is_file():

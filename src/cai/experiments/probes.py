@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from cai.errors import UserError
+from cai.evaluation.metrics import t_summary
 
 BUNDLED_BATTERY = "preferences-v1"
 
@@ -119,19 +120,6 @@ def _logit(p: float, eps: float = 1e-6) -> float:
     return math.log(p / (1 - p))
 
 
-def summarize(values: Sequence[float]) -> dict:
-    """Mean with a t-based 95% interval over questions: ``{"mean", "ci_low", "ci_high", "sd", "n"}``."""
-    from scipy import stats
-
-    n = len(values)
-    if n == 0:
-        return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "sd": math.nan, "n": 0}
-    m = sum(values) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n > 1 else math.nan
-    return {"mean": m, "ci_low": m - half, "ci_high": m + half, "sd": sd, "n": n}
-
-
 def paired_shift(
     reference: Sequence[Sequence[float]], other: Sequence[Sequence[float]], index: int
 ) -> dict[str, float | int]:
@@ -147,7 +135,7 @@ def paired_shift(
         raise ValueError("both models must be scored on the same questions")
     pr, po = candidate_probability(reference, index), candidate_probability(other, index)
     dl = [_logit(b) - _logit(a) for a, b in zip(pr, po, strict=True)]
-    logit = summarize(dl)
+    logit = t_summary(dl)
     se = logit["sd"] / math.sqrt(len(dl)) if len(dl) > 1 else math.nan
     t = logit["mean"] / se if se and se > 0 else (0.0 if logit["mean"] == 0 else math.copysign(math.inf, logit["mean"]))
     nonzero = [d for d in dl if d != 0]

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from cai.errors import UserError
+from cai.evaluation.metrics import t_summary
 from cai.experiments.config import ExperimentConfig
 from cai.experiments.probes import (
     ProbeCategory,
@@ -28,7 +29,6 @@ from cai.experiments.probes import (
     paired_shift,
     rank_shifts,
     score_battery,
-    summarize,
 )
 from cai.experiments.report import write_report
 from cai.experiments.steps import Experiment, train
@@ -106,7 +106,7 @@ def _logit(p: float, eps: float = 1e-6) -> float:
 def level(scores: list[list[float]], index: int) -> dict[str, float]:
     """The trait's mean probability and mean log-odds over questions (with the log-odds' 95% t-interval)."""
     ps = [math.exp(row[index]) for row in scores]
-    lo = summarize([_logit(p) for p in ps])
+    lo = t_summary([_logit(p) for p in ps])
     return {"p": sum(ps) / len(ps), "logit": lo["mean"], "logit_ci_low": lo["ci_low"], "logit_ci_high": lo["ci_high"]}
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from cai.model_card import CardFacts, write_model_card
 from cai.runs import RunDir, StageDir, config_hash
 from cai.stages.artifacts import TRAINED, run_constitution
+from cai.training.reward_trend import describe
 
 
 def write_run_model_cards(run: RunDir, config) -> list[Path]:
@@ -110,7 +111,14 @@ def _rl(stage: StageDir, config) -> CardFacts:
             if settings.get("reward") == "rules"
             else "reward/model",
         },
-        metrics={k: c[k] for k in ("steps", "reward_first", "reward_last", "reward_delta_halves", "kl_last") if k in c},
+        metrics={
+            **{k: c[k] for k in ("steps", "reward_first", "reward_last", "reward_delta_halves", "kl_last") if k in c},
+            **(
+                {"reward trend (paired)": describe(c["reward_paired"])}
+                if isinstance(c.get("reward_paired"), dict)
+                else {}
+            ),
+        },
     )
 
 

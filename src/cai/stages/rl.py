@@ -1,7 +1,8 @@
 """Stage ``rl``: online RL (TRL GRPO or RLOO) of the SL model against the run's reward model, or (``rl.reward: rules``)
 against the rules labeler's utility.
 
-Writes steps.csv (reward mean/std, KL, response length, loss per step), samples.csv (prompt, response, reward),
+Writes steps.csv (reward mean/std, KL, response length, loss per step), rewards.csv (every completion's reward; the
+paired first-vs-last-pass trend in the manifest's ``reward_paired`` reads it), samples.csv (prompt, response, reward),
 curves.png (reward and KL against step), adapter/ and model/ (the final policy); resumes from checkpoints/.
 """
 
@@ -29,8 +30,11 @@ def run(ctx) -> dict[str, Any]:
 
     cfg: RLStageConfig = ctx.config.rl
     prompts = [p.prompt for p in read_prompts(ctx.run)[: cfg.prompt_limit]]
+    groups = dict.fromkeys(prompts, "harmful")
     if ctx.config.benign is not None and cfg.benign_limit != 0:
-        prompts += [p.prompt for p in read_prompts(ctx.run, "benign")[: cfg.benign_limit]]
+        benign = [p.prompt for p in read_prompts(ctx.run, "benign")[: cfg.benign_limit]]
+        prompts += benign
+        groups.update(dict.fromkeys(benign, "benign"))
     if cfg.reward == "rules":  # the constitution's wanted behaviour, graded offline: no reward model is read
         from cai.stages.artifacts import run_constitution
         from cai.training.rl import RulesReward
@@ -49,6 +53,7 @@ def run(ctx) -> dict[str, Any]:
         seed=ctx.config.seed,
         progress=ctx.progress,
         tracking=ctx.tracking,
+        prompt_groups=groups,
     )
     if not is_main_process():
         return {}
@@ -59,6 +64,7 @@ def run(ctx) -> dict[str, Any]:
         "reward_first": t.get("first"),
         "reward_last": t.get("last"),
         "reward_delta_halves": t.get("delta"),
+        "reward_paired": result.metrics["reward_paired"],  # same prompts, first vs last pass (reward_trend.py)
         "kl_last": result.metrics["kl_last"],
     }
     ctx.stage.finish(counts, base_model=base)

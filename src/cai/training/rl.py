@@ -7,7 +7,7 @@ needed — which also tames the reward variance that kept PPO from learning in s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,6 +17,7 @@ from cai.base_config import Strict
 from cai.errors import UserError
 from cai.training.common import TrainResult, load_trainable, lora_config, train_and_save, trl_args, write_cards
 from cai.training.curves import append_rows, read_steps, step_logger, trend
+from cai.training.reward_trend import COLUMNS, REWARDS_CSV, describe, paired_reward_trend, read_rewards
 
 if TYPE_CHECKING:
     from cai.tracking import StageTracking
@@ -78,12 +79,15 @@ class RulesReward:
 
 
 class RewardFunction:
-    """The reward model as a TRL reward function; logs sampled (prompt, response, reward) rows to CSV. After a
-    resume, steps already in the CSV are not logged again."""
+    """The reward model as a TRL reward function. Logs every completion's (step, prompt, reward) to rewards.csv,
+    which the paired reward trend reads (cai.training.reward_trend), and ``per_step`` sampled (prompt, response,
+    reward) rows to samples.csv. After a resume, steps already logged are not logged again."""
 
-    def __init__(self, scorer, samples_csv: Path, per_step: int):
+    def __init__(self, scorer, samples_csv: Path, per_step: int, rewards_csv: Path | None = None):
         self.scorer, self.samples_csv, self.per_step = scorer, Path(samples_csv), per_step
+        self.rewards_csv = Path(rewards_csv) if rewards_csv else self.samples_csv.with_name(REWARDS_CSV)
         self.logged_until = max((int(r["step"]) for r in read_steps(self.samples_csv)), default=0)
+        self.rewards_until = max((int(r["step"]) for r in read_steps(self.rewards_csv)), default=0)
         self.__name__ = "reward_model"
 
     def __call__(self, prompts, completions, trainer_state=None, **_) -> list[float]:
@@ -91,7 +95,10 @@ class RewardFunction:
         text = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         rewards = self.scorer.score(user, text)
         step = trainer_state.global_step + 1 if trainer_state is not None else 0
-        if self.per_step and step > self.logged_until and trainer_state.is_world_process_zero:
+        main = trainer_state is not None and trainer_state.is_world_process_zero
+        if main and step > self.rewards_until:
+            append_rows(self.rewards_csv, COLUMNS, [[step, u, round(r, 4)] for u, r in zip(user, rewards, strict=True)])
+        if self.per_step and step > self.logged_until and main:
             append_rows(
                 self.samples_csv,
                 ["step", "prompt", "response", "reward"],
@@ -134,11 +141,13 @@ def train_rl(
     seed: int = 0,
     progress: bool = True,
     tracking: StageTracking | None = None,
+    prompt_groups: Mapping[str, str] | None = None,
 ) -> TrainResult:
     """Optimise the policy ``base_spec`` on ``prompts`` against the reward model (a folder, or a
-    :class:`RulesReward`); writes steps.csv,
-    samples.csv, curves.png, adapter/ and model/ (merged) with their model cards under ``output_dir``. Resumes
-    from checkpoints. ``tracking`` names the trackers the trainer reports to."""
+    :class:`RulesReward`); writes steps.csv, rewards.csv (every completion's reward), samples.csv, curves.png,
+    adapter/ and model/ (merged) with their model cards under ``output_dir``. Resumes from checkpoints.
+    ``tracking`` names the trackers the trainer reports to; ``prompt_groups`` (prompt -> e.g. harmful / benign)
+    splits the paired reward trend."""
     from datasets import Dataset
 
     from cai.model_card import CardFacts
@@ -208,9 +217,13 @@ def train_rl(
         ),
     )
     reward = trend(steps_csv, "reward_mean")
+    paired = paired_reward_trend(read_rewards(output_dir / REWARDS_CSV), prompt_groups)
+    if progress:
+        print(describe(paired), flush=True)
     metrics = {
         "steps": trainer.state.global_step,
         "reward_trend": reward,
+        "reward_paired": paired,
         "kl_last": trend(steps_csv, "kl").get("last"),
     }
     result = TrainResult(output_dir, adapter, output_dir / "model", metrics)
