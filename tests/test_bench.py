@@ -78,7 +78,7 @@ def test_cai_bench_quick_writes_json_table_and_report(tmp_path, tiny_path):
     data = json.loads(out.read_text())
     assert data["quick"] is True and data["model"] == "tiny-random" and data["params"] > 0
     assert data["matmul_gflops"] > 0 and len(data["loadavg_start"]) == 3 and len(data["loadavg_end"]) == 3
-    assert set(data["benchmarks"]) == {"generation", "labels", "critique", "sft"}
+    assert set(data["benchmarks"]) == {"generation", "eval", "labels", "critique", "sft"}
     for result in data["benchmarks"].values():
         assert result["rows"] and result["note"]
         for r in result["rows"]:
@@ -89,6 +89,12 @@ def test_cai_bench_quick_writes_json_table_and_report(tmp_path, tiny_path):
     # the default path and the growing KV cache answer the same prompts with the same greedy tokens
     assert set(gen["growing_kv"]) == set(gen["batched"])
     assert all(gen["growing_kv"][k]["tokens"] == gen["batched"][k]["tokens"] for k in gen["batched"])
+    ev = data["benchmarks"]["eval"]  # the eval stage's own path, against generation's best row of this run
+    assert ev["prompts"] == 12 and ev["tokens"] > 0
+    best = max(r["value"] for r in gen["rows"] if r["metric"].startswith("batched tokens/s (batch"))
+    assert ev["best_generation_tokens_per_s"] == best
+    ratio = next(r for r in ev["rows"] if r["metric"].startswith("eval tokens/s ÷ best"))
+    assert ratio["value"] == pytest.approx(ev["tokens_per_s"] / best, rel=1e-2) and ratio["target"] == 0.667
     labels = data["benchmarks"]["labels"]
     unparseable_row = next(r for r in labels["rows"] if r["metric"] == "generate-and-parse unparseable")
     assert unparseable_row["value"] == pytest.approx(labels["unparseable_share"] * 100, abs=0.01)

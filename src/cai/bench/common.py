@@ -22,6 +22,7 @@ class BenchContext:
     matmul_flops: float
     progress: bool = False
     sizes: dict[str, Any] = field(default_factory=dict)
+    previous: dict[str, Any] = field(default_factory=dict)  # results of the benchmarks run before this one
 
     @property
     def params(self) -> int:

@@ -20,7 +20,10 @@ REPORT = Path("docs/performance.md")
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Small sizes (about 3 minutes on a 2-core CPU)."),
     only: list[str] = typer.Option(
-        [], "--only", help="Run only this benchmark (repeatable): generation, labels, " "critique, sft."
+        [],
+        "--only",
+        help="Run only this benchmark (repeatable): generation, eval, labels, critique, sft (eval compares itself "
+        "with generation's best row only when both run together).",
     ),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="In-process model spec to measure."),
     out: Path | None = typer.Option(
@@ -32,7 +35,7 @@ def bench(
         help=f"Markdown report (default {REPORT} for a " "full run; a quick run writes none unless given).",
     ),
 ) -> None:
-    """Measure generation, AI-feedback labelling, critique→revision and SFT throughput side by side."""
+    """Measure generation, the eval stage, AI-feedback labelling, critique→revision and SFT throughput side by side."""
     from cai.bench.run import BENCHMARKS, run_benchmarks, table_rows, write
 
     unknown = [o for o in only if o not in BENCHMARKS]
