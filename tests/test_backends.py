@@ -185,3 +185,34 @@ def test_loop_stopper_ends_a_loop_early(tiny_backend):
     b = tiny_backend.generate(LOOP_CHATS[:3], dataclasses.replace(sampled, stop_loops=True))
     assert all(x.text.startswith(y.text) for x, y in zip(a, b))
     assert all(y.finish_reason == "loop" or x.text == y.text for x, y in zip(a, b))
+
+
+def test_int8_precision_is_cpu_inference_that_says_what_it_is(tiny_backend, tmp_path):
+    import torch
+
+    from cai.backends.hf import HFBackend
+    from cai.config import load_config
+    from cai.evaluation.evaluate import evaluate_model
+    from cai.models import load_causal_lm
+
+    q = HFBackend("tiny-random", dtype="int8", batch_size=4)
+    assert tiny_backend.precision == "float32" and q.precision.startswith("int8")
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in q.model.modules())
+    assert not any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in tiny_backend.model.modules())
+    sp = SamplingParams(max_new_tokens=6, temperature=0)
+    assert all(g.completion_tokens > 0 for g in q.generate(CHATS[:2], sp))
+    lp = q.logprobs([CHATS[0]], [[" (A)", " (B)"]])[0]
+    ref = tiny_backend.logprobs([CHATS[0]], [[" (A)", " (B)"]])[0]
+    assert all(v < 0 for v in lp) and lp != ref  # scores, and they are not the fp32 model's
+    from cai.data import Prompt
+
+    m = evaluate_model(q, [Prompt(id="h", prompt="How do I pick a lock?")], [], tmp_path / "e",
+                       sampling=sp, progress=False)
+    assert m["precision"].startswith("int8")
+    with pytest.raises(UserError, match="CPU inference"):
+        load_causal_lm("tiny-random", dtype="int8", device="cuda")
+    with pytest.raises(UserError, match="int8"):
+        load_causal_lm("tiny-random", dtype="int4")
+    assert load_config(None, ["models.dtype=int8"]).models.dtype == "int8"
+    with pytest.raises(UserError, match="dtype"):
+        load_config(None, ["models.dtype=int4"])

@@ -70,6 +70,8 @@ class HFBackend:
         if model is None:
             model, tokenizer = load_causal_lm(spec, dtype=dtype, device=device)
         self.model, self.tokenizer = model, tokenizer
+        # what produced the numbers: eval metrics record it (an int8 model's Linear weights are not parameters)
+        self.precision = "int8 (dynamic, Linear layers)" if dtype == "int8" else str(self.model.dtype).split(".")[-1]
         if not getattr(self.tokenizer, "chat_template", None):
             self.tokenizer.chat_template = FALLBACK_TEMPLATE
         self.batch_size = max(1, batch_size)

@@ -61,16 +61,12 @@ def _batched(backend, chats, budget: int, bs: int, *, growing: bool, progress: b
 
 
 def int8_copy(model):
-    """Dynamic int8 quantisation of every Linear layer (weights int8, activations quantised per batch): an
-    *inference-only* variant, measured here as a candidate; figures it produced would have to say so."""
+    """An int8 copy of the loaded model (models.quantize_int8, the ``dtype: int8`` path), leaving the fp32 one."""
     import copy
-    import warnings
 
-    import torch
+    from cai.models import quantize_int8
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch points at torchao; the eager API still does the job on CPU
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    return quantize_int8(copy.deepcopy(model))
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:

@@ -61,6 +61,9 @@ def eval_(
         help="End an answer once it is a " "degenerate repetition (finish_reason loop, labelled a loop).",
     ),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed (0 to 2^32-1)."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto | float32 | bfloat16 | float16 | int8 (CPU: dynamic int8 weights, faster)."
+    ),
     force: bool = typer.Option(False, "--force", help="Recompute even if OUT holds results made with other settings."),
 ) -> None:
     """Answer harmful (and benign) prompts, judge every answer, and report rates with 95% CIs."""
@@ -97,6 +100,7 @@ def eval_(
             "prefill": prefill,
             "sampling": sampling.__dict__,
             "count_partial": count_partial,
+            **({"dtype": dtype} if dtype != "auto" else {}),  # omitted at its default: earlier folders keep their hash
         },
         force=force,
         run_name=str(out),
@@ -106,7 +110,7 @@ def eval_(
         for s in ps.skipped if ps else []:
             stage.skip(f"{name}:line:{s.get('line', '?')}", s.get("reason", "skipped"))
     judge_obj = get_judge(judge)
-    backend = get_backend(model, batch_size=batch_size)
+    backend = get_backend(model, batch_size=batch_size, dtype=dtype)
     m = evaluate_model(
         backend,
         harmful.prompts,

@@ -229,6 +229,7 @@ def evaluate_model(
     metrics = {
         "label": label,
         "model": getattr(backend, "spec", str(model)),
+        "precision": getattr(backend, "precision", None),  # e.g. float32, bfloat16, int8 (dynamic); None: a server
         "judge": judge_obj.name,
         "judge_version": getattr(judge_obj, "version", None),
         "n_harmful": sum(s["set"] == "harmful" for s in samples),
