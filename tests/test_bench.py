@@ -176,3 +176,14 @@ def test_growing_layer_keeps_a_dynamic_layers_contract():
     assert torch.equal(grown.keys, plain.keys) and torch.equal(grown.values, plain.values)
     k = torch.randn(4, 2, 1, 8)
     assert torch.equal(grown.update(k, k)[0], plain.update(k, k)[0])
+
+
+def test_bench_report_keeps_what_people_wrote_around_the_table():
+    from cai.bench.run import BEGIN, END, merge_markdown
+
+    fresh = merge_markdown("# Performance\n| new |\n", None)
+    assert fresh.startswith(BEGIN) and fresh.rstrip().endswith(END)
+    kept = merge_markdown("# Performance\n| newer |\n", "intro\n" + fresh + "\n## by hand\nfigures\n")
+    assert kept.startswith("intro\n" + BEGIN) and "| newer |" in kept and "| new |\n" not in kept
+    assert kept.endswith(END + "\n## by hand\nfigures\n")
+    assert merge_markdown("# P\n", "no markers here\n") == f"{BEGIN}\n# P\n{END}\n"

@@ -133,9 +133,23 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+BEGIN, END = "<!-- cai bench: generated from here -->", "<!-- cai bench: generated up to here -->"
+
+
+def merge_markdown(generated: str, existing: str | None) -> str:
+    """The report with ``generated`` between the BEGIN/END markers of ``existing``: what people wrote around the
+    table (measurements of other runs, analysis) survives a re-run. A file without markers is replaced."""
+    block = f"{BEGIN}\n{generated.rstrip()}\n{END}\n"
+    if existing and BEGIN in existing and END in existing:
+        head, rest = existing.split(BEGIN, 1)
+        return head + block + rest.split(END, 1)[1].lstrip("\n")
+    return block
+
+
 def write(doc: dict[str, Any], json_path: Path, md_path: Path | None) -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if md_path is not None:
         md_path.parent.mkdir(parents=True, exist_ok=True)
-        md_path.write_text(markdown(doc), encoding="utf-8")
+        existing = md_path.read_text(encoding="utf-8") if md_path.is_file() else None
+        md_path.write_text(merge_markdown(markdown(doc), existing), encoding="utf-8")
