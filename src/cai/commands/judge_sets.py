@@ -128,10 +128,13 @@ def fit_harm(
     sources = {f"{s.set}/{s.group}": {"url": s.url, "sha256": s.sha256, "licence": s.licence} for s in used}
     sources["cai-lab/redteam+benign"] = {"licence": "Apache-2.0 (this project)"}
     counts = Counter(r["source"] for r in records)
+    counts["cai-lab/redteam+benign"] = counts["cai-lab/redteam"] + counts["cai-lab/benign"]
     for name, entry in sources.items():
-        entry["rows"] = counts.get(name, 0) if "+" not in name else counts["cai-lab/redteam"] + counts["cai-lab/benign"]
+        entry["rows"] = counts[name]
     weights = fit_weights(
-        [r["prompt"] for r in records if r["harmful"]], [r["prompt"] for r in records if not r["harmful"]], sources=sources
+        [r["prompt"] for r in records if r["harmful"]],
+        [r["prompt"] for r in records if not r["harmful"]],
+        sources=sources,
     )
     write_json(out, weights)
     typer.echo(f"wrote {out}: {json.dumps(weights['n_rows'])} prompts")

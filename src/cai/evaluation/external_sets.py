@@ -192,7 +192,9 @@ def training_records(sets: dict[str, list[dict]]) -> list[dict]:
     return sets["xstest"] + sets["gptfuzz_train"] + own_rows()
 
 
-_ADVERSARIALLM = "https://raw.githubusercontent.com/busycalibrating/AdversariaLLM/f970939273ea17b491fadf6001fddc36ed3ae3ff/"
+_ADVERSARIALLM = (
+    "https://raw.githubusercontent.com/busycalibrating/AdversariaLLM/f970939273ea17b491fadf6001fddc36ed3ae3ff/"
+)
 _COCONOT = "https://raw.githubusercontent.com/allenai/noncompliance/25bf77cc668814360405cdb8197c4368205806c7/data/"
 _SELF_INSTRUCT = "https://raw.githubusercontent.com/yizhongw/self-instruct/0b26ccaa415992100fa32df62d41b994cf928e23/"
 # Prompts only (no answers), for the request-harm classifier (cai.evaluation.harm_classifier). HarmBench's own
@@ -287,7 +289,9 @@ def _read_jsonl(path: Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except ValueError:
-                    raise UserError(f"{path}:{n}: not a JSON line; fetch it again with `cai judge-sets fetch`") from None
+                    raise UserError(
+                        f"{path}:{n}: not a JSON line; fetch it again with `cai judge-sets fetch`"
+                    ) from None
     return rows
 
 
