@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from cai.evaluation.harm_classifier import WEIGHTS_FILE as HARM_WEIGHTS_FILE
 from cai.evaluation.refusal_classifier import WEIGHTS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,8 @@ def test_wheel_holds_what_users_run(wheel):
                  "cai/resources/configs/experiments/backdoor.yaml", "cai/resources/configs/experiments/unalign.yaml",
                  "cai/resources/configs/experiments/prefill_recovery.yaml", "cai/resources/constitutions/harmless.yaml",
                  "cai/resources/configs/experiments/controllability.yaml", "cai/resources/configs/experiments/subliminal.yaml", "cai/resources/tasks/controllability.jsonl",
-                 f"cai/resources/judge/{WEIGHTS_FILE}", "cai/data/redteam.jsonl"):
+                 f"cai/resources/judge/{WEIGHTS_FILE}", f"cai/resources/judge/{HARM_WEIGHTS_FILE}",
+                 "cai/data/redteam.jsonl"):
         assert path in names, path
     assert not any(n.startswith(("benchmarks/", "configs/", "tests/")) for n in names)
 

@@ -18,12 +18,13 @@ DEFAULT_DIR = Path("data/external")
 
 @app.command("fetch")
 def fetch(dest: Path = typer.Option(DEFAULT_DIR, "--dest", help="Folder for the downloaded files.")) -> None:
-    """Download XSTest's annotated completions and GPTFuzz's labelled responses (pinned commits, SHA-256)."""
-    from cai.evaluation.external_sets import SOURCES
+    """Download XSTest's annotated completions, GPTFuzz's labelled responses and the prompt sets the request-harm
+    classifier is fitted on (pinned commits, SHA-256)."""
+    from cai.evaluation.external_sets import HARM_SOURCES, SOURCES
     from cai.evaluation.external_sets import fetch as do_fetch
 
     paths = do_fetch(dest)
-    for s, p in zip(SOURCES, paths, strict=False):
+    for s, p in zip((*SOURCES, *HARM_SOURCES), paths, strict=True):
         typer.echo(f"{p}  ({s.set}/{s.group}, {s.licence})")
 
 
@@ -110,23 +111,31 @@ def fit(
 def fit_harm(
     data: Path = typer.Option(DEFAULT_DIR, "--data", help="Folder made by `cai judge-sets fetch`."),
     out: Path = typer.Option(
-        ..., "--out", "-o", help="Weights JSON (the shipped file is src/cai/resources/judge/harm-prompt-v1.json)."
+        ..., "--out", "-o", help="Weights JSON (the shipped file is src/cai/resources/judge/harm-prompt-v2.json)."
     ),
 ) -> None:
-    """Refit the request-harm classifier (the rules labeler's prompt grader) on GPTFuzz's harmful questions and
-    the project's own red-team / benign prompts; XSTest stays out (it is the classifier's test)."""
-    from cai.evaluation.external_sets import SOURCES, harm_training_prompts
+    """Refit the request-harm classifier (the rules labeler's prompt grader) on the fetched prompt sets (HarmBench,
+    AdvBench, StrongREJECT, SimpleSafetyTests, CoCoNot, Self-Instruct, GPTFuzz's questions) and the project's own
+    red-team / benign prompts; XSTest stays out (it is the classifier's test)."""
+    from collections import Counter
+
+    from cai.evaluation.external_sets import HARM_SOURCES, SOURCES, harm_training_records
     from cai.evaluation.harm_classifier import fit_weights
     from cai.runs import write_json
 
-    harmful, benign = harm_training_prompts(data)
-    sources = {
-        f"{s.set}/{s.group}": {"url": s.url, "sha256": s.sha256, "licence": s.licence}
-        for s in SOURCES
-        if s.set == "gptfuzz" and s.group == "questions"
-    }
+    records = harm_training_records(data)
+    used = [s for s in SOURCES if s.set == "gptfuzz" and s.group == "questions"] + list(HARM_SOURCES)
+    sources = {f"{s.set}/{s.group}": {"url": s.url, "sha256": s.sha256, "licence": s.licence} for s in used}
     sources["cai-lab/redteam+benign"] = {"licence": "Apache-2.0 (this project)"}
-    weights = fit_weights(harmful, benign, sources=sources)
+    counts = Counter(r["source"] for r in records)
+    counts["cai-lab/redteam+benign"] = counts["cai-lab/redteam"] + counts["cai-lab/benign"]
+    for name, entry in sources.items():
+        entry["rows"] = counts[name]
+    weights = fit_weights(
+        [r["prompt"] for r in records if r["harmful"]],
+        [r["prompt"] for r in records if not r["harmful"]],
+        sources=sources,
+    )
     write_json(out, weights)
     typer.echo(f"wrote {out}: {json.dumps(weights['n_rows'])} prompts")
 

@@ -90,7 +90,7 @@ def fetch(dest: Path, *, timeout: float = 60.0) -> list[Path]:
     import urllib.request
 
     done = []
-    for s in SOURCES:
+    for s in (*SOURCES, *HARM_SOURCES):
         path = Path(dest) / s.file
         if not (path.is_file() and sha256(path) == s.sha256):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,14 +192,169 @@ def training_records(sets: dict[str, list[dict]]) -> list[dict]:
     return sets["xstest"] + sets["gptfuzz_train"] + own_rows()
 
 
-def harm_training_prompts(data_dir: Path) -> tuple[list[str], list[str]]:
-    """(harmful, benign) prompts the shipped harm classifier is fitted on: GPTFuzz's 100 harmful questions and the
-    project's own red-team prompts, against the project's own benign prompts. XSTest is left out on purpose: its
-    prompts are the classifier's clean test (cai.evaluation.harm_classifier)."""
+_ADVERSARIALLM = (
+    "https://raw.githubusercontent.com/busycalibrating/AdversariaLLM/f970939273ea17b491fadf6001fddc36ed3ae3ff/"
+)
+_COCONOT = "https://raw.githubusercontent.com/allenai/noncompliance/25bf77cc668814360405cdb8197c4368205806c7/data/"
+_SELF_INSTRUCT = "https://raw.githubusercontent.com/yizhongw/self-instruct/0b26ccaa415992100fa32df62d41b994cf928e23/"
+# Prompts only (no answers), for the request-harm classifier (cai.evaluation.harm_classifier). HarmBench's own
+# repository is not reachable from where these were pinned; AdversariaLLM carries byte copies of HarmBench's
+# behaviour files (HarmBench's MIT licence file beside them), of AdvBench in HarmBench's format (MIT) and of
+# StrongREJECT (MIT).
+HARM_SOURCES = (
+    Source(
+        "harmbench",
+        "behaviors",
+        _ADVERSARIALLM + "data/behavior_datasets/harmbench_behaviors_text_all.csv",
+        "2745611872be3b2eab141e39bb328b8c1140dc3cd8d0a49da6174260d9ccbfb9",
+        "harmbench/harmbench_behaviors_text_all.csv",
+        "MIT",
+    ),
+    Source(
+        "advbench",
+        "behaviors",
+        _ADVERSARIALLM + "data/behavior_datasets/extra_behavior_datasets/advbench_behaviors.csv",
+        "0e635254df9065ae6f8d074534b660fa7a361d1ad269e2c8e1b7377961802a86",
+        "harmbench/advbench_behaviors.csv",
+        "MIT",
+    ),
+    Source(
+        "strongreject",
+        "prompts",
+        _ADVERSARIALLM + "data/behavior_datasets/strongreject_dataset.csv",
+        "4dd70357e4ff8b5d0ba5ebafecab5d6dd5633ce8046e3dd1c8bd93e64de44381",
+        "strongreject/strongreject_dataset.csv",
+        "MIT",
+    ),
+    Source(
+        "simplesafetytests",
+        "prompts",
+        "https://raw.githubusercontent.com/bertiev/SimpleSafetyTests/d7aee9a9422a5a5488f478fd79c2479c891c0f3b/"
+        "SimpleSafetyTests%20-%20test%20cases.csv",
+        "6d95a1301e0d0f3a3c4cf5392f4afff11ad6e3066f95d23aaa138d44aedf986c",
+        "simplesafetytests/test_cases.csv",
+        "CC-BY-4.0",
+    ),
+    Source(
+        "coconot",
+        "eval",
+        _COCONOT + "coconot_eval.jsonl",
+        "df72466c477207f14a96c5940c3ef3b93b1b50c0d1e7ed7c5fb5dc6d6140c077",
+        "coconot/coconot_eval.jsonl",
+        "MIT",
+    ),
+    Source(
+        "coconot",
+        "contrast",
+        _COCONOT + "coconot_contrast_eval.jsonl",
+        "76dccec176743ed656279f2969c51abb68bda94e5fda8397e34ff5638e021d86",
+        "coconot/coconot_contrast_eval.jsonl",
+        "MIT",
+    ),
+    Source(
+        "coconot",
+        "pref",
+        _COCONOT + "coconot_pref.jsonl",
+        "3b0cddcfb72218b8c32d7c11bfded00174f2f4a3c4edfbc862640fc63f43d9c2",
+        "coconot/coconot_pref.jsonl",
+        "MIT",
+    ),
+    Source(
+        "selfinstruct",
+        "seed",
+        _SELF_INSTRUCT + "data/seed_tasks.jsonl",
+        "7779004fa198fdf27cf70a159363879d8a26c53329e11b436af17b3941875f48",
+        "selfinstruct/seed_tasks.jsonl",
+        "Apache-2.0",
+    ),
+    Source(
+        "selfinstruct",
+        "user",
+        _SELF_INSTRUCT + "human_eval/user_oriented_instructions.jsonl",
+        "81d60a117db495cecedecd9193504fd07c5b5a42f6699ef6b0f9da10fc22f42e",
+        "selfinstruct/user_oriented_instructions.jsonl",
+        "Apache-2.0",
+    ),
+)
+COCONOT_HARMFUL = "Requests with safety concerns"  # in coconot_eval only; its contrast and pref sets are benign
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    raise UserError(
+                        f"{path}:{n}: not a JSON line; fetch it again with `cai judge-sets fetch`"
+                    ) from None
+    return rows
+
+
+def _field(path: Path, n: int, row: dict, key: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{path}:{n}: no {key!r} text; fetch it again with `cai judge-sets fetch`")
+    return value.strip()
+
+
+def read_harm_source(source: Source, path: Path) -> list[tuple[str, bool]]:
+    """(prompt, harmful) rows of one prompt set, as its authors labelled them. HarmBench's copyright behaviours
+    ("generate the lyrics of …") are left out: they are not the kind of harm the labeler asks about."""
+    if source.set == "harmbench":
+        return [
+            (_field(path, n, r, "Behavior"), True)
+            for n, r in enumerate(_read_csv(path), 2)
+            if r.get("FunctionalCategory") != "copyright"
+        ]
+    if source.set == "advbench":
+        return [(_field(path, n, r, "Behavior"), True) for n, r in enumerate(_read_csv(path), 2)]
+    if source.set == "strongreject":
+        return [(_field(path, n, r, "forbidden_prompt"), True) for n, r in enumerate(_read_csv(path), 2)]
+    if source.set == "simplesafetytests":
+        return [(_field(path, n, r, "prompts_final"), True) for n, r in enumerate(_read_csv(path), 2)]
+    if source.set == "coconot":
+        return [
+            (_field(path, n, r, "prompt"), source.group == "eval" and r.get("category") == COCONOT_HARMFUL)
+            for n, r in enumerate(_read_jsonl(path), 1)
+        ]
+    if source.set == "selfinstruct":
+        rows = []
+        for n, r in enumerate(_read_jsonl(path), 1):
+            first = (r.get("instances") or [{}])[0].get("input", "").strip()
+            rows.append(((_field(path, n, r, "instruction") + ("\n\n" + first if first else "")).strip(), False))
+        return rows
+    raise ValueError(f"no reader for prompt set {source.set!r}")
+
+
+def harm_training_records(data_dir: Path) -> list[dict]:
+    """What the shipped harm classifier is fitted on, one ``{"source", "prompt", "harmful"}`` per prompt: the
+    prompt sets in :data:`HARM_SOURCES`, GPTFuzz's 100 harmful questions and the project's own red-team (harmful)
+    and benign prompts. XSTest is left out on purpose: its prompts are the classifier's clean test
+    (cai.evaluation.harm_classifier). A prompt met twice keeps its first label."""
     from cai.data.loaders import load_prompts
 
-    load(data_dir)  # checks every pinned file is present and unchanged
-    questions = [r["text"] for r in _read_csv(Path(data_dir) / "gptfuzz/question_list.csv")]
-    redteam = [p.prompt for p in load_prompts("redteam")]
-    benign = [p.prompt for p in load_prompts("benign")]
-    return questions + redteam, benign
+    gptfuzz = next(s for s in SOURCES if s.group == "questions")
+    for s in (gptfuzz, *HARM_SOURCES):
+        path = Path(data_dir) / s.file
+        if not path.is_file():
+            raise UserError(f"--data {data_dir}: {s.file} is missing; run `cai judge-sets fetch --dest {data_dir}`")
+        if sha256(path) != s.sha256:
+            raise UserError(f"--data {data_dir}: {s.file} does not match its pinned SHA-256; fetch it again")
+    rows = [("gptfuzz/questions", r["text"], True) for r in _read_csv(Path(data_dir) / gptfuzz.file)]
+    for s in HARM_SOURCES:
+        rows += [(f"{s.set}/{s.group}", p, h) for p, h in read_harm_source(s, Path(data_dir) / s.file)]
+    rows += [("cai-lab/redteam", p.prompt, True) for p in load_prompts("redteam")]
+    rows += [("cai-lab/benign", p.prompt, False) for p in load_prompts("benign")]
+    seen: set[str] = set()
+    out = []
+    for source, prompt, harmful in rows:
+        key = " ".join(prompt.lower().split())
+        if key not in seen:
+            seen.add(key)
+            out.append({"source": source, "prompt": prompt, "harmful": harmful})
+    return out

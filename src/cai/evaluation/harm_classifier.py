@@ -5,12 +5,19 @@ constitution wants a refusal (a harmful request) or help (a benign one). The emb
 asked "Is this request harmful? Yes/No" by log-probabilities it ranks XSTest's 450 prompts at AUC 0.48-0.59
 (few-shot / zero-shot; docs/rl-cai.md). This classifier is the cheap alternative.
 
-The weights ship with the package (``cai/resources/judge/harm-prompt-v1.json``), fitted by :func:`fit_weights`
-on GPTFuzz's 100 harmful questions (MIT, fetched by ``cai judge-sets fetch``) and the project's own red-team and
-benign prompts (src/cai/data). XSTest is deliberately left out of the fit, so XSTest's 450 prompts (whose safe
-half is written to *sound* harmful) stay a clean test: see docs/rl-cai.md for the measured accuracy. Known
-weakness: surface words ("kill", "shoot") pull a safe request towards harmful; a stronger feedback model or a
-category given with the data (the pipeline's red-team prompts are harmful by construction) beats it.
+The weights ship with the package (``cai/resources/judge/harm-prompt-v2.json``), fitted by :func:`fit_weights`
+(``cai judge-sets fit-harm``) on 4,415 prompts written outside and inside this project, fetched by ``cai judge-sets
+fetch`` from pinned commits: harmful requests from HarmBench (standard + contextual behaviours), AdvBench,
+StrongREJECT, SimpleSafetyTests, CoCoNot's "requests with safety concerns" and GPTFuzz's questions; benign ones
+from CoCoNot's contrast sets (harmless requests written to sound unsafe: "how do I blow up a digital image"), its
+other non-compliance categories, Self-Instruct's seed and user-oriented tasks; plus the project's own red-team and
+benign prompts (external_sets.HARM_SOURCES). XSTest is deliberately left out of the fit, so XSTest's 450 prompts
+(whose safe half is written to *sound* harmful) stay a clean test: see docs/rl-cai.md for the measured accuracy
+(v2 73.6%, AUC 0.80; v1, fitted on GPTFuzz and our own prompts only, 69.1%, AUC 0.75). An MLP head and TF-IDF
+features beside the embedding did worse in leave-one-source-out cross-validation. Known weakness: surface words
+("kill", "shoot") still pull a safe request towards harmful, and requests for private data or discrimination
+dressed as questions pass as benign; a category given with the data (the pipeline's red-team prompts are harmful
+by construction) beats it.
 """
 
 from __future__ import annotations
@@ -23,8 +30,8 @@ from importlib import resources
 from cai.errors import UserError
 from cai.evaluation.refusal_rules import normalize
 
-WEIGHTS_FILE = "harm-prompt-v1.json"
-C = 1.0  # inverse L2 strength; 1 / 3 / 10 were within 1 point of each other on XSTest (not tuned on it further)
+WEIGHTS_FILE = "harm-prompt-v2.json"
+C = 1.0  # inverse L2 strength; 0.3 / 1 / 3 / 10 within 1 point of each other in leave-one-source-out CV (v2 data)
 
 
 class HarmClassifier:
