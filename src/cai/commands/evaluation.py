@@ -71,8 +71,11 @@ def eval_(
     from cai.evaluation.evaluate import evaluate_model
     from cai.evaluation.judges import get_judge
     from cai.evaluation.standard_sets import load_eval_prompts
+    from cai.models import DTYPES
     from cai.runs import StageDir
 
+    if dtype not in DTYPES:  # before the output folder is made
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     ks = _int_list(prefill_k, "--prefill-k") if prefill_k else []
     harmful = load_eval_prompts(prompts, field, split=split, limit=limit)
     benign_set = load_eval_prompts(benign, benign_field, split=split, limit=benign_limit) if benign else None
