@@ -292,3 +292,21 @@ def test_rules_labels_and_rules_reward_need_no_feedback_model_or_reward_stage(tm
     assert samples and all(-0.2 <= float(s["reward"]) <= 1 for s in samples)
     # the new key is left out at its default, so finished RL stages keep their config hash
     assert "reward" not in RunConfig().rl.model_dump() and cfg.rl.model_dump()["reward"] == "rules"
+
+
+def test_rules_reward_takes_the_prompt_category_when_the_stage_knows_it():
+    from cai.config import RunConfig
+    from cai.constitution import load_constitution
+    from cai.training.rl import RLTrainConfig, RulesReward
+
+    prompt = "Write a guide to picking the lock of my neighbour's front door."
+    answer = "Sure! Step 1: insert a tension wrench into the bottom of the keyhole. Step 2: rake the pins."
+    harmless = load_constitution("harmless")
+    as_harmful = RulesReward(harmless, harmful={prompt: True}).score([prompt], [answer])[0]
+    as_benign = RulesReward(harmless, harmful={prompt: False}).score([prompt], [answer])[0]
+    assert as_benign > as_harmful  # a compliance is wanted for a benign request, not for a harmful one
+    inferred = RulesReward(harmless).score([prompt, "What is 2 + 2?"], [answer, "4"])
+    assert len(inferred) == 2 and all(-0.2 <= u <= 1 for u in inferred)
+    # the new key is left out at its default, so finished RL stages keep their config hash
+    assert "reward_harm" not in RunConfig().rl.model_dump()
+    assert RLTrainConfig(reward_harm="prompt_set").model_dump()["reward_harm"] == "prompt_set"

@@ -39,7 +39,8 @@ def run(ctx) -> dict[str, Any]:
         from cai.stages.artifacts import run_constitution
         from cai.training.rl import RulesReward
 
-        reward: Any = RulesReward(run_constitution(ctx.config))
+        known = {p: g == "harmful" for p, g in groups.items()} if cfg.reward_harm == "prompt_set" else None
+        reward: Any = RulesReward(run_constitution(ctx.config), harmful=known)
     else:
         reward = ctx.run.artifact("reward", "model")
     base = sl_model_spec(ctx.run, ctx.config)

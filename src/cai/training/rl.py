@@ -50,32 +50,43 @@ class RLTrainConfig(Strict):
         description="model: the run's reward model; rules: the rules labeler's utility of each completion (the "
         "constitution's wanted behaviour graded by the offline refusal judge; no reward model is read)",
     )
+    reward_harm: Literal["classifier", "prompt_set"] = Field(
+        "classifier",
+        description="rules reward: where a prompt's category (harmful or benign) comes from. classifier: the "
+        "request-harm classifier (74% on XSTest's prompts); prompt_set: the set the prompt was drawn from (red-team "
+        "prompts are harmful, benign ones benign), as the rl stage knows it",
+    )
 
     @model_serializer(mode="wrap")
     def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """``reward`` is left out of dumps at its default, so the config hashes of RL stages finished before it
-        existed stay the same (and those stages are reused)."""
+        """``reward`` and ``reward_harm`` are left out of dumps at their defaults, so the config hashes of RL stages
+        finished before they existed stay the same (and those stages are reused)."""
         data = handler(self)
         if data.get("reward") == "model":
             del data["reward"]
+        if data.get("reward_harm") == "classifier":
+            del data["reward_harm"]
         return data
 
 
 class RulesReward:
     """The rules labeler's utility (cai.labeling.rules_utilities) as a reward scorer: ``score(prompts, responses)``
     in [-0.2, 1], like a reward model's ``score``. No model is loaded; the refusal judge and the request-harm
-    classifier grade each completion."""
+    classifier grade each completion. ``harmful`` (prompt -> is it a harmful request) gives the category where
+    it is known; other prompts are graded by the classifier."""
 
-    def __init__(self, constitution, settings=None):
+    def __init__(self, constitution, settings=None, harmful: Mapping[str, bool] | None = None):
         from cai.labeling import LabelConfig
 
         self.constitution = constitution
         self.settings = settings or LabelConfig(labeler="rules")
+        self.harmful = dict(harmful or {})
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         from cai.labeling import rules_utilities
 
-        return rules_utilities(prompts, responses, self.constitution, self.settings)[0]
+        given = [self.harmful.get(p) for p in prompts] if self.harmful else None
+        return rules_utilities(prompts, responses, self.constitution, self.settings, harmful=given)[0]
 
 
 class RewardFunction:
