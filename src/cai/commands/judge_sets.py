@@ -125,7 +125,9 @@ def fit_harm(
 
     records = harm_training_records(data)
     used = [s for s in SOURCES if s.set == "gptfuzz" and s.group == "questions"] + list(HARM_SOURCES)
-    sources = {f"{s.set}/{s.group}": {"url": s.url, "sha256": s.sha256, "licence": s.licence} for s in used}
+    sources: dict[str, dict[str, str | int]] = {
+        f"{s.set}/{s.group}": {"url": s.url, "sha256": s.sha256, "licence": s.licence} for s in used
+    }
     sources["cai-lab/redteam+benign"] = {"licence": "Apache-2.0 (this project)"}
     counts = Counter(r["source"] for r in records)
     counts["cai-lab/redteam+benign"] = counts["cai-lab/redteam"] + counts["cai-lab/benign"]
