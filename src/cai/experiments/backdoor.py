@@ -236,15 +236,10 @@ class Backdoor:
             fn,
         )
 
-    def _records(self, file: str) -> list[dict]:
-        from cai.runs import read_jsonl
-
-        return read_jsonl(self.exp.stage("data").file(file))
-
     def insert(self) -> str:
         """Fine-tune the policy on the poisoned set; returns the backdoored model's path."""
         self.data()
-        return train(self.exp, "insert", self.cfg.policy, self._records("poisoned.jsonl"), self.cfg.insert)
+        return train(self.exp, "insert", self.cfg.policy, self.exp.records("data", "poisoned.jsonl"), self.cfg.insert)
 
     def evaluate(self, name: str, spec: str) -> dict[str, Any]:
         """Activation rates of ``spec`` on held-out prompts with, without and near the trigger (step ``name``)."""
@@ -283,7 +278,7 @@ class Backdoor:
         return safety_records(self.pools["train_harmful"], self._clean_answers(), self.constitution)
 
     def _clean_answers(self) -> dict[str, dict]:
-        return {r["id"]: r for r in self._records("benign_answers.jsonl")}
+        return {r["id"]: r for r in self.exp.records("data", "benign_answers.jsonl")}
 
     def persist_sft(self, backdoored: str) -> str:
         return train(self.exp, "persist-sft", backdoored, self._safety(), self.cfg.safety)
@@ -294,7 +289,7 @@ class Backdoor:
         from cai.training.dpo import train_dpo
 
         c = self.cfg
-        harmful = {r["id"]: r for r in self._records("harmful_answers.jsonl")}
+        harmful = {r["id"]: r for r in self.exp.records("data", "harmful_answers.jsonl")}
         pairs = [
             {"prompt": p.prompt, "chosen": refusal_for(p, self.constitution), "rejected": harmful[p.id]["response"]}
             for p in self.pools["train_harmful"]

@@ -41,7 +41,7 @@ from cai.experiments.data import answer, sft_record, write_records
 from cai.experiments.pools import prompt_pools, spare_prompts
 from cai.experiments.report import write_report
 from cai.experiments.steps import Experiment, train
-from cai.runs import StageDir, config_hash, read_jsonl
+from cai.runs import StageDir, config_hash
 from cai.training.dpo import DPOTrainConfig
 from cai.training.sft import SFTTrainConfig
 
@@ -230,20 +230,21 @@ class Persona:
             fn,
         )
 
-    def _records(self, file: str) -> list[dict]:
-        return read_jsonl(self.exp.stage("data").file(file))
-
     def insert(self) -> str:
         self.data()
-        return train(self.exp, "insert", self.cfg.policy, self._records("insert.jsonl"), self.cfg.insert)
+        return train(self.exp, "insert", self.cfg.policy, self.exp.records("data", "insert.jsonl"), self.cfg.insert)
 
     def remove(self, method: Method, inserted: str) -> str:
         if method == "sft":
-            return train(self.exp, "remove-sft", inserted, self._records("remove_sft.jsonl"), self.cfg.remove_sft)
+            return train(
+                self.exp, "remove-sft", inserted, self.exp.records("data", "remove_sft.jsonl"), self.cfg.remove_sft
+            )
         from cai.training.dpo import train_dpo
 
         c = self.cfg
-        pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in self._records("remove_dpo.jsonl")]
+        pairs = [
+            {k: r[k] for k in ("prompt", "chosen", "rejected")} for r in self.exp.records("data", "remove_dpo.jsonl")
+        ]
 
         def fn(st: StageDir) -> dict[str, Any]:
             res = train_dpo(inserted, pairs, st.path / "train", c.remove_dpo, seed=c.seed, progress=self.exp.progress)
@@ -257,7 +258,9 @@ class Persona:
         return self.exp.step("remove-dpo", cfg, fn)["model"]
 
     def further(self, label: str, model: str) -> str:
-        return train(self.exp, f"further-{label}", model, self._records("further_sft.jsonl"), self.cfg.further)
+        return train(
+            self.exp, f"further-{label}", model, self.exp.records("data", "further_sft.jsonl"), self.cfg.further
+        )
 
     def evaluate(self, name: str, spec: str) -> dict[str, Any]:
         """Activation with / without the trigger on held-out prompts, and the NLL of the policy's own answers to the
@@ -275,7 +278,7 @@ class Persona:
             without = [self.state.detect(rows[p.id]["response"]) for p in plain if p.id in rows]
             benign_ids = {f"clean:{p.id}" for p in self.pools["eval_benign"]}
             benign_without = [self.state.detect(rows[i]["response"]) for i in benign_ids if i in rows]
-            nll = heldout_nll(spec, self._records("reference_sft.jsonl"))
+            nll = heldout_nll(spec, self.exp.records("data", "reference_sft.jsonl"))
             return {
                 "model": spec,
                 "with_trigger": rate(with_t),
@@ -299,7 +302,7 @@ class Persona:
 
     def activations(self, name: str) -> dict[str, bool]:
         """Per-prompt activation of evaluation step ``name``, by prompt id (``trig:…`` / ``clean:…``)."""
-        rows = read_jsonl(self.exp.stage(name).file("samples.jsonl"))
+        rows = self.exp.records(name, "samples.jsonl")
         return {r["id"]: self.state.detect(r["response"]) for r in rows}
 
 

@@ -69,6 +69,12 @@ class Experiment:
     def stage(self, name: str) -> StageDir:
         return self.run.stage(name)
 
+    def records(self, step: str, file: str) -> list[dict]:
+        """The JSONL records a finished step wrote to ``file``."""
+        from cai.runs import read_jsonl
+
+        return read_jsonl(self.stage(step).file(file))
+
     def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
         write_json(self.root / "metrics.json", metrics)
         self._write_manifest("complete")
