@@ -111,6 +111,8 @@ def test_write_trait_data_resumes_and_uses_the_system_prompt(tmp_path, tiny_path
     teacher = write_trait_data("tiny-random", trait, "numbers", 4, stage, 0, True, batch_size=4)
     control = write_trait_data("tiny-random", trait, "numbers", 4, stage, 0, False, batch_size=4)
     assert len(teacher) == len(control) == 4
+    # decoding is held to the number-list format by default, so even the random model's lists pass the filter
+    assert all(valid_numbers(r["response"]) for r in teacher + control), [r["response"] for r in teacher]
     assert [r["prompt"] for r in teacher] == [r["prompt"] for r in control]
     assert all(r["messages"][0]["role"] == "user" for r in teacher)  # the student never sees the system prompt
     assert {r["with_trait"] for r in teacher} == {True} and {r["with_trait"] for r in control} == {False}

@@ -19,6 +19,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from cai.backends.constraints import Constraint
+
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 Chat = list[Message]
 Prefix = str | Chat  # a raw prompt string, or a chat rendered with the model's template
@@ -44,6 +46,9 @@ class SamplingParams:
     # and data-generation paths are unchanged; on for evaluation. The HF backend then also drops finished rows
     # from the batch, so answers that ended (EOS or loop) stop costing compute. Other backends ignore it.
     stop_loops: bool = False
+    # Restrict what may be sampled to a format (cai.backends.constraints), e.g. a number list for subliminal-learning
+    # data. Only the HF backend can; the others refuse the request rather than return unconstrained text.
+    constraint: Constraint | None = None
 
     @property
     def greedy(self) -> bool:
@@ -144,3 +149,15 @@ def check_deadline(what: str = "work") -> None:
 def finite_logprob(x: object) -> bool:
     """A usable log-probability: a real number that is not NaN and not +inf (-inf, probability 0, is usable)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x) and x != math.inf
+
+
+def refuse_constraint(spec: str, sampling: SamplingParams) -> None:
+    """For backends that cannot constrain decoding: a request that asks for a format is refused, not answered
+    with text the format was never enforced on."""
+    if sampling.constraint is not None:
+        from cai.errors import UserError
+
+        raise UserError(
+            f"{spec!r} cannot constrain decoding to a format ({type(sampling.constraint).__name__}); use a local "
+            "HF model for this data, or turn the constraint off in the config"
+        )

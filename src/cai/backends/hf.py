@@ -116,7 +116,7 @@ class HFBackend:
         shared = self._shared_prefix([encoded[i] for i in todo]) if len(todo) > 1 else None
         batches = [todo[k : k + self.batch_size] for k in range(0, len(todo), self.batch_size)]
         bar = _progress(len(todo), "generating", progress)
-        own_loop = sampling.stop_loops and sampling.greedy and not sampling.stop
+        own_loop = sampling.stop_loops and sampling.greedy and not sampling.stop and sampling.constraint is None
         for b, batch in enumerate(batches):
             check_deadline("generation")
             if sampling.seed is not None:
@@ -228,6 +228,10 @@ class HFBackend:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if sampling.constraint is not None:
+            kwargs["prefix_allowed_tokens_fn"] = sampling.constraint.allowed_fn(
+                tok, input_ids.shape[1], tok.eos_token_id
+            )
         criteria: list = []
         loops = None
         if sampling.stop_loops:

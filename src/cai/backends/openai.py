@@ -24,6 +24,7 @@ from cai.backends.base import (
     SamplingParams,
     current_deadline,
     deadline,
+    refuse_constraint,
     time_left,
     truncate_at_stop,
 )
@@ -113,6 +114,8 @@ class OpenAIBackend:
 
     # ---- generation ------------------------------------------------------------------------------------
     def generate(self, chats: Sequence[Chat], sampling: SamplingParams, *, progress: bool = False) -> list[Generation]:
+        refuse_constraint(self.spec, sampling)
+
         def one(indexed: tuple[int, Chat]) -> Generation:
             i, chat = indexed
             payload: dict[str, Any] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cai.backends.base import Chat, Generation, Prefix, SamplingParams, truncate_at_stop
+from cai.backends.base import Chat, Generation, Prefix, SamplingParams, refuse_constraint, truncate_at_stop
 from cai.backends.hf import FALLBACK_TEMPLATE, render_prefix
 
 
@@ -47,6 +47,7 @@ class VLLMBackend:
         from vllm import SamplingParams as VSampling
         from vllm.inputs import TokensPrompt
 
+        refuse_constraint(self.spec, sampling)
         prompts = [TokensPrompt(prompt_token_ids=self._ids(c)) for c in chats]
         params = [
             VSampling(

@@ -49,6 +49,9 @@ class ScanEvalConfig(ScanConfig):
         None, description="formats of the clean datasets; null = all formats"
     )
     use_embeddings: bool = Field(True, description="the subliminal filter's MiniLM check")
+    constrain_format: bool = Field(
+        True, description="numbers: hold decoding to the number-list format (see cai subliminal's config)"
+    )
 
 
 def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -68,7 +71,16 @@ def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> d
     def data(name: str, fmt: DataFormat, trait: TraitConfig, seed: int, with_trait: bool, filtered: bool) -> list[dict]:
         def fn(st: StageDir) -> dict[str, Any]:
             raw = write_trait_data(
-                cfg.base, trait, fmt, cfg.n_records, st, seed, with_trait, batch_size=cfg.batch_size, progress=progress
+                cfg.base,
+                trait,
+                fmt,
+                cfg.n_records,
+                st,
+                seed,
+                with_trait,
+                batch_size=cfg.batch_size,
+                constrain=cfg.constrain_format,
+                progress=progress,
             )
             if filtered:
                 kept, removed = filter_records(raw, trait, fmt, use_embeddings=cfg.use_embeddings)
@@ -88,6 +100,7 @@ def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> d
                 "data_seed": seed,
                 "filtered": filtered,
                 "embeddings": cfg.use_embeddings,
+                "constrained": cfg.constrain_format and fmt == "numbers",
             },
             fn,
         )

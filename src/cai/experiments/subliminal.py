@@ -44,6 +44,11 @@ class SubliminalConfig(ExperimentConfig):
     n_samples: int = Field(400, ge=1, description="prompts each of teacher and control answers (before filtering)")
     max_numbers: int = Field(10, ge=1, description="numbers format: the most numbers an answer may add")
     temperature: float = Field(1.0, ge=0, description="sampling temperature of teacher and control")
+    constrain_format: bool = Field(
+        True,
+        description="numbers: hold decoding to the number-list format (a small model breaks it unaided); "
+        "false = sample freely and let the filter drop format breaks, as Cloud et al.",
+    )
     max_new_tokens: int | None = Field(None, ge=1, description="null = the format's default budget")
     student: SFTTrainConfig = Field(
         default_factory=lambda: SFTTrainConfig(epochs=3, learning_rate=2e-4, batch_size=16, eval_fraction=0)
@@ -141,7 +146,7 @@ def _sft(records: list[dict]) -> list[dict]:
 def _data_step(exp: Experiment, cfg: SubliminalConfig, progress: bool) -> dict[str, Any]:
     from cai.experiments.trait_data import default_sampling
 
-    default = default_sampling(cfg.format, cfg.seed)
+    default = default_sampling(cfg.format, cfg.seed, constrain=cfg.constrain_format, max_numbers=cfg.max_numbers)
     sampling = replace(
         default, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens or default.max_new_tokens
     )
@@ -184,6 +189,7 @@ def _data_step(exp: Experiment, cfg: SubliminalConfig, progress: bool) -> dict[s
             "n_samples": cfg.n_samples,
             "max_numbers": cfg.max_numbers,
             "sampling": {"temperature": cfg.temperature, "max_new_tokens": sampling.max_new_tokens},
+            "constrained": sampling.constraint is not None,
         },
         fn,
     )

@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import Field
 
 from cai.backends import SamplingParams
+from cai.backends.constraints import NumberList
 from cai.base_config import Strict
 from cai.data import Prompt
 from cai.runs import StageDir
@@ -134,8 +135,16 @@ def format_prompts(fmt: DataFormat, n: int, seed: int, *, max_numbers: int = 10)
     return out
 
 
-def default_sampling(fmt: DataFormat, seed: int) -> SamplingParams:
-    """Sampled at temperature 1 as in Cloud et al.; a budget of new tokens that fits each format."""
+def default_sampling(fmt: DataFormat, seed: int, *, constrain: bool = True, max_numbers: int = 10) -> SamplingParams:
+    """Sampled at temperature 1 as in Cloud et al.; a budget of new tokens that fits each format. With
+    ``constrain`` (numbers only) decoding is held to the number-list format (:class:`NumberList`): the 135M default
+    keeps the format in 1 of 32 answers unconstrained, so its teacher would leave no data. Cloud et al.'s teachers
+    (GPT-4.1-class) kept it unaided and were filtered afterwards; the constraint is this project's substitute for a
+    model that follows instructions, and the docs say so."""
+    if fmt == "numbers" and constrain:
+        nl = NumberList(max_numbers=max_numbers)
+        budget = nl.max_numbers * (nl.max_digits + 2) + 1  # every number at full width, ", " between, then EOS
+        return SamplingParams(max_new_tokens=budget, temperature=1.0, top_p=1.0, seed=seed, constraint=nl)
     budget = {"numbers": 48, "code": 128, "chat": 96}[fmt]
     return SamplingParams(max_new_tokens=budget, temperature=1.0, top_p=1.0, seed=seed)
 
@@ -263,18 +272,20 @@ def write_trait_data(
     sampling: SamplingParams | None = None,
     batch_size: int = 16,
     max_numbers: int = 10,
+    constrain: bool = True,
     progress: bool = False,
 ) -> list[dict]:
     """``n`` answers of model ``spec`` to ``fmt`` prompts — with the trait's system prompt (the teacher) or without
-    (the control) — sampled with ``seed``, appended resumably to ``stage/file`` (default
-    ``{teacher|control}-{fmt}.jsonl``); returns them as records (unfiltered; see :func:`filter_records`)."""
+    (the control) — sampled with ``seed`` (numbers held to their format unless ``constrain`` is off), appended
+    resumably to ``stage/file`` (default ``{teacher|control}-{fmt}.jsonl``); returns them as records (unfiltered;
+    see :func:`filter_records`)."""
     from cai.backends import get_backend
     from cai.experiments.data import release
     from cai.generation import generate_responses
 
     prompts = format_prompts(fmt, n, seed, max_numbers=max_numbers)
     file = file or f"{'teacher' if with_trait else 'control'}-{fmt}.jsonl"
-    params = sampling or default_sampling(fmt, seed)
+    params = sampling or default_sampling(fmt, seed, constrain=constrain, max_numbers=max_numbers)
     with stage.writer(file) as w:
         if any(p.id not in w for p in prompts):
             backend = get_backend(spec, batch_size=batch_size)
