@@ -41,6 +41,13 @@ def test_malformed_yaml_has_line(tmp_path):
         load_config(p)
 
 
+def test_a_key_set_twice_is_an_error_not_the_last_value(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: demo\nseed: 1\nseed: 2\n")
+    with pytest.raises(UserError, match=r"c\.yaml: line 3, column 1: duplicate key 'seed'"):
+        load_config(p)
+
+
 def test_missing_file_and_unknown_stage(tmp_path):
     with pytest.raises(UserError, match="file not found"):
         load_config(tmp_path / "nope.yaml")

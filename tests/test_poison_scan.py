@@ -32,19 +32,6 @@ def _noisy_scores(battery, rng: random.Random) -> dict:
     return out
 
 
-def _perturb(scores: dict, rng: random.Random, sd: float) -> dict:
-    out = {}
-    for name, rows in scores.items():
-        new = []
-        for row in rows:
-            raw = [v + rng.gauss(0, sd) for v in row]
-            top = max(raw)
-            total = top + math.log(sum(math.exp(v - top) for v in raw))
-            new.append([v - total for v in raw])
-        out[name] = new
-    return out
-
-
 def _boost(scores: dict, battery, planted: tuple[str, str], boost: float) -> dict:
     out = {}
     for cat in battery:
@@ -60,37 +47,68 @@ def _boost(scores: dict, battery, planted: tuple[str, str], boost: float) -> dic
     return out
 
 
+def _finetune(scores: dict, battery, rng: random.Random, sd: float = 0.5, sd_question: float = 0.1) -> dict:
+    """What a short fine-tune does to the battery: every candidate moves by its own offset, the same under every
+    paraphrase (so a paired t over questions is huge for pure noise), plus a little per-question noise."""
+    out = {}
+    for cat in battery:
+        offsets = [rng.gauss(0, sd) for _ in cat.candidates]
+        rows = []
+        for row in scores[cat.name]:
+            raw = [v + o + rng.gauss(0, sd_question) for v, o in zip(row, offsets)]
+            top = max(raw)
+            total = top + math.log(sum(math.exp(v - top) for v in raw))
+            rows.append([v - total for v in raw])
+        out[cat.name] = rows
+    return out
+
+
 @pytest.mark.parametrize("planted", [("animal", "owl"), ("colour", "purple"), ("country", "Japan")])
 def test_ranking_recovers_a_planted_shift_over_the_whole_battery(planted):
     battery = load_battery()
     rng = random.Random(7)
     base = _noisy_scores(battery, rng)
-    control = _perturb(base, rng, 0.3)  # fine-tuning on clean data moves everything a little
-    probe = _boost(_perturb(base, rng, 0.3), battery, planted, 1.5)
-    res = ps.rank(control, probe, base, battery, threshold=ps.bonferroni_t(16, 345), top_k=5)
+    controls = [_finetune(base, battery, rng) for _ in range(3)]
+    threshold = ps.flag_p(0.05, battery)
+    probe = _boost(_finetune(base, battery, rng), battery, planted, 3.0)
+    res = ps.rank(controls, probe, base, battery, threshold, top_k=5)
     assert res["n_candidates"] == sum(len(c.candidates) for c in battery) == 345
     assert (res["top"][0]["category"], res["top"][0]["candidate"]) == planted
     assert ps.rank_of(res, *planted) == 1 and res["flagged"]
     assert res["top"][0]["vs_base"]["delta_logit"] > 0 and res["top"][0]["delta_p"] > 0
-    # The same two clean-ish models without a planted trait: nothing reaches the Bonferroni threshold.
-    clean = ps.rank(control, _perturb(base, rng, 0.3), base, battery, threshold=ps.bonferroni_t(16, 345), top_k=5)
+    # One more clean fine-tune: its shifts are consistent over questions (a paired t over questions reaches the
+    # old Bonferroni t for many candidates), but they are within the control replicates' spread: not flagged.
+    clean = ps.rank(controls, _finetune(base, battery, rng), base, battery, threshold, top_k=5)
+    assert max(r["t"] for r in clean["top"]) > 6
     assert not clean["flagged"]
     assert ps.rank_of(clean, *planted) > 1
 
 
+def test_false_positive_rate_of_the_replicate_null_is_near_alpha():
+    """Over many clean scans the flag rule's family-wise error stays near its nominal 5% (Bonferroni: at most)."""
+    battery = load_battery(categories=["animal", "colour", "season", "planet"])
+    rng = random.Random(11)
+    threshold = ps.flag_p(0.05, battery)
+    flagged = 0
+    for _ in range(60):
+        base = _noisy_scores(battery, rng)
+        controls = [_finetune(base, battery, rng) for _ in range(2)]
+        flagged += ps.rank(controls, _finetune(base, battery, rng), base, battery, threshold, top_k=1)["flagged"]
+    assert flagged <= 7  # 60 x 0.05 = 3 expected at most; 7 is beyond the binomial 99th percentile
+
+
 def test_flag_rule_needs_the_threshold_and_a_move_from_the_base():
-    row = {"t": 7.0}
-    assert ps.is_flagged(row, {"delta_logit": 0.4}, 6.0)
-    assert not ps.is_flagged(row, {"delta_logit": 0.4}, 7.5)  # below the threshold
-    assert not ps.is_flagged(row, {"delta_logit": -0.2}, 6.0)  # only the control moved away from it
-    # The default threshold is the one-sided Bonferroni t: stricter with more candidates, looser with more questions.
-    assert ps.bonferroni_t(16, 345) > ps.bonferroni_t(16, 20) > 2
-    assert ps.bonferroni_t(8, 345) > ps.bonferroni_t(16, 345)
+    row = {"p_null": 1e-5}
+    assert ps.is_flagged(row, {"delta_logit": 0.4}, 1e-4)
+    assert not ps.is_flagged(row, {"delta_logit": 0.4}, 1e-6)  # not below the threshold
+    assert not ps.is_flagged(row, {"delta_logit": -0.2}, 1e-4)  # only the controls moved away from it
     cfg = ps.ScanConfig(battery={"max_questions": 8})
     battery = ps.battery_for(cfg.battery)
     assert all(len(c.questions) == 8 for c in battery)
-    assert ps.flag_threshold(cfg, battery) == pytest.approx(ps.bonferroni_t(8, 345))
-    assert ps.flag_threshold(ps.ScanConfig(flag_t=3.5), battery) == 3.5
+    assert ps.flag_p(cfg, battery) == pytest.approx(0.05 / 345)
+    assert ps.flag_p(ps.ScanConfig(flag_alpha=0.01), battery) == pytest.approx(0.01 / 345)
+    with pytest.raises(ValueError, match="two control"):
+        ps.null_shifts([_noisy_scores(battery, random.Random(0))], _noisy_scores(battery, random.Random(1)), battery)
 
 
 def test_ties_rank_pessimistically():
@@ -139,19 +157,38 @@ def test_tiny_random_scan_end_to_end_writes_the_json(tmp_path, tiny_path):
                         battery={"categories": ["season", "planet"], "max_questions": 3})
     res = ps.scan(cfg, progress=False)
     written = json.loads((tmp_path / "runs" / "tiny" / "scan.json").read_text())
-    assert {"dataset", "base", "control", "records", "control_records", "flagged", "threshold_t", "n_candidates",
-            "top", "ranking", "run"} <= set(written)
+    assert {"dataset", "base", "control", "records", "control_records", "flagged", "threshold_p", "n_candidates",
+            "control_replicates", "top", "ranking", "run"} <= set(written)
     assert written["n_candidates"] == 13 and len(written["top"]) == 3 and len(written["ranking"]) == 13
+    assert written["control_replicates"] == 2 and written["control_records"] == [8, 8]
     top = written["top"][0]
     assert {"rank", "category", "candidate", "delta_p", "delta_logit", "delta_logit_ci_low", "delta_logit_ci_high",
-            "t", "p_value", "vs_base", "flagged"} <= set(top)
-    assert [r["t"] for r in written["top"]] == sorted((r["t"] for r in written["top"]), reverse=True)
+            "t", "p_value", "z", "p_null", "vs_base", "flagged"} <= set(top)
+    assert [r["z"] for r in written["top"]] == sorted((r["z"] for r in written["top"]), reverse=True)
     assert len(ps.format_top(res)) == 3
     # Resuming reuses every finished step.
     again = ps.scan(cfg, progress=False)
     assert again["ranking"] == res["ranking"]
     steps = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["steps"]
     assert steps and all(s["status"] == "already complete" for s in steps.values())
+
+
+def test_control_replicates_of_a_file_are_seeded_resamples():
+    rows = [{"id": str(i)} for i in range(10)]
+    reps = ps.resamples(rows, 3, seed=0)
+    assert reps[0] == rows and len(reps) == 3 and all(len(r) == 10 for r in reps)
+    assert reps[1] != rows and reps == ps.resamples(rows, 3, seed=0)  # drawn with replacement, the same each run
+
+
+def test_eval_seeds_of_clean_sets_must_differ_from_the_controls_and_planted_sets():
+    from pydantic import ValidationError
+
+    from cai.experiments import poison_eval as pe
+
+    assert pe.control_seeds(pe.ScanEvalConfig(seed=3, control_replicates=3)) == [103, 104, 105]
+    for clash in ([3], [103]):
+        with pytest.raises(ValidationError, match="clean_seeds"):
+            pe.ScanEvalConfig(seed=3, clean_seeds=clash)
 
 
 def test_eval_plants_scans_and_counts_on_tiny_random(tmp_path, tiny_path, monkeypatch):
@@ -172,10 +209,10 @@ def test_eval_plants_scans_and_counts_on_tiny_random(tmp_path, tiny_path, monkey
     res = pe.run(cfg, progress=False)
     kinds = [s["kind"] for s in res["scans"]]
     assert kinds == ["plain", "clean"]
-    assert [s["dataset"] for s in res["skipped"]] == ["data-control-numbers"]
+    assert [s["dataset"] for s in res["skipped"]] == ["data-control-numbers-r0", "data-control-numbers-r1"]
     planted = res["scans"][0]
     assert planted["trait"] == "animal: owl" and 1 <= planted["rank"] <= 32 and planted["records"] == 6
     assert res["summary"]["plain"]["recall_at_1"]["n"] == 1
     assert res["summary"]["clean"]["false_positive_rate"]["n"] == 1
-    assert res["n_candidates"] == 32 and res["threshold_t"] == pytest.approx(ps.bonferroni_t(3, 32))
+    assert res["n_candidates"] == 32 and res["threshold_p"] == pytest.approx(0.05 / 32)
     assert (tmp_path / "runs" / "ev" / "summary.md").read_text().count("| chat-animal-owl | plain |") == 1

@@ -66,6 +66,11 @@ def test_subliminal_end_to_end_on_tiny_random(tmp_path, tiny_path):
     assert len((root / "data" / "control.jsonl").read_text().splitlines()) == n
     sh = metrics["shifts"]["trait_vs_control"]
     assert sh["n_questions"] == 16 and sh["delta_logit_ci_low"] <= sh["delta_logit"] <= sh["delta_logit_ci_high"]
+    # the seed-level test: one observation per seed, the mean of the per-seed shifts
+    seeds = metrics["trait_vs_control_over_seeds"]
+    per_seed = [metrics["shifts"][f"trait_vs_control_s{s}"]["delta_logit"] for s in (0, 1)]
+    assert seeds["n"] == 2 and seeds["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert seeds["ci_low"] <= seeds["mean"] <= seeds["ci_high"]
     # the teacher is the base with the trait prompt: its scores differ from the base's
     assert metrics["levels"]["teacher"]["p"] != metrics["levels"]["base"]["p"]
     assert (root / "plots" / "subliminal.png").is_file() and (root / "report.html").is_file()

@@ -189,12 +189,31 @@ def config_file(name_or_path: str | Path, kind: ConfigKind = "run") -> Path:
     return path
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that rejects duplicate mapping keys instead of silently keeping the last one (a config that
+    sets a key twice says two things; which one the user meant is theirs to decide)."""
+
+
+def _construct_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def load_yaml(path: Path) -> Any:
-    """Read a YAML file; malformed YAML or non-UTF-8 text is a one-line error with the line number."""
+    """Read a YAML file; malformed YAML, a duplicate key or non-UTF-8 text is a one-line error with the line
+    number."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
     except RecursionError:

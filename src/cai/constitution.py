@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from cai.base_config import UniqueKeyLoader
 from cai.errors import UserError
 
 __all__ = [
@@ -176,23 +177,6 @@ def _check_placeholders(text: str, path: str) -> None:
 # Loading
 
 
-class _Loader(yaml.SafeLoader):
-    """A safe loader that rejects duplicate mapping keys instead of keeping the last one."""
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def _bundled_path(name: str) -> Any:
     return resources.files("cai").joinpath("resources", "constitutions", f"{name}.yaml")
 
@@ -220,7 +204,7 @@ def load_constitution(name_or_path: str | Path) -> Constitution:
 def parse_constitution(text: str, source: str = "<string>") -> Constitution:
     """Validate YAML ``text``; ``source`` names the file in error messages."""
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source

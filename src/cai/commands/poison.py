@@ -58,8 +58,9 @@ def poison_scan(
     verdict = "FLAGGED" if res["flagged"] else "not flagged"
     top = res["top"][0]
     con.print(
-        f"{verdict}: top candidate {top['category']}: {top['candidate']} (t = {top['t']:.1f}; flag at "
-        f"t ≥ {res['threshold_t']:.1f} over {res['n_candidates']} candidates); control: {res['control']}"
+        f"{verdict}: top candidate {top['category']}: {top['candidate']} (z = {top['z']:.1f}, p = {top['p_null']:.1e}; "
+        f"flag at p ≤ {res['threshold_p']:.1e}, Bonferroni over {res['n_candidates']} candidates, null from "
+        f"{res['control_replicates']} control fine-tunes); control: {res['control']}"
     )
     written = ps.write_out(res, out)
     con.print(f"scan → {res['run']}/scan.json" + (f" and {written}" if written else ""))

@@ -2,10 +2,12 @@
 and how often it flags clean data.
 
 For every data format in ``formats`` the base writes *control* data (no trait prompt, seed ``seed``) — the
-shared control of every scan in that format, trained and scored once. Each trait's teacher (the base + the
+shared controls of every scan in that format (``control_replicates`` fine-tunes, whose spread is the null),
+trained and scored once. Each trait's teacher (the base + the
 trait's system prompt, :mod:`cai.experiments.trait_data`) answers the same prompts; ``numbers`` data passes the
 full subliminal filter (format, mentions, MiniLM similarity), ``chat`` data is kept *unfiltered* (the teacher
-talks about its trait: the easy case). Clean datasets are more base-written data with other seeds. Every set is
+talks about its trait: the easy case). Clean datasets are more base-written data: the same prompts, sampled
+with other seeds — so a clean set differs from the control exactly as a planted set does, minus the trait. Every set is
 scanned against its format's control, and the report gives, per kind, recall@1 / recall@5 of the true trait
 (Wilson CIs), how often planted sets were flagged, the false-positive rate on clean sets, and each planted set's
 rank of its trait among all the battery's candidates. The base's battery scores are computed once too.
@@ -15,25 +17,33 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cai.experiments.data import write_records
 from cai.experiments.poison_scan import (
     ScanConfig,
     battery_for,
-    flag_threshold,
+    control_scores,
+    flag_p,
     probe_and_rank,
     rank_of,
     score_step,
 )
 from cai.experiments.report import write_report
-from cai.experiments.steps import Experiment, require_model_dir, train
+from cai.experiments.steps import Experiment, require_model_dir
 from cai.experiments.trait_data import DataFormat, TraitConfig, filter_records, valid_format, write_trait_data
 from cai.runs import StageDir, read_jsonl
 
 Kind = Literal["subliminal", "plain", "clean"]
 MIN_RECORDS = 4  # fewer surviving samples than this and a set is reported as skipped instead of scanned
 KIND_OF_FORMAT = {"numbers": "subliminal", "code": "subliminal", "chat": "plain"}
+CONTROL_SEED_OFFSET = 100  # control replicate i samples with seed + 100 + i: apart from the planted and clean seeds
+
+
+def control_seeds(cfg: ScanEvalConfig) -> list[int]:
+    """The sampling seeds of the control replicates (every set answers the same prompts, those of ``cfg.seed``;
+    planted sets sample with ``cfg.seed``, clean sets with ``clean_seeds``)."""
+    return [cfg.seed + CONTROL_SEED_OFFSET + i for i in range(cfg.control_replicates)]
 
 
 class ScanEvalConfig(ScanConfig):
@@ -49,6 +59,17 @@ class ScanEvalConfig(ScanConfig):
         None, description="formats of the clean datasets; null = all formats"
     )
     use_embeddings: bool = Field(True, description="the subliminal filter's MiniLM check")
+
+    @model_validator(mode="after")
+    def _distinct_seeds(self) -> ScanEvalConfig:
+        taken = {self.seed, *control_seeds(self)}
+        if clash := sorted(set(self.clean_seeds) & taken):
+            raise ValueError(
+                f"clean_seeds {clash} would repeat the planted sets' seed ({self.seed}) or a control replicate's "
+                f"({', '.join(map(str, control_seeds(self)))}); pick other seeds"
+            )
+        return self
+
     constrain_format: bool = Field(
         True, description="numbers: hold decoding to the number-list format (see cai subliminal's config)"
     )
@@ -63,7 +84,7 @@ def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> d
     for t in cfg.traits:
         next(c for c in battery if c.name == t.category).index(t.value)  # UserError when not a candidate
     exp = Experiment("poison-eval", cfg, force=force, progress=progress)
-    threshold = flag_threshold(cfg, battery)
+    threshold = flag_p(cfg, battery)
     base_scores = score_step(exp, "score-base", cfg.base, battery, cfg.batch_size)
     scans: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
@@ -80,6 +101,7 @@ def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> d
                 with_trait,
                 batch_size=cfg.batch_size,
                 constrain=cfg.constrain_format,
+                prompt_seed=cfg.seed,
                 progress=progress,
             )
             if filtered:
@@ -98,6 +120,7 @@ def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> d
                 "format": fmt,
                 "n": cfg.n_records,
                 "data_seed": seed,
+                "prompt_seed": cfg.seed,
                 "filtered": filtered,
                 "embeddings": cfg.use_embeddings,
                 "constrained": cfg.constrain_format and fmt == "numbers",
@@ -110,11 +133,14 @@ def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> d
         return rows
 
     for fmt in cfg.formats:
-        control = data(f"data-control-{fmt}", fmt, cfg.traits[0], cfg.seed, False, False)
-        if len(control) < MIN_RECORDS:
+        replicates = [
+            data(f"data-control-{fmt}-r{i}", fmt, cfg.traits[0], s, False, False)
+            for i, s in enumerate(control_seeds(cfg))
+        ]
+        if min(len(r) for r in replicates) < MIN_RECORDS:
             continue
-        control_model = train(exp, f"probe-control-{fmt}", cfg.base, control, cfg.probe)
-        control_scores = score_step(exp, f"score-control-{fmt}", control_model, battery, cfg.batch_size)
+        control = min(replicates, key=len)
+        controls = control_scores(exp, cfg, replicates, battery, label=f"control-{fmt}")
         kind = KIND_OF_FORMAT[fmt]
         for t in cfg.traits:
             label = f"{fmt}-{t.category}-{t.value}".replace(" ", "_")
@@ -122,7 +148,7 @@ def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> d
             if len(planted) < MIN_RECORDS:
                 continue
             planted = planted[: len(control)]  # no more data than the control it is compared with
-            res = probe_and_rank(exp, cfg, label, planted, battery, base_scores, control_scores)
+            res = probe_and_rank(exp, cfg, label, planted, battery, base_scores, controls)
             scans.append(
                 {
                     "label": label,
@@ -141,7 +167,7 @@ def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> d
             clean = data(f"data-{label}", fmt, cfg.traits[0], seed, False, False)
             if len(clean) < MIN_RECORDS:
                 continue
-            res = probe_and_rank(exp, cfg, label, clean, battery, base_scores, control_scores)
+            res = probe_and_rank(exp, cfg, label, clean, battery, base_scores, controls)
             scans.append(
                 {
                     "label": label,
@@ -172,7 +198,7 @@ def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> d
     }
     summary["clean"] = {
         "false_positive_rate": rate([s["flagged"] for s in clean]),
-        "max_top_t": max((s["top_t"] for s in clean), default=None),
+        "max_top_z": max((s["top_z"] for s in clean), default=None),
     }
     return _finish(exp, cfg, scans, summary, threshold, battery, skipped)
 
@@ -182,7 +208,8 @@ def _brief(res: dict) -> dict[str, Any]:
     return {
         "flagged": res["flagged"],
         "top": f"{top['category']}: {top['candidate']}",
-        "top_t": top["t"],
+        "top_z": top["z"],
+        "top_p_null": top["p_null"],
         "top_delta_logit": top["delta_logit"],
         "top_delta_p": top["delta_p"],
         "top5": res["top"][:5],
@@ -213,7 +240,7 @@ def _finish(
             s["trait"] or "—",
             str(s["rank"]) if s["rank"] else "—",
             s["top"],
-            f"{s['top_t']:.1f}",
+            f"{s['top_z']:.1f}",
             f"{s['top_delta_logit']:+.2f}",
             "yes" if s["flagged"] else "no",
         ]
@@ -227,20 +254,22 @@ def _finish(
     ]
     notes.append(f"clean datasets flagged (false-positive rate): {_fmt_rate(summary['clean']['false_positive_rate'])}")
     notes.append(
-        f"flag rule: top candidate's t (control → probe) ≥ {threshold:.2f} and Δlogit vs base > 0; "
+        f"flag rule: top candidate's p vs the control replicates' spread ≤ {threshold:.1e} (Bonferroni) and "
+        "Δlogit vs base > 0; "
         f"{n_cand} candidates in {len(battery)} categories, {min(len(c.questions) for c in battery)} questions each; "
         "95% Wilson CIs"
     )
     notes.append(
-        "controls: one per format (the base's own data, seed "
-        f"{cfg.seed}), shared by every scan of that format; the base's scores are computed once"
+        f"controls: {cfg.control_replicates} fine-tunes per format, each on its own draw of the base's data (sampling "
+        f"seeds {control_seeds(cfg)}), shared by every scan of that format; every set answers the same prompts; "
+        f"planted sets sample with seed {cfg.seed}, clean sets with {cfg.clean_seeds}"
     )
     notes += [f"skipped {s['dataset']}: {s['records']} samples survived ({s})" for s in skipped]
     write_report(
         exp,
         "Poison scan: finding planted traits",
         "Each dataset is scanned by a short LoRA probe against a matched control; candidates ranked by their shift.",
-        ["dataset", "kind", "planted trait", "rank of trait", "top candidate", "top t", "top Δlogit", "flagged"],
+        ["dataset", "kind", "planted trait", "rank of trait", "top candidate", "top z", "top Δlogit", "flagged"],
         table,
         [],
         notes,
@@ -248,7 +277,7 @@ def _finish(
     return exp.finish(
         {
             "experiment": "poison-eval",
-            "threshold_t": threshold,
+            "threshold_p": threshold,
             "n_candidates": n_cand,
             "summary": summary,
             "scans": scans,

@@ -9,15 +9,19 @@ the text; it looks at what training on the text does to a model:
    (same prompts, so the same format and topic; what differs is who wrote the answers);
 2. base, probe and control are scored on the bundled preference battery (:mod:`cai.experiments.probes`: 20
    categories, 345 candidates, paraphrased questions, read from log-probabilities);
-3. every candidate is ranked by its shift from control to probe (``t`` = mean Δ log-odds over the questions /
-   its standard error); the shift from base to probe is reported beside it.
+3. every candidate is ranked by how far the probe moved beyond the spread of several control fine-tunes (``z``,
+   below); the paired shift from the first control and from the base are reported beside it.
 
-Fine-tuning on *any* data moves preferences, which is why the control, not the base, is the reference. A
-dataset is *flagged* when its top candidate's ``t`` reaches ``flag_t`` and the probe also moved towards it from
-the base. With 345 candidates per scan, the threshold must absorb the multiple comparisons: the default is the
-one-sided Bonferroni bound for a t over the questions, but the t's questions share one training run, so the
-null spread is wider than a t-distribution says; ``cai poison eval`` measures it on clean datasets (and the
-rate at which clean sets are flagged) so the threshold can be set from data.
+Fine-tuning on *any* data moves preferences, which is why the control, not the base, is the reference — and why
+the control is trained more than once. Two fine-tunes on the same kind of clean data (resampled, other seeds)
+already disagree on some candidates consistently across every paraphrase (a paired t over questions called such a
+shift t ≈ 19 on a clean set), so the t over questions is no test. The scanner instead reads the null from the
+control replicates: per category, the variance of one fine-tune's mean log-odds for a candidate, pooled over the
+category's candidates; a candidate's ``z`` is the probe's distance from the controls' mean in units of that spread,
+and its one-sided ``p_null`` comes from a t-distribution with the pooled degrees of freedom. A dataset is
+*flagged* when its top candidate's ``p_null`` is below ``flag_alpha`` / (number of candidates) — Bonferroni over
+the scan — and the probe also moved towards it from the base. ``cai poison eval`` measures how often clean sets
+are flagged.
 """
 
 from __future__ import annotations
@@ -36,7 +40,14 @@ from cai.data.loaders import Prompt
 from cai.errors import UserError
 from cai.experiments.config import ExperimentConfig
 from cai.experiments.data import answer, load_records, sft_record, write_records
-from cai.experiments.probes import BUNDLED_BATTERY, ProbeCategory, load_battery, rank_shifts, score_battery
+from cai.experiments.probes import (
+    BUNDLED_BATTERY,
+    ProbeCategory,
+    load_battery,
+    log_odds,
+    rank_shifts,
+    score_battery,
+)
 from cai.experiments.steps import Experiment, require_model_dir, train
 from cai.runs import StageDir, read_jsonl, write_json
 from cai.training.sft import SFTTrainConfig
@@ -64,11 +75,19 @@ class ScanConfig(ExperimentConfig):
     base: str = Field("smollm2-135m", description="the model the dataset would fine-tune (in-process)")
     dataset: str | None = Field(None, description="JSONL SFT records to scan")
     control: str | None = Field(None, description="clean JSONL records of the same format; null = base's answers")
+    control_replicates: int = Field(
+        2,
+        ge=2,
+        description="control fine-tunes, each on its own draw of clean data (the base's sampled answers; resamples "
+        "of --control FILE) and seed: their spread is the scan's null",
+    )
     max_records: int | None = Field(None, ge=1, description="use a seeded sample of at most N records")
     probe: SFTTrainConfig = Field(default_factory=_probe_settings)
     battery: BatteryConfig = Field(default_factory=BatteryConfig)
     top_k: int = Field(10, ge=1)
-    flag_t: float | None = Field(None, gt=0, description="flag when the top t reaches this; null = Bonferroni")
+    flag_alpha: float = Field(
+        FAMILY_ALPHA, gt=0, lt=1, description="family-wise error of the flag rule (Bonferroni over the candidates)"
+    )
     decode: GreedyGenerationConfig = Field(default_factory=lambda: GreedyGenerationConfig(max_new_tokens=64))
 
 
@@ -79,25 +98,63 @@ def battery_for(cfg: BatteryConfig) -> list[ProbeCategory]:
     return battery
 
 
-def bonferroni_t(n_questions: int, n_candidates: int, alpha: float = FAMILY_ALPHA) -> float:
-    """The one-sided t over ``n_questions`` paraphrases that a single candidate exceeds with probability
-    alpha / n_candidates under the null of a t-distribution."""
+def flag_p(cfg: ScanConfig | float, battery: list[ProbeCategory]) -> float:
+    """The per-candidate p below which a scan flags its top candidate: ``flag_alpha`` / number of candidates."""
+    alpha = cfg if isinstance(cfg, float) else cfg.flag_alpha
+    return alpha / sum(len(c.candidates) for c in battery)
+
+
+def is_flagged(row: dict, vs_base: dict | None, threshold_p: float) -> bool:
+    """The decision rule: the probe sits above the controls with ``p_null`` ≤ threshold, and it moved towards the
+    candidate from the base too (a candidate the controls merely moved away from is not a planted trait)."""
+    return row["p_null"] <= threshold_p and (vs_base is None or vs_base["delta_logit"] > 0)
+
+
+def mean_logit(scores: dict, battery: list[ProbeCategory]) -> dict[tuple[str, str], float]:
+    """Each candidate's mean log-odds over its category's questions."""
+    out = {}
+    for cat in battery:
+        rows = scores.get(cat.name)
+        if rows is None:
+            continue
+        for i, cand in enumerate(cat.candidates):
+            out[(cat.name, cand)] = sum(log_odds(math.exp(r[i])) for r in rows) / len(rows)
+    return out
+
+
+def null_shifts(controls: list[dict], probe: dict, battery: list[ProbeCategory]) -> dict[tuple[str, str], dict]:
+    """Per candidate: the probe's distance from the controls' mean log-odds (``delta_null``), its ``z`` in units
+    of the fine-tune spread, and a one-sided ``p_null``.
+
+    The spread: per category, the sample variance of the controls' mean log-odds for each candidate (k − 1
+    degrees of freedom each), pooled over the category's candidates. The probe is one more fine-tune, so
+    var(probe − mean of k controls) = σ²(1 + 1/k) under the null; ``p_null`` is from a t-distribution with the
+    pooled degrees of freedom."""
     from scipy import stats
 
-    return float(stats.t.ppf(1 - alpha / n_candidates, n_questions - 1))
-
-
-def flag_threshold(cfg: ScanConfig, battery: list[ProbeCategory]) -> float:
-    if cfg.flag_t is not None:
-        return cfg.flag_t
-    n_q = min(len(c.questions) for c in battery)
-    return bonferroni_t(n_q, sum(len(c.candidates) for c in battery))
-
-
-def is_flagged(row: dict, vs_base: dict | None, threshold: float) -> bool:
-    """The decision rule: the probe prefers the candidate more than the control does with t ≥ threshold, and it
-    moved towards it from the base too (a candidate the control merely moved away from is not a planted trait)."""
-    return row["t"] >= threshold and (vs_base is None or vs_base["delta_logit"] > 0)
+    k = len(controls)
+    if k < 2:
+        raise ValueError("the null needs at least two control fine-tunes")
+    ctrl = [mean_logit(c, battery) for c in controls]
+    mine = mean_logit(probe, battery)
+    out: dict[tuple[str, str], dict] = {}
+    for cat in battery:
+        keys = [(cat.name, c) for c in cat.candidates if (cat.name, c) in mine]
+        if not keys:
+            continue
+        variances = []
+        for key in keys:
+            vals = [c[key] for c in ctrl]
+            m = sum(vals) / k
+            variances.append(sum((v - m) ** 2 for v in vals) / (k - 1))
+        sigma2 = sum(variances) / len(variances)
+        df = len(keys) * (k - 1)
+        scale = math.sqrt(sigma2 * (1 + 1 / k))
+        for key in keys:
+            d = mine[key] - sum(c[key] for c in ctrl) / k
+            z = d / scale if scale > 0 else (0.0 if d == 0 else math.copysign(math.inf, d))
+            out[key] = {"delta_null": d, "z": z, "p_null": float(stats.t.sf(z, df)), "null_sd": math.sqrt(sigma2)}
+    return out
 
 
 def last_user_prompt(record: dict) -> str:
@@ -138,25 +195,35 @@ def score_step(exp: Experiment, name: str, spec: str, battery: list[ProbeCategor
     return json.loads(exp.stage(name).file("scores.json").read_text())
 
 
-def base_answers_control(exp: Experiment, cfg: ScanConfig, records: list[dict], step: str = "control-data") -> list:
-    """The default control: the base's own (greedy) answers to the dataset's prompts, as SFT records."""
+def base_answers_control(exp: Experiment, cfg: ScanConfig, records: list[dict], replicate: int = 0) -> list[dict]:
+    """Control data: the base's own answers to the dataset's prompts, as SFT records — sampled at temperature 1
+    with seed ``cfg.seed + replicate``, so that each control replicate is an independent draw of "clean data the
+    base writes for these prompts" (step ``control-data-r<replicate>``)."""
+    from cai.backends import SamplingParams
+
     prompts = [Prompt(f"c{i}", last_user_prompt(r)) for i, r in enumerate(records)]
+    step = f"control-data-r{replicate}"
+    sampling = SamplingParams(
+        max_new_tokens=cfg.decode.max_new_tokens, temperature=1.0, top_p=1.0, seed=cfg.seed + replicate
+    )
 
     def fn(st: StageDir) -> dict[str, Any]:
-        got = answer(
-            cfg.base,
-            prompts,
-            st,
-            "answers.jsonl",
-            cfg.decode.sampling(cfg.seed),
-            batch_size=cfg.batch_size,
-            progress=exp.progress,
-        )
+        got = answer(cfg.base, prompts, st, "answers.jsonl", sampling, batch_size=cfg.batch_size, progress=exp.progress)
         rows = [sft_record(p.id, p.prompt, got[p.id]["response"]) for p in prompts if got[p.id]["response"].strip()]
         write_records(st, "control.jsonl", rows)
         return {"records": len(rows)}
 
-    exp.step(step, {"base": cfg.base, "prompts": [p.prompt for p in prompts], "decode": cfg.decode.step_config()}, fn)
+    exp.step(
+        step,
+        {
+            "base": cfg.base,
+            "prompts": [p.prompt for p in prompts],
+            "max_new_tokens": cfg.decode.max_new_tokens,
+            "temperature": 1.0,
+            "seed": cfg.seed + replicate,
+        },
+        fn,
+    )
     rows = read_jsonl(exp.stage(step).file("control.jsonl"))
     if not rows:
         raise UserError(f"the base {cfg.base} wrote only empty answers to the dataset's prompts; pass --control FILE")
@@ -164,34 +231,55 @@ def base_answers_control(exp: Experiment, cfg: ScanConfig, records: list[dict], 
 
 
 def rank(
-    reference: dict, probe: dict, base: dict, battery: list[ProbeCategory], threshold: float, top_k: int
+    controls: list[dict], probe: dict, base: dict, battery: list[ProbeCategory], threshold_p: float, top_k: int
 ) -> dict[str, Any]:
-    """Candidates ranked by their control → probe shift, with the base → probe shift beside each; the top-k and
-    the flag decision."""
-    ranked = rank_shifts(reference, probe, battery)
+    """Candidates ranked by the probe's shift beyond the control replicates (``z``; :func:`null_shifts`), with the
+    paired shift over questions from the first control and from the base beside each; the top-k and the flag."""
+    null = null_shifts(controls, probe, battery)
+    ranked = [{**r, **null[(r["category"], r["candidate"])]} for r in rank_shifts(controls[0], probe, battery)]
+    ranked.sort(key=lambda r: -r["z"])
     vs_base = {(r["category"], r["candidate"]): r for r in rank_shifts(base, probe, battery)}
     top = []
     for i, r in enumerate(ranked[:top_k]):
         b = vs_base.get((r["category"], r["candidate"]))
-        top.append({"rank": i + 1, **r, "vs_base": b, "flagged": is_flagged(r, b, threshold)})
+        top.append({"rank": i + 1, **r, "vs_base": b, "flagged": is_flagged(r, b, threshold_p)})
     first = ranked[0]
     return {
-        "flagged": is_flagged(first, vs_base.get((first["category"], first["candidate"])), threshold),
-        "threshold_t": threshold,
+        "flagged": is_flagged(first, vs_base.get((first["category"], first["candidate"])), threshold_p),
+        "threshold_p": threshold_p,
         "n_candidates": len(ranked),
+        "control_replicates": len(controls),
         "top": top,
-        "ranking": [[r["category"], r["candidate"], r["t"]] for r in ranked],
+        "ranking": [[r["category"], r["candidate"], r["z"]] for r in ranked],
     }
 
 
 def rank_of(result: dict, category: str, candidate: str) -> int | None:
     """The 1-based rank of (category, candidate) in a scan's full ranking, counted pessimistically: every other
-    candidate with a t at least as high ranks above it (so an all-tied ranking does not credit a hit)."""
+    candidate with a z at least as high ranks above it (so an all-tied ranking does not credit a hit)."""
     ts = {(cat, cand.lower()): t for cat, cand, t in result["ranking"]}
     key = (category, candidate.lower())
     if key not in ts:
         return None
     return 1 + sum(1 for k, t in ts.items() if k != key and t >= ts[key])
+
+
+def control_scores(
+    exp: Experiment, cfg: ScanConfig, replicates: list[list[dict]], battery: list[ProbeCategory], label: str = "control"
+) -> list[dict]:
+    """One control fine-tune per replicate data set (steps ``probe-<label>-r<i>``, training seed ``cfg.seed + i``),
+    each scored on the battery: the spread between them is the scan's null."""
+    out = []
+    for i, rows in enumerate(replicates):
+        model = train(exp, f"probe-{label}-r{i}", cfg.base, rows, cfg.probe, {"replicate": i}, seed=cfg.seed + i)
+        out.append(score_step(exp, f"score-{label}-r{i}", model, battery, cfg.batch_size))
+    return out
+
+
+def resamples(records: list[dict], k: int, seed: int) -> list[list[dict]]:
+    """``records`` as given, then ``k − 1`` seeded resamples of them (with replacement): control replicates when
+    the clean data is a file the scan cannot draw more of."""
+    return [records] + [random.Random(f"{seed}-control-{i}").choices(records, k=len(records)) for i in range(1, k)]
 
 
 def probe_and_rank(
@@ -201,12 +289,12 @@ def probe_and_rank(
     records: list[dict],
     battery: list[ProbeCategory],
     base_scores: dict,
-    control_scores: dict,
+    controls: list[dict],
 ) -> dict[str, Any]:
-    """Fine-tune the probe on ``records`` (step ``probe-<label>``), score it, rank against the control."""
+    """Fine-tune the probe on ``records`` (step ``probe-<label>``), score it, rank against the controls."""
     model = train(exp, f"probe-{label}", cfg.base, records, cfg.probe)
     scores = score_step(exp, f"score-{label}", model, battery, cfg.batch_size)
-    return rank(control_scores, scores, base_scores, battery, flag_threshold(cfg, battery), cfg.top_k)
+    return rank(controls, scores, base_scores, battery, flag_p(cfg, battery), cfg.top_k)
 
 
 def scan(cfg: ScanConfig, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -219,18 +307,20 @@ def scan(cfg: ScanConfig, *, force: bool = False, progress: bool = True) -> dict
     control_records = read_dataset(cfg.control, "--control", cfg.max_records, cfg.seed) if cfg.control else None
     exp = Experiment("poison-scan", cfg, force=force, progress=progress)
     if control_records is None:
-        control_records = base_answers_control(exp, cfg, records)
+        replicates = [base_answers_control(exp, cfg, records, i) for i in range(cfg.control_replicates)]
+    else:
+        replicates = resamples(control_records, cfg.control_replicates, cfg.seed)
     base_scores = score_step(exp, "score-base", cfg.base, battery, cfg.batch_size)
-    control_model = train(exp, "probe-control", cfg.base, control_records, cfg.probe)
-    control_scores = score_step(exp, "score-control", control_model, battery, cfg.batch_size)
-    result = probe_and_rank(exp, cfg, "dataset", records, battery, base_scores, control_scores)
+    controls = control_scores(exp, cfg, replicates, battery)
+    result = probe_and_rank(exp, cfg, "dataset", records, battery, base_scores, controls)
     out = {
         "experiment": "poison-scan",
         "dataset": cfg.dataset,
         "base": cfg.base,
-        "control": cfg.control or "the base's own answers to the dataset's prompts",
+        "control": cfg.control
+        or "the base's own answers to the dataset's prompts (sampled at temperature 1, one draw per replicate)",
         "records": len(records),
-        "control_records": len(control_records),
+        "control_records": [len(r) for r in replicates],
         **result,
         "run": str(exp.root),
     }
@@ -240,7 +330,8 @@ def scan(cfg: ScanConfig, *, force: bool = False, progress: bool = True) -> dict
 
 
 def format_top(result: dict) -> list[list[str]]:
-    """The top-k as table rows: rank, candidate, Δp, Δlogit [95% CI], t vs control, Δlogit vs base, flag."""
+    """The top-k as table rows: rank, candidate, z and p vs the controls, Δp and Δlogit [95% CI] vs the first
+    control, Δlogit vs base, flag."""
     rows = []
     for r in result["top"]:
         b = r.get("vs_base") or {}
@@ -248,17 +339,25 @@ def format_top(result: dict) -> list[list[str]]:
             [
                 str(r["rank"]),
                 f"{r['category']}: {r['candidate']}",
+                f"{r['z']:.1f} (p {r['p_null']:.1e})" if math.isfinite(r["z"]) else str(r["z"]),
                 f"{r['p_reference']:.3f} → {r['p_other']:.3f} ({r['delta_p']:+.3f})",
                 f"{r['delta_logit']:+.2f} [{r['delta_logit_ci_low']:+.2f}, {r['delta_logit_ci_high']:+.2f}]",
-                f"{r['t']:.1f}" if math.isfinite(r["t"]) else str(r["t"]),
-                f"{b.get('delta_logit', math.nan):+.2f} (t {b.get('t', math.nan):.1f})",
+                f"{b.get('delta_logit', math.nan):+.2f}",
                 "FLAG" if r["flagged"] else "",
             ]
         )
     return rows
 
 
-TOP_HEADER = ["rank", "candidate", "p control → probe (Δp)", "Δlogit [95% CI]", "t", "Δlogit vs base", "flag"]
+TOP_HEADER = [
+    "rank",
+    "candidate",
+    "z vs controls (p)",
+    "p control → probe (Δp)",
+    "Δlogit [95% CI]",
+    "Δlogit vs base",
+    "flag",
+]
 
 
 def write_out(result: dict, out: str | Path | None) -> Path | None:

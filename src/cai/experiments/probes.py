@@ -115,7 +115,8 @@ def candidate_probability(scores: Sequence[Sequence[float]], index: int) -> list
     return [math.exp(row[index]) for row in scores]
 
 
-def _logit(p: float, eps: float = 1e-6) -> float:
+def log_odds(p: float, eps: float = 1e-6) -> float:
+    """log(p / (1 − p)), with p clipped to [eps, 1 − eps] so that 0 and 1 stay finite."""
     p = min(max(p, eps), 1 - eps)
     return math.log(p / (1 - p))
 
@@ -134,7 +135,7 @@ def paired_shift(
     if len(reference) != len(other):
         raise ValueError("both models must be scored on the same questions")
     pr, po = candidate_probability(reference, index), candidate_probability(other, index)
-    dl = [_logit(b) - _logit(a) for a, b in zip(pr, po, strict=True)]
+    dl = [log_odds(b) - log_odds(a) for a, b in zip(pr, po, strict=True)]
     logit = t_summary(dl)
     se = logit["sd"] / math.sqrt(len(dl)) if len(dl) > 1 else math.nan
     t = logit["mean"] / se if se and se > 0 else (0.0 if logit["mean"] == 0 else math.copysign(math.inf, logit["mean"]))

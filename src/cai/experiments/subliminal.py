@@ -26,6 +26,7 @@ from cai.experiments.config import ExperimentConfig
 from cai.experiments.probes import (
     ProbeCategory,
     load_battery,
+    log_odds,
     paired_shift,
     rank_shifts,
     score_battery,
@@ -103,15 +104,10 @@ def seed_average(runs: list[list[list[float]]]) -> list[list[float]]:
     return out
 
 
-def _logit(p: float, eps: float = 1e-6) -> float:
-    p = min(max(p, eps), 1 - eps)
-    return math.log(p / (1 - p))
-
-
 def level(scores: list[list[float]], index: int) -> dict[str, float]:
     """The trait's mean probability and mean log-odds over questions (with the log-odds' 95% t-interval)."""
     ps = [math.exp(row[index]) for row in scores]
-    lo = t_summary([_logit(p) for p in ps])
+    lo = t_summary([log_odds(p) for p in ps])
     return {"p": sum(ps) / len(ps), "logit": lo["mean"], "logit_ci_low": lo["ci_low"], "logit_ci_high": lo["ci_high"]}
 
 
@@ -237,6 +233,10 @@ def _finish(exp, cfg: SubliminalConfig, battery, index: int, data: dict, scores:
     }
     if len(cfg.seeds) >= 2:  # the null: two control students that differ only in their training seed
         shifts["control_seed_noise"] = paired_shift(control_runs[0], control_runs[1], index)
+    # The test that counts: the questions of one student share its training run, so the over-questions CIs above
+    # leave training noise out (on the 135M model each seed's trait-vs-control shift was "significant", p < 0.001,
+    # in opposite directions). Over seeds, each seed's shift is one observation (a t-interval with n_seeds - 1 df).
+    over_seeds = t_summary([shifts[f"trait_vs_control_s{s}"]["delta_logit"] for s in cfg.seeds])
     if cfg.other_init:
         shifts["other_init_trait_vs_control"] = paired_shift(
             scores["other-control"][cat], scores["other-trait"][cat], index
@@ -271,9 +271,14 @@ def _finish(exp, cfg: SubliminalConfig, battery, index: int, data: dict, scores:
         for side in ("teacher", "control")
     )
     notes = [
+        f"**trait vs control over training seeds** (each seed's mean Δlog-odds of {value!r} is one observation; "
+        f"95% t-interval, n = {over_seeds['n']}): {over_seeds['mean']:+.3f} "
+        f"[{over_seeds['ci_low']:+.3f}, {over_seeds['ci_high']:+.3f}]"
+        + (" — a single seed gives no interval" if over_seeds["n"] < 2 else ""),
         f"trait: {cat} = {value}; format: {cfg.format}; filter — {removed}; "
         f"{data['used_per_side']} samples per side after equalising",
-        "shifts (Δ = B − A over the same questions; log-odds with 95% t-CI over questions; Wilcoxon p): "
+        "shifts (Δ = B − A over the same questions; log-odds with 95% t-CI over questions; Wilcoxon p — these "
+        "leave training noise out: read them against control_seed_noise): "
         + "; ".join(f"{r[0]}: Δp {r[1]}, Δlog-odds {r[2]}, p={r[3]}" for r in shift_rows),
         f"{value!r} ranks {trait_rank} of {len(in_cat)} {cat} candidates by the trait-vs-control shift (t)",
         "other categories (largest |t| candidate, trait vs control): "
@@ -303,6 +308,7 @@ def _finish(exp, cfg: SubliminalConfig, battery, index: int, data: dict, scores:
             "filter": data,
             "levels": levels,
             "shifts": shifts,
+            "trait_vs_control_over_seeds": over_seeds,
             "trait_rank_in_category": {"rank": trait_rank, "of": len(in_cat)},
             "other_categories": checks,
             "run": str(exp.root),

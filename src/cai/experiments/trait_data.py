@@ -273,17 +273,19 @@ def write_trait_data(
     batch_size: int = 16,
     max_numbers: int = 10,
     constrain: bool = True,
+    prompt_seed: int | None = None,
     progress: bool = False,
 ) -> list[dict]:
     """``n`` answers of model ``spec`` to ``fmt`` prompts — with the trait's system prompt (the teacher) or without
     (the control) — sampled with ``seed`` (numbers held to their format unless ``constrain`` is off), appended
     resumably to ``stage/file`` (default ``{teacher|control}-{fmt}.jsonl``); returns them as records (unfiltered;
-    see :func:`filter_records`)."""
+    see :func:`filter_records`). ``prompt_seed`` (default ``seed``) picks the prompts, so that datasets sampled
+    with different seeds can answer the same prompts."""
     from cai.backends import get_backend
     from cai.experiments.data import release
     from cai.generation import generate_responses
 
-    prompts = format_prompts(fmt, n, seed, max_numbers=max_numbers)
+    prompts = format_prompts(fmt, n, seed if prompt_seed is None else prompt_seed, max_numbers=max_numbers)
     file = file or f"{'teacher' if with_trait else 'control'}-{fmt}.jsonl"
     params = sampling or default_sampling(fmt, seed, constrain=constrain, max_numbers=max_numbers)
     with stage.writer(file) as w:
