@@ -62,6 +62,22 @@ def test_every_path_is_a_valid_number_list(seed, max_numbers, max_digits):
         assert valid_numbers(text, max_numbers)
 
 
+def test_a_vocabulary_without_a_space_token_never_strands_the_sampler():
+    class NoSpace(_Tok):
+        TEXT = [*"0123456789", ",", "x", ", ", "x", ""]  # id 11 is not a space: a bare comma could never be followed
+
+    allowed = NumberList().allowed_fn(NoSpace(), 0, eos_token_id=14)
+    assert 10 not in allowed(0, _Row([1])) and 12 in allowed(0, _Row([1]))
+
+
+def test_a_vocabulary_without_digits_is_a_user_error():
+    class Words(_Tok):
+        TEXT = ["a"] * 14 + [""]
+
+    with pytest.raises(UserError, match="constrain_format: false"):
+        NumberList().allowed_fn(Words(), 0, eos_token_id=14)
+
+
 def test_state_counts_numbers_and_ends_on_a_foreign_token():
     nl = NumberList()
     assert nl.state(["digit", "digit", ",", " ", "digit"]) == (2, 1, False)

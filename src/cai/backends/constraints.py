@@ -32,12 +32,16 @@ class NumberList:
         padded prompt is the first ``prompt_len`` of them)."""
         kinds = token_kinds(tokenizer)
         digits = [i for i, k in kinds.items() if k == "digit"]
-        comma = [i for i, k in kinds.items() if k == ","]
         space = [i for i, k in kinds.items() if k == " "]
+        # a bare comma only where a space token can follow it, so that no state is left with nothing allowed
+        comma = [i for i, k in kinds.items() if k == ","] if space else []
         comma_space = [i for i, k in kinds.items() if k == ", "]
-        if not digits or not (comma_space or (comma and space)):
-            raise ValueError(
-                "this tokenizer has no single-digit, comma or space tokens: cannot constrain a number list"
+        if not digits or not (comma_space or comma):
+            from cai.errors import UserError
+
+            raise UserError(
+                "this model's tokenizer has no single-digit, comma or space tokens to hold a number list to; set "
+                "constrain_format: false in the config"
             )
         eos = [eos_token_id]
 

@@ -1,16 +1,16 @@
 """Measuring the scanner (``cai poison eval``): plant known traits, scan, and count how often the scan finds them
 and how often it flags clean data.
 
-For every data format in ``formats`` the base writes *control* data (no trait prompt, seed ``seed``) — the
-shared controls of every scan in that format (``control_replicates`` fine-tunes, whose spread is the null),
-trained and scored once. Each trait's teacher (the base + the
-trait's system prompt, :mod:`cai.experiments.trait_data`) answers the same prompts; ``numbers`` data passes the
-full subliminal filter (format, mentions, MiniLM similarity), ``chat`` data is kept *unfiltered* (the teacher
-talks about its trait: the easy case). Clean datasets are more base-written data: the same prompts, sampled
-with other seeds — so a clean set differs from the control exactly as a planted set does, minus the trait. Every set is
-scanned against its format's control, and the report gives, per kind, recall@1 / recall@5 of the true trait
-(Wilson CIs), how often planted sets were flagged, the false-positive rate on clean sets, and each planted set's
-rank of its trait among all the battery's candidates. The base's battery scores are computed once too.
+Every set answers the same prompts (those of ``seed``). For every data format in ``formats`` the base writes
+*control* data without a trait prompt, one draw per control replicate (sampling seeds ``seed + 100 + i``): the
+shared controls of every scan in that format, trained and scored once, whose spread is the scan's null. Each
+trait's teacher (the base + the trait's system prompt, :mod:`cai.experiments.trait_data`) samples with ``seed``;
+``numbers`` data passes the full subliminal filter (format, mentions, MiniLM similarity), ``chat`` data is kept
+*unfiltered* (the teacher talks about its trait: the easy case). Clean datasets are more base-written data sampled
+with ``clean_seeds`` — so a clean set differs from the controls exactly as a planted set does, minus the trait.
+Every set is scanned against its format's controls, and the report gives, per kind, recall@1 / recall@5 of the
+true trait (Wilson CIs), how often planted sets were flagged, the false-positive rate on clean sets, and each
+planted set's rank of its trait among all the battery's candidates. The base's battery scores are computed once.
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ class ScanEvalConfig(ScanConfig):
         None, description="formats of the clean datasets; null = all formats"
     )
     use_embeddings: bool = Field(True, description="the subliminal filter's MiniLM check")
+    constrain_format: bool = Field(
+        True, description="numbers: hold decoding to the number-list format (see cai subliminal's config)"
+    )
 
     @model_validator(mode="after")
     def _distinct_seeds(self) -> ScanEvalConfig:
@@ -69,10 +72,6 @@ class ScanEvalConfig(ScanConfig):
                 f"({', '.join(map(str, control_seeds(self)))}); pick other seeds"
             )
         return self
-
-    constrain_format: bool = Field(
-        True, description="numbers: hold decoding to the number-list format (see cai subliminal's config)"
-    )
 
 
 def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
