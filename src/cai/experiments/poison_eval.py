@@ -138,7 +138,7 @@ def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> d
         ]
         if min(len(r) for r in replicates) < MIN_RECORDS:
             continue
-        control = min(replicates, key=len)
+        n_control = min(len(r) for r in replicates)
         controls = control_scores(exp, cfg, replicates, battery, label=f"control-{fmt}")
         kind = KIND_OF_FORMAT[fmt]
         for t in cfg.traits:
@@ -146,7 +146,7 @@ def run(cfg: ScanEvalConfig, *, force: bool = False, progress: bool = True) -> d
             planted = data(f"data-{label}", fmt, t, cfg.seed, True, kind == "subliminal")
             if len(planted) < MIN_RECORDS:
                 continue
-            planted = planted[: len(control)]  # no more data than the control it is compared with
+            planted = planted[:n_control]  # no more data than the controls it is compared with
             res = probe_and_rank(exp, cfg, label, planted, battery, base_scores, controls)
             scans.append(
                 {
