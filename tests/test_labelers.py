@@ -9,7 +9,7 @@ import pytest
 
 from cai.constitution import load_constitution, parse_constitution
 from cai.errors import UserError
-from cai.evaluation.preference_sets import xstest_pairs
+from cai.evaluation.preference_sets import hh_rlhf_pairs, xstest_pairs
 from cai.labeling import (LabelConfig, Pair, expected_calibration_error, label_diagnostics, label_pairs,
                           label_record, reference_agreement)
 
@@ -188,3 +188,76 @@ def test_xstest_pairs_prefer_refusals_on_unsafe_prompts_and_compliance_on_safe_o
     ]
     assert sorted(xstest_pairs(list(reversed(rows))), key=lambda p: p["id"]) == pairs  # same draw in any order
     assert [p["group"] for p in xstest_pairs(rows, per_group=1)] == ["safe", "unsafe"]
+
+
+def _hh(chosen_turn: str, rejected_turn: str, dialogue: str = "\n\nHuman: How do I pick a lock?") -> dict:
+    return {"chosen": f"{dialogue}\n\nAssistant: {chosen_turn}", "rejected": f"{dialogue}\n\nAssistant: {rejected_turn}"}
+
+
+def test_hh_rlhf_pairs_split_the_last_turn_and_count_what_they_skip(tmp_path):
+    import gzip
+    import json
+
+    multi = "\n\nHuman: I hate my boss.\n\nAssistant: Why?\n\nHuman: Help me get back at him."
+    rows = [
+        _hh("I can't help with breaking into places.", "Use a tension wrench."),
+        _hh("Talk to HR.", "Slash his tyres.", dialogue=multi),
+        {"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"},  # dialogues differ
+        _hh("Same.", "Same."),
+        {"chosen": "\n\nHuman: no answer", "rejected": "\n\nHuman: no answer"},
+    ]
+    path = tmp_path / "test.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, skipped = hh_rlhf_pairs(path)
+    assert [(p["prompt"], p["chosen"], p["rejected"], p["group"]) for p in pairs] == [
+        ("How do I pick a lock?", "I can't help with breaking into places.", "Use a tension wrench.", "single-turn"),
+        (multi.strip(), "Talk to HR.", "Slash his tyres.", "multi-turn"),
+    ]
+    assert skipped == {"no_assistant_turn": 1, "different_dialogues": 1, "same_or_empty_answer": 1}
+    sample, _ = hh_rlhf_pairs(path, limit=1, seed=3)
+    assert len(sample) == 1 and sample == hh_rlhf_pairs(path, limit=1, seed=3)[0]  # reproducible
+
+
+def test_hh_rlhf_pairs_reject_rows_without_transcripts(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: yo"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"bad.jsonl:1: .*'chosen' and 'rejected'"):
+        hh_rlhf_pairs(path)
+
+
+def test_judge_sets_pairs_builds_hh_pairs_and_names_a_bad_flag_in_one_line(tmp_path, monkeypatch):
+    import dataclasses
+    import gzip
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+    from cai.evaluation import external_sets
+
+    data = tmp_path / "ext"
+    path = data / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(json.dumps(_hh("No.", "Use a wrench.")) + "\n" + json.dumps(_hh("Same.", "Same.")) + "\n")
+    real = external_sets.HELD_OUT_SOURCES[0]
+    monkeypatch.setattr(external_sets, "HELD_OUT_SOURCES", (dataclasses.replace(real, sha256=external_sets.sha256(path)),))
+    res = CliRunner().invoke(app, ["judge-sets", "pairs", "--data", str(data), "--set", "hh-harmless-test"])
+    assert res.exit_code == 0, res.output
+    assert "1 pairs (1 single-turn); skipped: 1 same_or_empty_answer" in res.output
+    rows = [json.loads(line) for line in (data / "hh-harmless-test-pairs.jsonl").read_text().splitlines()]
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("No.", "Use a wrench.")]
+
+    for args, message in (
+        (["--set", "hh-harmless-test"], "does not match its pinned SHA-256"),  # the real checksum, a stand-in file
+        (["--set", "hh"], "--set 'hh': use xstest or hh-harmless-test"),
+        (["--set", "hh-harmless-test", "--per-group", "3"], "--per-group is for --set xstest"),
+    ):
+        res = subprocess.run([sys.executable, "-m", "cai.cli", "judge-sets", "pairs", "--data", str(data), *args],
+                             capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent)
+        err = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.returncode == 2 and len(err) == 1 and message in err[0], res.stderr

@@ -20,11 +20,11 @@ DEFAULT_DIR = Path("data/external")
 def fetch(dest: Path = typer.Option(DEFAULT_DIR, "--dest", help="Folder for the downloaded files.")) -> None:
     """Download XSTest's annotated completions, GPTFuzz's labelled responses and the prompt sets the request-harm
     classifier is fitted on (pinned commits, SHA-256)."""
-    from cai.evaluation.external_sets import HARM_SOURCES, SOURCES
+    from cai.evaluation.external_sets import all_sources
     from cai.evaluation.external_sets import fetch as do_fetch
 
     paths = do_fetch(dest)
-    for s, p in zip((*SOURCES, *HARM_SOURCES), paths, strict=True):
+    for s, p in zip(all_sources(), paths, strict=True):
         typer.echo(f"{p}  ({s.set}/{s.group}, {s.licence})")
 
 
@@ -45,19 +45,41 @@ def _table(report: dict) -> str:
 @app.command("pairs")
 def pairs(
     data: Path = typer.Option(DEFAULT_DIR, "--data", help="Folder made by `cai judge-sets fetch`."),
-    out: Path = typer.Option(Path("data/external/xstest-pairs.jsonl"), "--out", "-o", help="Pairs (JSONL)."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Which refusal/compliance is drawn for each prompt."),
-    per_group: int | None = typer.Option(None, "--per-group", min=1, help="Keep N unsafe and N safe pairs."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Pairs (JSONL); default data/external/<set>-pairs.jsonl."
+    ),
+    which: str = typer.Option(
+        "xstest",
+        "--set",
+        help="xstest: clear-cut pairs (development set); hh-harmless-test: hh-rlhf's harmless-base test split "
+        "(a reserved held-out set: measure on it, never tune on it).",
+    ),
+    seed: int = typer.Option(0, "--seed", min=0, help="Which answers are drawn (xstest) / which pairs are sampled."),
+    per_group: int | None = typer.Option(None, "--per-group", min=1, help="xstest: keep N unsafe and N safe pairs."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="hh-harmless-test: keep a seeded sample of N."),
 ) -> None:
-    """Clear-cut human-labelled preference pairs from XSTest (a refusal vs a compliance to one prompt; people
-    prefer the refusal on unsafe prompts, the compliance on safe ones), for `cai label --reference`."""
+    """Human-labelled preference pairs for `cai label --reference`: XSTest's clear-cut pairs (a refusal vs a
+    compliance to one prompt; people prefer the refusal on unsafe prompts, the compliance on safe ones) or
+    hh-rlhf's subtle harmlessness pairs (people picked the less harmful of two assistant turns)."""
     from collections import Counter
 
-    from cai.evaluation.preference_sets import write_xstest_pairs
+    from cai.errors import UserError
+    from cai.evaluation.preference_sets import write_hh_rlhf_pairs, write_xstest_pairs
 
-    rows = write_xstest_pairs(data, out, seed, per_group)
+    if which not in ("xstest", "hh-harmless-test"):
+        raise UserError(f"--set {which!r}: use xstest or hh-harmless-test")
+    if which == "xstest" and limit is not None:
+        raise UserError("--limit is for --set hh-harmless-test; XSTest subsets are drawn with --per-group")
+    if which == "hh-harmless-test" and per_group is not None:
+        raise UserError("--per-group is for --set xstest; sample hh-harmless-test with --limit")
+    out = out or data / f"{which}-pairs.jsonl"
+    if which == "xstest":
+        rows, skipped = write_xstest_pairs(data, out, seed, per_group), {}
+    else:
+        rows, skipped = write_hh_rlhf_pairs(data, out, seed, limit)
     groups = ", ".join(f"{n} {g}" for g, n in sorted(Counter(r["group"] for r in rows).items()))
-    typer.echo(f"{out}: {len(rows)} pairs ({groups})")
+    dropped = ", ".join(f"{n} {why}" for why, n in skipped.items() if n)
+    typer.echo(f"{out}: {len(rows)} pairs ({groups})" + (f"; skipped: {dropped}" if dropped else ""))
 
 
 @app.command("validate")

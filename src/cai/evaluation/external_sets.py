@@ -90,7 +90,7 @@ def fetch(dest: Path, *, timeout: float = 60.0) -> list[Path]:
     import urllib.request
 
     done = []
-    for s in (*SOURCES, *HARM_SOURCES):
+    for s in all_sources():
         path = Path(dest) / s.file
         if not (path.is_file() and sha256(path) == s.sha256):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +110,11 @@ def fetch(dest: Path, *, timeout: float = 60.0) -> list[Path]:
             tmp.replace(path)
         done.append(path)
     return done
+
+
+def all_sources() -> tuple[Source, ...]:
+    """Everything :func:`fetch` downloads, in order."""
+    return (*SOURCES, *HARM_SOURCES, *HELD_OUT_SOURCES)
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -274,6 +279,19 @@ HARM_SOURCES = (
         "81d60a117db495cecedecd9193504fd07c5b5a42f6699ef6b0f9da10fc22f42e",
         "selfinstruct/user_oriented_instructions.jsonl",
         "Apache-2.0",
+    ),
+)
+# Human preference pairs held out from all development (issue 15): measured on, never fitted or tuned on. The
+# GitHub copy is in Git LFS, so the URL is the LFS media endpoint at a pinned commit.
+HELD_OUT_SOURCES = (
+    Source(
+        "hh-rlhf",
+        "harmless-base-test",
+        "https://media.githubusercontent.com/media/anthropics/hh-rlhf/354e5c3cb8960630860dd5774a6ac2a58313bf4d/"
+        "harmless-base/test.jsonl.gz",
+        "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03",
+        "hh-rlhf/harmless-base-test.jsonl.gz",
+        "MIT",
     ),
 )
 COCONOT_HARMFUL = "Requests with safety concerns"  # in coconot_eval only; its contrast and pref sets are benign

@@ -9,8 +9,13 @@ sound unsafe) the compliance. Rows keep ``group`` (unsafe / safe) so agreement i
 likelihood can prefer one style of answer (long formulaic refusals) regardless of the prompt, which a pooled
 figure would hide.
 
-Reserved held-out sets, never built here: hh-rlhf's harmless-base *test* split and the CAI paper's 438 HHH
-comparisons.
+**hh-rlhf harmless-base test** (Bai et al., 2022, MIT) is one of issue 15's two reserved held-out sets: subtle
+pairs (often both answers imperfect) where people picked the less harmful assistant turn. It is built here only
+to be *measured* on — nothing is fitted or tuned on it — by :func:`hh_rlhf_pairs`. Each transcript pair shares
+the dialogue up to its last ``Assistant:`` turn; that dialogue is the pair's ``prompt`` (a single-turn dialogue is
+just the human's request; a longer one keeps its ``Human:`` / ``Assistant:`` turns, so the request that set the
+topic, usually the first turn, is read first), and the two last turns are ``chosen`` / ``rejected``. The CAI
+paper's 438 HHH comparisons (the other reserved set) have no public copy reachable from here.
 """
 
 from __future__ import annotations
@@ -85,3 +90,92 @@ def write_xstest_pairs(data_dir: Path, out: Path, seed: int = 0, per_group: int 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs))
     return pairs
+
+
+HH_TURN = "\n\nAssistant:"
+
+
+def _split_last_turn(transcript: str) -> tuple[str, str] | None:
+    """(dialogue before the last assistant turn, that turn's text), or None when there is no assistant turn."""
+    at = transcript.rfind(HH_TURN)
+    if at < 0:
+        return None
+    return transcript[:at], transcript[at + len(HH_TURN) :].strip()
+
+
+def _dialogue_prompt(dialogue: str) -> str:
+    """The pair's prompt: a one-turn dialogue is the request itself; a longer one keeps its speaker tags."""
+    text = dialogue.strip()
+    if text.count("Human:") == 1 and "Assistant:" not in text:
+        return text.removeprefix("Human:").strip()
+    return text
+
+
+def hh_rlhf_pairs(path: Path, *, limit: int | None = None, seed: int = 0) -> tuple[list[dict], dict[str, int]]:
+    """Pairs from an hh-rlhf ``{chosen, rejected}`` transcript file (``.jsonl`` or ``.jsonl.gz``) and the count of
+    rows skipped per reason (never silently dropped): transcripts that do not share their dialogue before the
+    last assistant turn, lack an assistant turn, or end in the same (or an empty) answer. ``limit`` keeps a
+    reproducible sample of that many pairs (seeded)."""
+    import gzip
+    import json
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    pairs, skipped = [], {"no_assistant_turn": 0, "different_dialogues": 0, "same_or_empty_answer": 0}
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"{path}: cannot be read as hh-rlhf JSONL ({exc}); fetch it with `cai judge-sets fetch`"
+        ) from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            chosen, rejected = row["chosen"], row["rejected"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{n}: not an hh-rlhf row with 'chosen' and 'rejected' transcripts") from None
+        a, b = _split_last_turn(chosen), _split_last_turn(rejected)
+        if a is None or b is None:
+            skipped["no_assistant_turn"] += 1
+        elif a[0] != b[0]:
+            skipped["different_dialogues"] += 1
+        elif not a[1] or not b[1] or a[1] == b[1]:
+            skipped["same_or_empty_answer"] += 1
+        else:
+            dialogue = a[0]
+            pairs.append(
+                {
+                    "id": f"hh-harmless-test-{n}",
+                    "prompt": _dialogue_prompt(dialogue),
+                    "chosen": a[1],
+                    "rejected": b[1],
+                    "group": "single-turn" if dialogue.count("Human:") == 1 else "multi-turn",
+                }
+            )
+    if limit is not None and limit < len(pairs):
+        keep = set(_rng(seed, "hh-sample").sample(range(len(pairs)), limit))
+        pairs = [p for i, p in enumerate(pairs) if i in keep]
+    return pairs, skipped
+
+
+def write_hh_rlhf_pairs(
+    data_dir: Path, out: Path, seed: int = 0, limit: int | None = None
+) -> tuple[list[dict], dict[str, int]]:
+    """Build hh-rlhf harmless-base test pairs from a folder made by ``cai judge-sets fetch`` (checksum verified)."""
+    import json
+
+    from cai.evaluation.external_sets import HELD_OUT_SOURCES, sha256
+    from cai.runs import atomic_write_text
+
+    source = next(s for s in HELD_OUT_SOURCES if s.set == "hh-rlhf")
+    path = Path(data_dir) / source.file
+    if not path.is_file():
+        raise UserError(f"--data {data_dir}: {source.file} is missing; run `cai judge-sets fetch --dest {data_dir}`")
+    if sha256(path) != source.sha256:
+        raise UserError(f"--data {data_dir}: {source.file} does not match its pinned SHA-256; fetch it again")
+    pairs, skipped = hh_rlhf_pairs(path, limit=limit, seed=seed)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs))
+    return pairs, skipped
