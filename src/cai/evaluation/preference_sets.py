@@ -15,7 +15,7 @@ to be *measured* on — nothing is fitted or tuned on it — by :func:`hh_rlhf_p
 the dialogue up to its last ``Assistant:`` turn; that dialogue is the pair's ``prompt`` (a single-turn dialogue is
 just the human's request; a longer one keeps its ``Human:`` / ``Assistant:`` turns, so the request that set the
 topic, usually the first turn, is read first), and the two last turns are ``chosen`` / ``rejected``. The CAI
-paper's 438 HHH comparisons (the other reserved set) have no public copy reachable from here.
+paper's 438 HHH comparisons (the other reserved set) are not built here.
 """
 
 from __future__ import annotations
