@@ -73,8 +73,9 @@ def pairs(
     if which == "hh-harmless-test" and per_group is not None:
         raise UserError("--per-group is for --set xstest; sample hh-harmless-test with --limit")
     out = out or data / f"{which}-pairs.jsonl"
+    skipped: dict[str, int] = {}
     if which == "xstest":
-        rows, skipped = write_xstest_pairs(data, out, seed, per_group), {}
+        rows = write_xstest_pairs(data, out, seed, per_group)
     else:
         rows, skipped = write_hh_rlhf_pairs(data, out, seed, limit)
     groups = ", ".join(f"{n} {g}" for g, n in sorted(Counter(r["group"] for r in rows).items()))
