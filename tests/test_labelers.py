@@ -261,3 +261,34 @@ def test_judge_sets_pairs_builds_hh_pairs_and_names_a_bad_flag_in_one_line(tmp_p
                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent)
         err = [line for line in res.stderr.splitlines() if line.strip()]
         assert res.returncode == 2 and len(err) == 1 and message in err[0], res.stderr
+
+
+def test_fetch_downloads_the_held_out_set_and_refuses_a_changed_file(tmp_path, monkeypatch):
+    import dataclasses
+    import hashlib
+    import io
+    import urllib.request
+
+    from cai.evaluation import external_sets
+
+    body = b"stand-in for hh-rlhf's test split"
+    served = {"bytes": body}
+
+    def fake_urlopen(url, timeout=None):
+        assert url == external_sets.HELD_OUT_SOURCES[0].url
+        return io.BytesIO(served["bytes"])
+
+    real = external_sets.HELD_OUT_SOURCES[0]
+    pinned = dataclasses.replace(real, sha256=hashlib.sha256(body).hexdigest())
+    monkeypatch.setattr(external_sets, "SOURCES", ())
+    monkeypatch.setattr(external_sets, "HARM_SOURCES", ())
+    monkeypatch.setattr(external_sets, "HELD_OUT_SOURCES", (pinned,))
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    (path,) = external_sets.fetch(tmp_path)
+    assert path == tmp_path / "hh-rlhf" / "harmless-base-test.jsonl.gz" and path.read_bytes() == body
+
+    path.unlink()
+    served["bytes"] = b"someone changed the file"
+    with pytest.raises(UserError, match="checksum mismatch"):
+        external_sets.fetch(tmp_path)
+    assert not path.exists() and not list(path.parent.glob("*.part"))  # nothing half-written is left
