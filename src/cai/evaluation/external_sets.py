@@ -117,6 +117,17 @@ def all_sources() -> tuple[Source, ...]:
     return (*SOURCES, *HARM_SOURCES, *HELD_OUT_SOURCES)
 
 
+def checked_file(data_dir: Path, source: Source, *, verify: bool = True) -> Path:
+    """The path of ``source`` in a folder made by :func:`fetch`; a one-line error when it is missing or (with
+    ``verify``) not the pinned file."""
+    path = Path(data_dir) / source.file
+    if not path.is_file():
+        raise UserError(f"--data {data_dir}: {source.file} is missing; run `cai judge-sets fetch --dest {data_dir}`")
+    if verify and sha256(path) != source.sha256:
+        raise UserError(f"--data {data_dir}: {source.file} does not match its pinned SHA-256; fetch it again")
+    return path
+
+
 def _read_csv(path: Path) -> list[dict]:
     with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
@@ -126,11 +137,7 @@ def load(data_dir: Path, *, verify: bool = True) -> dict[str, list[dict]]:
     """``{"xstest": rows, "gptfuzz_train": rows, "gptfuzz_evaluate": rows}`` from a folder made by :func:`fetch`."""
     out: dict[str, list[dict]] = {"xstest": [], "gptfuzz_train": [], "gptfuzz_evaluate": []}
     for s in SOURCES:
-        path = Path(data_dir) / s.file
-        if not path.is_file():
-            raise UserError(f"--data {data_dir}: {s.file} is missing; run `cai judge-sets fetch --dest {data_dir}`")
-        if verify and sha256(path) != s.sha256:
-            raise UserError(f"--data {data_dir}: {s.file} does not match its pinned SHA-256; fetch it again")
+        checked_file(data_dir, s, verify=verify)
     questions = {r["index"]: r["text"] for r in _read_csv(Path(data_dir) / "gptfuzz/question_list.csv")}
     for s in SOURCES:
         if s.group == "questions":
@@ -358,11 +365,7 @@ def harm_training_records(data_dir: Path) -> list[dict]:
 
     gptfuzz = next(s for s in SOURCES if s.group == "questions")
     for s in (gptfuzz, *HARM_SOURCES):
-        path = Path(data_dir) / s.file
-        if not path.is_file():
-            raise UserError(f"--data {data_dir}: {s.file} is missing; run `cai judge-sets fetch --dest {data_dir}`")
-        if sha256(path) != s.sha256:
-            raise UserError(f"--data {data_dir}: {s.file} does not match its pinned SHA-256; fetch it again")
+        checked_file(data_dir, s)
     rows = [("gptfuzz/questions", r["text"], True) for r in _read_csv(Path(data_dir) / gptfuzz.file)]
     for s in HARM_SOURCES:
         rows += [(f"{s.set}/{s.group}", p, h) for p, h in read_harm_source(s, Path(data_dir) / s.file)]

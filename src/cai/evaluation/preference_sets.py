@@ -166,15 +166,10 @@ def write_hh_rlhf_pairs(
     """Build hh-rlhf harmless-base test pairs from a folder made by ``cai judge-sets fetch`` (checksum verified)."""
     import json
 
-    from cai.evaluation.external_sets import HELD_OUT_SOURCES, sha256
+    from cai.evaluation.external_sets import HELD_OUT_SOURCES, checked_file
     from cai.runs import atomic_write_text
 
-    source = next(s for s in HELD_OUT_SOURCES if s.set == "hh-rlhf")
-    path = Path(data_dir) / source.file
-    if not path.is_file():
-        raise UserError(f"--data {data_dir}: {source.file} is missing; run `cai judge-sets fetch --dest {data_dir}`")
-    if sha256(path) != source.sha256:
-        raise UserError(f"--data {data_dir}: {source.file} does not match its pinned SHA-256; fetch it again")
+    path = checked_file(data_dir, next(s for s in HELD_OUT_SOURCES if s.set == "hh-rlhf"))
     pairs, skipped = hh_rlhf_pairs(path, limit=limit, seed=seed)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs))
