@@ -47,6 +47,29 @@ def test_shared_prefix_reuse_gives_the_same_generations(backend, monkeypatch):
         assert [g.prompt_tokens for g in reused] == [g.prompt_tokens for g in plain]
 
 
+def test_logprobs_reuse_the_shared_prefix_and_give_the_same_scores(backend, monkeypatch):
+    """Prefixes that share a long token prefix (a system turn) encode it once; the scores equal those without
+    reuse, for one-token options, longer continuations (fed on the copied cache) and the growing KV cache."""
+    from cai.backends.hf import MIN_SHARED_PREFIX
+
+    prefixes = _chats(5)
+    conts = [[" (A)", " (B)"], [" yes", " a longer answer of several tokens"], [" no"], [" x y z"], [" A"]]
+    shared = []
+    real = backend._shared_prefix
+    monkeypatch.setattr(backend, "_shared_prefix", lambda seqs: shared.append(real(seqs)) or shared[-1])
+    try:
+        backend.reuse_prefix = False
+        plain = backend.logprobs(prefixes, conts)
+        assert shared[-1] is None
+        for growing in (False, True):
+            backend.reuse_prefix, backend.growing_kv = True, growing
+            reused = backend.logprobs(prefixes, conts)
+            assert len(shared[-1][0]) >= MIN_SHARED_PREFIX
+            assert [v for r in reused for v in r] == pytest.approx([v for r in plain for v in r], abs=1e-4)
+    finally:
+        backend.reuse_prefix, backend.growing_kv = True, False
+
+
 def test_logprobs_chunked_and_empty_prefix_agree(backend, monkeypatch):
     import cai.backends.hf as hf
 
@@ -91,7 +114,11 @@ def test_cai_bench_quick_writes_json_table_and_report(tmp_path, tiny_path):
     assert all(gen["growing_kv"][k]["tokens"] == gen["batched"][k]["tokens"] for k in gen["batched"])
     ev = data["benchmarks"]["eval"]  # the eval stage's own path, against generation's best row of this run
     assert ev["prompts"] == 12 and ev["tokens"] > 0
-    best = max(r["value"] for r in gen["rows"] if r["metric"].startswith("batched tokens/s (batch"))
+    best = max(r["value"] for r in gen["rows"]
+               if r["metric"].startswith("batched tokens/s (batch") and "bf16" not in r["metric"])
+    # bf16 weights: the same prompts at every batch size, and a utilisation row read against both matmul limits
+    assert set(gen["bf16"]) == set(gen["batched"]) and data["matmul_gflops_bf16"] > 0
+    assert any(r["metric"] == "utilisation, bf16 weights (inference only)" and r["target"] == 40.0 for r in gen["rows"])
     assert ev["best_generation_tokens_per_s"] == best
     ratio = next(r for r in ev["rows"] if r["metric"].startswith("eval tokens/s ÷ best"))
     assert ratio["value"] == pytest.approx(ev["tokens_per_s"] / best, rel=1e-2) and ratio["target"] == 0.667
@@ -100,6 +127,14 @@ def test_cai_bench_quick_writes_json_table_and_report(tmp_path, tiny_path):
     assert unparseable_row["value"] == pytest.approx(labels["unparseable_share"] * 100, abs=0.01)
     assert labels["unparseable_share"] * labels["pairs"] == pytest.approx(round(labels["unparseable_share"]
                                                                                * labels["pairs"]), abs=0.01)
+    # the labellers on today's path (fp32) and the fast one (bf16 + shared prefix), on the same sampled pairs
+    assert set(labels["labellers"]) == {"choice", "contrast", "rules"} and labels["labeller_pairs"] == 4
+    for name in ("choice", "contrast"):
+        lab = labels["labellers"][name]
+        speedup = next(r for r in labels["rows"] if r["metric"].endswith("fast ÷ today") and r["metric"].startswith(
+            "(A)/(B)" if name == "choice" else "contrast"))
+        assert speedup["value"] == pytest.approx(lab["fast_pairs_per_s"] / lab["today_pairs_per_s"], rel=0.02)
+        assert 0 <= lab["same_side"] <= 4 and 0 <= lab["mean_abs_change"] <= lab["max_abs_change"] <= 1
     sft = data["benchmarks"]["sft"]
     assert sft["padded"]["tokens"] == sft["padding_free"]["tokens"] > 0
     assert "batched ÷ naive" in res.stdout and "padding-free ÷ padded" in res.stdout

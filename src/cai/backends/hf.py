@@ -366,10 +366,13 @@ class HFBackend:
                 if cids:
                     groups.setdefault(tuple(key), []).append((i, j, cids))
         keys = sorted(groups, key=len)
+        # a token prefix every scored prefix shares (the chat template's system turn, a labeller's instructions) is
+        # encoded once and its KV cache copied into every batch, as in generate()
+        shared = self._shared_prefix([list(key) for key in keys]) if len(keys) > 1 else None
         for k in range(0, len(keys), self.score_batch_size):
             check_deadline("scoring")
             batch = keys[k : k + self.score_batch_size]
-            for i, j, lp in self._score_group(batch, [groups[key] for key in batch]):
+            for i, j, lp in self._score_group(batch, [groups[key] for key in batch], shared):
                 out[i][j] = lp
         return out
 
@@ -430,20 +433,28 @@ class HFBackend:
             start = stop
         return out
 
-    def _score_group(self, prefixes: list[tuple[int, ...]], items: list[list[tuple[int, int, list[int]]]]):
-        """Yield (i, j, logprob) for the continuations ``items[b]`` of each prefix ``prefixes[b]``."""
+    def _score_group(
+        self,
+        prefixes: list[tuple[int, ...]],
+        items: list[list[tuple[int, int, list[int]]]],
+        shared: tuple[tuple[int, ...], object] | None = None,
+    ):
+        """Yield (i, j, logprob) for the continuations ``items[b]`` of each prefix ``prefixes[b]``; ``shared``: the
+        cached token prefix they all start with (:meth:`_shared_prefix`), fed only once."""
         import torch
 
-        pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prefixes)
-        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prefixes], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=self.device)
+        ids, mask, cache, n_head = self._padded([list(p) for p in prefixes], shared)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         rows = [(b, i, j, c) for b, group in enumerate(items) for i, j, c in group]
         longer = [r for r in rows if len(r[3]) > 1]
         with torch.inference_mode():
             res = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=bool(longer), logits_to_keep=1
+                input_ids=ids[:, n_head:],
+                attention_mask=mask,
+                position_ids=pos[:, n_head:],
+                past_key_values=cache,
+                use_cache=bool(longer) or cache is not None,
+                logits_to_keep=1,
             )
             first = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # [B, V]
             rest = self._score_rest(res.past_key_values, mask, longer) if longer else {}

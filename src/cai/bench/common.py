@@ -23,6 +23,7 @@ class BenchContext:
     progress: bool = False
     sizes: dict[str, Any] = field(default_factory=dict)
     previous: dict[str, Any] = field(default_factory=dict)  # results of the benchmarks run before this one
+    matmul_flops_bf16: float = 0.0  # the same matmul benchmark in bf16: the yardstick of the bf16 inference rows
 
     @property
     def params(self) -> int:
@@ -39,11 +40,13 @@ def count_params(model) -> int:
     return n
 
 
-def matmul_flops(n: int = 1024, seconds: float = 2.0) -> float:
-    """Best fp32 FLOP/s of ``torch.matmul`` on n×n matrices, in this process: the machine's practical limit."""
+def matmul_flops(n: int = 1024, seconds: float = 2.0, dtype: str = "float32") -> float:
+    """Best FLOP/s of ``torch.matmul`` on n×n matrices of ``dtype`` (fp32 by default), in this process: the
+    machine's practical limit for that precision."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
     torch.matmul(a, b)
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
@@ -93,6 +96,15 @@ class Timer:
 
 def greedy(max_new_tokens: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=0, seed=0)
+
+
+def bf16_copy(model):
+    """A bf16 copy of the loaded model (the ``models.dtype: bfloat16`` path), leaving the fp32 one."""
+    import copy
+
+    import torch
+
+    return copy.deepcopy(model).to(torch.bfloat16)
 
 
 def redteam_prompts(n: int) -> list[str]:

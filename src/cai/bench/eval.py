@@ -56,7 +56,9 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     tokens = sum(r["completion_tokens"] for r in samples)
     tps = rate(tokens, t.seconds)
     gen = (ctx.previous.get("generation") or {}).get("rows", [])
-    best = max((r["value"] for r in gen if r["metric"].startswith("batched tokens/s (batch")), default=None)
+    # the same weights as the eval stage's: fp32 rows only (the bf16 copy's rows are another precision)
+    same = [r["value"] for r in gen if r["metric"].startswith("batched tokens/s (batch") and "bf16" not in r["metric"]]
+    best = max(same, default=None)
     rows = [
         row("eval stage tokens/s (generate + judge + write)", tps, "tok/s", note=f"batch {s['batch_size']}"),
         row("eval stage seconds", t.seconds, "s", note=f"{len(items)} prompts, {tokens} tokens"),

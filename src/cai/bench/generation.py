@@ -4,13 +4,15 @@ Naive loop (what the students did): for each prompt, one ``model.generate`` call
 (KV cache on within the call, nothing shared between calls; the full prompt is encoded every call).
 Batched: ``HFBackend.generate`` (length-sorted, left-padded batches; shared-prefix KV reuse).
 Utilisation = tokens/s × 2 × parameters ÷ the fp32 matmul FLOP/s measured in the same run.
+bf16 weights (inference only, ``models.dtype: bfloat16``): the same batched path on a bf16 copy of the model, read
+against the fp32 limit (the yardstick of every other row) and against the bf16 matmul limit of the same run.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from cai.bench.common import BenchContext, Timer, greedy, rate, redteam_prompts, row
+from cai.bench.common import BenchContext, Timer, bf16_copy, greedy, rate, redteam_prompts, row
 
 NAME = "generation"
 NOTE = (
@@ -69,6 +71,21 @@ def int8_copy(model):
     return quantize_int8(copy.deepcopy(model))
 
 
+def _on_copy(ctx: BenchContext, copy_of, chats, budget: int, batch_sizes) -> dict[str, dict[str, float]]:
+    """The default batched path at each batch size on a converted copy of the model (int8, bf16)."""
+    fp32_model = ctx.backend.model
+    ctx.backend.model = copy_of(fp32_model)
+    try:
+        return {
+            str(bs): _batched(
+                ctx.backend, chats[: max(bs, ctx.sizes["prompts"])], budget, bs, growing=False, progress=False
+            )
+            for bs in batch_sizes
+        }
+    finally:
+        ctx.backend.model = fp32_model
+
+
 def run(ctx: BenchContext) -> dict[str, Any]:
     s = ctx.sizes
     n_chats = max(s["prompts"], *s["batch_sizes"])
@@ -98,15 +115,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     def util(tps: float) -> float:
         return tps * 2 * ctx.params / ctx.matmul_flops
 
-    int8: dict[str, float] = {}
-    if s.get("int8"):
-        fp32_model = ctx.backend.model
-        ctx.backend.model = int8_copy(fp32_model)
-        try:
-            bs = int(best)
-            int8 = _batched(ctx.backend, chats[: max(bs, s["prompts"])], budget, bs, growing=False, progress=False)
-        finally:
-            ctx.backend.model = fp32_model
+    int8: dict[str, float] = _on_copy(ctx, int8_copy, chats, budget, [int(best)])[best] if s.get("int8") else {}
+    bf16 = _on_copy(ctx, bf16_copy, chats, budget, s["batch_sizes"]) if s.get("bf16") else {}
     rows = [
         row("naive loop tokens/s", naive["tokens_per_s"], "tok/s"),
         *[row(f"batched tokens/s (batch {k})", v["tokens_per_s"], "tok/s") for k, v in batched.items()],
@@ -134,11 +144,31 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                 note=f"batch {best}; dynamic int8 Linear; not the eval default",
             )
         )
+    if bf16:
+        best_bf16 = max(bf16, key=lambda k: bf16[k]["tokens_per_s"])
+        tps = bf16[best_bf16]["tokens_per_s"]
+        of_bf16 = tps * 2 * ctx.params / ctx.matmul_flops_bf16 if ctx.matmul_flops_bf16 else 0.0
+        rows += [
+            *[
+                row(f"batched tokens/s (batch {k}), bf16 weights (inference only)", v["tokens_per_s"], "tok/s")
+                for k, v in bf16.items()
+            ],
+            row("bf16 ÷ fp32 (best batch of each)", tps / best_tps if best_tps else 0.0, "×"),
+            row(
+                "utilisation, bf16 weights (inference only)",
+                util(tps) * 100,
+                "% of fp32 matmul",
+                40.0,
+                f"batch {best_bf16}; {of_bf16 * 100:.1f}% of the bf16 matmul limit; answers differ from fp32 ones "
+                "(docs/performance.md)",
+            ),
+        ]
     return {
         "naive": naive,
         "batched": batched,
         "growing_kv": growing,
         "int8": int8,
+        "bf16": bf16,
         "best_batch_size": int(best),
         "ratio": round(ratio, 3),
         "utilisation": round(util(best_tps), 4),

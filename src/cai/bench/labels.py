@@ -4,6 +4,11 @@ OPTION 2"), both batched on the same backend, prompts and pairs.
 Log-prob: the assistant turn is prefilled with "OPTION" and the backend scores " 1" and " 2" (one prefix pass,
 shared by both options). Generate-and-parse: the model writes up to ``max_new_tokens`` greedily and the first
 "OPTION 1/2" (or a bare 1/2) in its answer is taken; anything else is unparseable.
+
+The labellers themselves (``cai.labeling``, the quickstart's settings: one principle per pair, both orders) on
+pairs of sampled answers to the bundled red-team prompts: today's path (fp32 weights, every prefix encoded in
+full) vs the fast path (bf16 weights; ``logprobs`` encodes the token prefix all prompts share once). Both label
+the same pairs, so the bench also reports how far the bf16 labels move from the fp32 ones.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from cai.bench.common import BenchContext, Timer, greedy, rate, redteam_prompts, row
+from cai.bench.common import BenchContext, Timer, bf16_copy, greedy, rate, redteam_prompts, row
 
 NAME = "labels"
 NOTE = (
@@ -43,6 +48,87 @@ def parse_option(text: str) -> int | None:
     return int(m.group(1) or m.group(2)) if m else None
 
 
+def sampled_pairs(backend, n: int, max_new_tokens: int) -> list:
+    """``n`` pairs of two sampled answers to the bundled red-team prompts (what the preferences stage labels)."""
+    from cai.backends import SamplingParams
+    from cai.labeling import Pair
+
+    prompts = redteam_prompts(n)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, seed=0)
+    outs = backend.generate([[{"role": "user", "content": p}] for p in prompts for _ in range(2)], sampling)
+    return [Pair(id=f"bench-{i}", prompt=p, a=outs[2 * i].text, b=outs[2 * i + 1].text) for i, p in enumerate(prompts)]
+
+
+def _timed_labels(backend, pairs, labeler: str, *, fast: bool) -> tuple[float, list[float]]:
+    """(seconds, P(a better) per pair) of one labeller on today's path or the fast one."""
+    from cai.constitution import load_constitution
+    from cai.labeling import LabelConfig, label_pairs
+
+    settings = LabelConfig(labeler=labeler, principles_per_pair=1, contrast_wording="revision")
+    fp32_model, reuse = backend.model, backend.reuse_prefix
+    if fast:
+        backend.model = bf16_copy(fp32_model)
+    backend.reuse_prefix = fast
+    try:
+        with Timer() as t:
+            labels = label_pairs(backend, pairs, load_constitution("harmless"), settings)
+    finally:
+        backend.model, backend.reuse_prefix = fp32_model, reuse
+    return t.seconds, [lab.p_a for lab in labels]
+
+
+def labeller_rows(ctx: BenchContext, pairs) -> tuple[list[dict], dict[str, Any]]:
+    """Today's path vs the fast path for the (A)/(B) and contrast labellers, and the rules labeller's rate."""
+    rows, doc = [], {}
+    for labeler, name in (("choice", "(A)/(B) labeller"), ("contrast", "contrast labeller")):
+        t_old, p_old = _timed_labels(ctx.backend, pairs, labeler, fast=False)
+        t_new, p_new = _timed_labels(ctx.backend, pairs, labeler, fast=True)
+        old, new = rate(len(pairs), t_old), rate(len(pairs), t_new)
+        moved = [abs(a - b) for a, b in zip(p_old, p_new, strict=True)]
+        same = sum((a > 0.5) == (b > 0.5) for a, b in zip(p_old, p_new, strict=True))
+        doc[labeler] = {
+            "today_pairs_per_s": round(old, 3),
+            "fast_pairs_per_s": round(new, 3),
+            "mean_abs_change": round(sum(moved) / len(moved), 4),
+            "max_abs_change": round(max(moved), 4),
+            "same_side": same,
+        }
+        rows += [
+            row(
+                f"{name} pairs/s, today's path (fp32)",
+                old,
+                "pairs/s",
+                note="1 principle per pair, both orders" if labeler == "choice" else "1 principle per pair",
+            ),
+            row(f"{name} pairs/s, bf16 + shared prefix", new, "pairs/s"),
+            row(
+                f"{name}: fast ÷ today",
+                new / old if old else 0.0,
+                "×",
+                3.0,
+                f"bf16 vs fp32 labels: mean change of p {doc[labeler]['mean_abs_change']:.3f}, same side of 0.5 on "
+                f"{same}/{len(pairs)}",
+            ),
+        ]
+    from cai.constitution import load_constitution
+    from cai.labeling import LabelConfig, label_pairs
+
+    rules, harmless = LabelConfig(labeler="rules"), load_constitution("harmless")
+    label_pairs(None, pairs[:1], harmless, rules)  # loads the judge's encoder and weights, once per process
+    with Timer() as t:
+        label_pairs(None, pairs, harmless, rules)
+    doc["rules"] = {"pairs_per_s": round(rate(len(pairs), t.seconds), 3)}
+    rows.append(
+        row(
+            "rules labeller pairs/s",
+            rate(len(pairs), t.seconds),
+            "pairs/s",
+            note="no model: the refusal judge's MiniLM + request-harm classifier; not sped up",
+        )
+    )
+    return rows, doc
+
+
 def run(ctx: BenchContext) -> dict[str, Any]:
     s = ctx.sizes
     chats = [option_chat(p, *RESPONSES) for p in redteam_prompts(s["pairs"])]
@@ -61,6 +147,11 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         row("log-prob ÷ generate-and-parse", ratio, "×", 10.0),
         row("generate-and-parse unparseable", unparseable * 100, "% of pairs", note="log-prob: 0%"),
     ]
+    labellers: dict[str, Any] = {}
+    if s.get("labeller_pairs"):
+        pairs = sampled_pairs(ctx.backend, s["labeller_pairs"], s["answer_tokens"])
+        more, labellers = labeller_rows(ctx, pairs)
+        rows += more
     return {
         "pairs": len(chats),
         "logprob_seconds": round(t_lp.seconds, 2),
@@ -69,5 +160,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         "unparseable_share": round(unparseable, 4),
         "parse_max_new_tokens": s["parse_max_new_tokens"],
         "examples": [g.text[:120] for g in outs[:3]],
+        "labellers": labellers,
+        "labeller_pairs": s.get("labeller_pairs", 0),
         "rows": rows,
     }

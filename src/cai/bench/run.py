@@ -24,16 +24,17 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
             "max_new_tokens": 64,
             "batch_sizes": [32, 64, 128],
             "int8": True,
+            "bf16": True,
         },
         "eval": {"harmful": None, "benign": None, "max_new_tokens": 64, "batch_size": 64},  # the quickstart's eval
-        "labels": {"pairs": 16, "parse_max_new_tokens": 24},
+        "labels": {"pairs": 16, "parse_max_new_tokens": 24, "labeller_pairs": 32, "answer_tokens": 48},
         "critique": {"items": 8, "few_shot": 2, "max_new_tokens": 32},
         "sft": {"records": 32, "batch_size": 8},
     },
     "quick": {
-        "generation": {"prompts": 8, "naive_prompts": 2, "max_new_tokens": 16, "batch_sizes": [8]},
+        "generation": {"prompts": 8, "naive_prompts": 2, "max_new_tokens": 16, "batch_sizes": [8], "bf16": True},
         "eval": {"harmful": 8, "benign": 4, "max_new_tokens": 16, "batch_size": 8},
-        "labels": {"pairs": 4, "parse_max_new_tokens": 12},
+        "labels": {"pairs": 4, "parse_max_new_tokens": 12, "labeller_pairs": 4, "answer_tokens": 12},
         "critique": {"items": 4, "few_shot": 1, "max_new_tokens": 12},
         "sft": {"records": 8, "batch_size": 4},
     },
@@ -56,6 +57,8 @@ def run_benchmarks(
     load_start = os.getloadavg()
     t0 = time.time()
     flops = matmul_flops(seconds=1.0 if quick else 3.0)
+    # bf16 inference rows are read against both limits: on a CPU with native bf16 (AVX512-BF16, AMX) it is ~2x fp32
+    flops_bf16 = matmul_flops(seconds=1.0 if quick else 3.0, dtype="bfloat16")
     backend = HFBackend(spec, batch_size=16, dtype="float32")
     mode = "quick" if quick else "full"
     doc: dict[str, Any] = {
@@ -64,12 +67,15 @@ def run_benchmarks(
         "quick": quick,
         "machine": machine(),
         "matmul_gflops": round(flops / 1e9, 2),
+        "matmul_gflops_bf16": round(flops_bf16 / 1e9, 2),
         "loadavg_start": [round(x, 2) for x in load_start],
         "benchmarks": {},
     }
     for name in only or BENCHMARKS:
         module = importlib.import_module(f"cai.bench.{name}")
-        ctx = BenchContext(spec, backend, quick, flops, progress, SIZES[mode][name], dict(doc["benchmarks"]))
+        ctx = BenchContext(
+            spec, backend, quick, flops, progress, SIZES[mode][name], dict(doc["benchmarks"]), flops_bf16
+        )
         doc["params"] = ctx.params
         t = time.time()
         result = module.run(ctx)
@@ -117,7 +123,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{', GPU ' + m['gpu'] if m['gpu'] else ', no GPU'}; torch {v.get('torch')}, transformers "
         f"{v.get('transformers')}, trl {v.get('trl')}.",
         f"- Measured fp32 matmul limit: **{doc['matmul_gflops']} GFLOP/s** (`torch.matmul`, 1024² fp32, best of "
-        "several repeats, same process).",
+        "several repeats, same process); bf16: "
+        f"**{doc.get('matmul_gflops_bf16', '–')} GFLOP/s** (the same benchmark in bf16, the yardstick of the "
+        "bf16 rows' second figure).",
         f"- Load average (1/5/15 min) at start {doc['loadavg_start']}, at end {doc['loadavg_end']}: a load above "
         f"the core count means other jobs shared the CPU and absolute figures are low; ratios are taken "
         "back to back and suffer less.",
