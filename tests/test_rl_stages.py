@@ -279,9 +279,16 @@ def test_rules_labels_and_rules_reward_need_no_feedback_model_or_reward_stage(tm
     def no_feedback(self):
         raise AssertionError("the rules labeler and the rules reward load no feedback model")
 
+    import cai.training.rl as rl_training
+
     monkeypatch.setattr(ModelPool, "feedback", no_feedback)
-    cfg = _config(tmp_path, "rules", "[prompts, preferences, rl]", "preferences.labeler=rules", "rl.reward=rules")
+    checkpointing = []  # what the RL trainer was asked for: activation checkpointing on the CPU when configured
+    real_args = rl_training.trl_args
+    monkeypatch.setattr(rl_training, "trl_args", lambda *a, **k: checkpointing.append(k["checkpointing"]) or real_args(*a, **k))
+    cfg = _config(tmp_path, "rules", "[prompts, preferences, rl]", "preferences.labeler=rules", "rl.reward=rules",
+                  "rl.activation_checkpointing=true")
     summaries = run_pipeline(cfg, progress=False)
+    assert checkpointing == [True]
     run = RunDir(tmp_path / "rules")
     rows = read_jsonl(run.root / "preferences" / "data.jsonl")
     assert rows and all(r["labeler"] == "rules" and len(r["propositions"]["verdicts"]) == 2 for r in rows)
@@ -292,6 +299,8 @@ def test_rules_labels_and_rules_reward_need_no_feedback_model_or_reward_stage(tm
     assert samples and all(-0.2 <= float(s["reward"]) <= 1 for s in samples)
     # the new key is left out at its default, so finished RL stages keep their config hash
     assert "reward" not in RunConfig().rl.model_dump() and cfg.rl.model_dump()["reward"] == "rules"
+    assert "activation_checkpointing" not in RunConfig().rl.model_dump()
+    assert cfg.rl.model_dump()["activation_checkpointing"] is True
 
 
 def test_rules_reward_takes_the_prompt_category_when_the_stage_knows_it():

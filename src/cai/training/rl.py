@@ -50,6 +50,12 @@ class RLTrainConfig(Strict):
         description="model: the run's reward model; rules: the rules labeler's utility of each completion (the "
         "constitution's wanted behaviour graded by the offline refusal judge; no reward model is read)",
     )
+    activation_checkpointing: bool | None = Field(
+        None,
+        description="recompute the policy's activations in the backward pass instead of keeping them: null = on a "
+        "CUDA GPU only; true also on the CPU, where the same steps (identical losses) cost ~15% more time and the "
+        "loss pass's peak memory falls by ~2 GB for 16 completions of ~160 tokens (docs/performance.md)",
+    )
     reward_harm: Literal["classifier", "prompt_set"] = Field(
         "classifier",
         description="rules reward: where a prompt's category (harmful or benign) comes from. classifier: the "
@@ -59,13 +65,15 @@ class RLTrainConfig(Strict):
 
     @model_serializer(mode="wrap")
     def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """``reward`` and ``reward_harm`` are left out of dumps at their defaults, so the config hashes of RL stages
-        finished before they existed stay the same (and those stages are reused)."""
+        """``reward``, ``reward_harm`` and ``activation_checkpointing`` are left out of dumps at their defaults, so
+        the config hashes of RL stages finished before they existed stay the same (and those stages are reused)."""
         data = handler(self)
         if data.get("reward") == "model":
             del data["reward"]
         if data.get("reward_harm") == "classifier":
             del data["reward_harm"]
+        if data.get("activation_checkpointing") is None:
+            data.pop("activation_checkpointing", None)
         return data
 
 
@@ -179,7 +187,13 @@ def train_rl(
     scorer = reward_model if isinstance(reward_model, RulesReward) else load_reward_model(reward_model)
     batch = settings.prompts_per_step * settings.num_generations
     args = Config(
-        **trl_args(output_dir / "checkpoints", seed=seed, progress=progress, tracking=tracking),
+        **trl_args(
+            output_dir / "checkpoints",
+            seed=seed,
+            progress=progress,
+            checkpointing=settings.activation_checkpointing,
+            tracking=tracking,
+        ),
         max_steps=settings.steps,
         learning_rate=settings.learning_rate,
         per_device_train_batch_size=batch,
