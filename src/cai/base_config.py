@@ -51,9 +51,9 @@ class ModelsConfig(Strict):
         "auto",
         description="auto | float32 | bfloat16 | float16 | int8 (CPU inference only: dynamic int8 Linear weights, "
         "~1.4x faster decoding, but on the 135M model every eval answer changes and the judged rates move). "
-        "bfloat16 on a CPU with native bf16 (AVX512-BF16, AMX): ~1.8x faster decoding, judged rates within noise "
-        "of fp32's on the base model; slower than fp32 without native bf16. Compare figures only within one "
-        "precision; eval metrics record it. Trainers always load their own copy.",
+        "bfloat16 on a CPU with native bf16 (AVX512-BF16, AMX): ~1.8x faster decoding, but it flips enough greedy "
+        "answers to change a comparison between trained checkpoints; slower than fp32 without native bf16. Compare "
+        "figures only within one precision; eval metrics record it. Trainers always load their own copy.",
     )
     batch_size: int = Field(16, ge=1, description="generation batch size for in-process models")
     concurrency: int = Field(8, ge=1, description="parallel requests for openai: servers")
