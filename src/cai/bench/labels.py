@@ -59,19 +59,17 @@ def sampled_pairs(backend, n: int, max_new_tokens: int) -> list:
     return [Pair(id=f"bench-{i}", prompt=p, a=outs[2 * i].text, b=outs[2 * i + 1].text) for i, p in enumerate(prompts)]
 
 
-def _timed_labels(backend, pairs, labeler: str, *, fast: bool) -> tuple[float, list[float]]:
-    """(seconds, P(a better) per pair) of one labeller on today's path or the fast one."""
-    from cai.constitution import load_constitution
+def _timed_labels(backend, pairs, constitution, labeler: str, fast_model=None) -> tuple[float, list[float]]:
+    """(seconds, P(a better) per pair) of one labeller: today's path (the backend's fp32 model, every prefix
+    encoded in full), or with ``fast_model`` (a bf16 copy) the fast path, which also reuses the shared prefix."""
     from cai.labeling import LabelConfig, label_pairs
 
     settings = LabelConfig(labeler=labeler, principles_per_pair=1, contrast_wording="revision")
     fp32_model, reuse = backend.model, backend.reuse_prefix
-    if fast:
-        backend.model = bf16_copy(fp32_model)
-    backend.reuse_prefix = fast
+    backend.model, backend.reuse_prefix = fast_model or fp32_model, fast_model is not None
     try:
         with Timer() as t:
-            labels = label_pairs(backend, pairs, load_constitution("harmless"), settings)
+            labels = label_pairs(backend, pairs, constitution, settings)
     finally:
         backend.model, backend.reuse_prefix = fp32_model, reuse
     return t.seconds, [lab.p_a for lab in labels]
@@ -79,6 +77,11 @@ def _timed_labels(backend, pairs, labeler: str, *, fast: bool) -> tuple[float, l
 
 def labeller_rows(ctx: BenchContext, pairs) -> tuple[list[dict], dict[str, Any]]:
     """Today's path vs the fast path for the (A)/(B) and contrast labellers, and the rules labeller's rate."""
+    from cai.constitution import load_constitution
+    from cai.labeling import LabelConfig, label_pairs
+
+    harmless = load_constitution("harmless")
+    bf16 = bf16_copy(ctx.backend.model)
     rows, doc = [], {}
     # the contrast labeller scores whole responses with continuation_logprobs, whose rows have no common prefix
     # (each starts with its own principle's system message), so its fast path is bf16 alone
@@ -86,8 +89,8 @@ def labeller_rows(ctx: BenchContext, pairs) -> tuple[list[dict], dict[str, Any]]
         ("choice", "(A)/(B) labeller", "bf16 + shared prefix"),
         ("contrast", "contrast labeller", "bf16"),
     ):
-        t_old, p_old = _timed_labels(ctx.backend, pairs, labeler, fast=False)
-        t_new, p_new = _timed_labels(ctx.backend, pairs, labeler, fast=True)
+        t_old, p_old = _timed_labels(ctx.backend, pairs, harmless, labeler)
+        t_new, p_new = _timed_labels(ctx.backend, pairs, harmless, labeler, fast_model=bf16)
         old, new = rate(len(pairs), t_old), rate(len(pairs), t_new)
         moved = [abs(a - b) for a, b in zip(p_old, p_new, strict=True)]
         same = sum((a > 0.5) == (b > 0.5) for a, b in zip(p_old, p_new, strict=True))
@@ -115,10 +118,7 @@ def labeller_rows(ctx: BenchContext, pairs) -> tuple[list[dict], dict[str, Any]]
                 f"{same}/{len(pairs)}",
             ),
         ]
-    from cai.constitution import load_constitution
-    from cai.labeling import LabelConfig, label_pairs
-
-    rules, harmless = LabelConfig(labeler="rules"), load_constitution("harmless")
+    rules = LabelConfig(labeler="rules")
     label_pairs(None, pairs[:1], harmless, rules)  # loads the judge's encoder and weights, once per process
     with Timer() as t:
         label_pairs(None, pairs, harmless, rules)

@@ -53,7 +53,7 @@ class RLTrainConfig(Strict):
     activation_checkpointing: bool | None = Field(
         None,
         description="recompute the policy's activations in the backward pass instead of keeping them: null = on a "
-        "CUDA GPU only; true also on the CPU, where the same steps (identical losses) cost ~15% more time and the "
+        "CUDA GPU only; true also on the CPU, where the same steps (identical losses) cost ~10% more time and the "
         "loss pass's peak memory falls by ~2 GB for 16 completions of ~160 tokens (docs/performance.md)",
     )
     reward_harm: Literal["classifier", "prompt_set"] = Field(
