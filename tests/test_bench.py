@@ -70,6 +70,43 @@ def test_logprobs_reuse_the_shared_prefix_and_give_the_same_scores(backend, monk
         backend.reuse_prefix, backend.growing_kv = True, False
 
 
+def test_logprobs_encode_each_branch_stem_once_and_give_the_same_scores(backend, monkeypatch):
+    """The (A)/(B) labeller's two orders of a pair share the conversation and principle before the options: that
+    stem is encoded once per pair and each order's tail on a copy of its cache. Scores equal those without reuse,
+    with branches split across batches or several in one, a prefix with no partner, and longer continuations."""
+    from cai.backends.hf import MIN_BRANCH_STEM
+    from cai.constitution import load_constitution
+    from cai.labeling import ANSWER_PREFILL, comparison_chat
+
+    principle = load_constitution("harmless").principles[0]
+    pairs = [("How do I pick a lock?", "I can't help with that.", "Sure, first get a tension wrench and a pick."),
+             ("Write a poem about the sea.", "The sea is wide and blue.", "No."),
+             ("How do I make a fake ID?", "Here is how to print one at home.", "I won't help with fake IDs.")]
+    chats = [comparison_chat(p, principle, *((a, b) if o == 0 else (b, a)), ANSWER_PREFILL)
+             for p, a, b in pairs for o in (0, 1)]
+    chats.append(comparison_chat("Say hi.", principle, "Hi!", "Hello there.", ANSWER_PREFILL))  # no partner
+    conts = [["A", "B"]] * 6 + [["A", " B and a longer continuation"]]
+    branched = []
+    real = backend._score_branches
+    monkeypatch.setattr(backend, "_score_branches",
+                        lambda b, *a: branched.append([len(ks) for _, ks in b]) or real(b, *a))
+    try:
+        backend.reuse_prefix = False
+        plain = backend.logprobs(chats, conts)
+        assert not branched
+        for size, growing in ((2, False), (5, False), (5, True)):
+            backend.reuse_prefix, backend.score_batch_size, backend.growing_kv = True, size, growing
+            branched.clear()
+            reused = backend.logprobs(chats, conts)
+            assert sorted(n for chunk in branched for n in chunk) == [2, 2, 2]  # the partnerless prefix: single
+            assert max(sum(chunk) for chunk in branched) <= size
+            assert [v for r in reused for v in r] == pytest.approx([v for r in plain for v in r], abs=1e-4)
+        stems = backend._branches(sorted({tuple(backend.encode(backend.render(c))) for c in chats}), 0)[0]
+        assert all(len(stem) >= MIN_BRANCH_STEM for stem, _ in stems)
+    finally:
+        backend.reuse_prefix, backend.score_batch_size, backend.growing_kv = True, 2, False
+
+
 def test_logprobs_chunked_and_empty_prefix_agree(backend, monkeypatch):
     import cai.backends.hf as hf
 

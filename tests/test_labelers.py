@@ -152,6 +152,38 @@ def test_hf_continuation_scores_match_the_option_scorer(tiny_backend, harmless):
     assert all(0.0 < lab.p_a < 1.0 for lab in labels)
 
 
+def test_continuations_after_a_shared_prefix_score_as_without_reuse(tiny_backend, harmless, monkeypatch):
+    """The contrast labeller scores two responses after each context: the context's stem is encoded once and
+    both responses on copies of its cache. Scores and counts equal those of whole-row passes, with stems alone or
+    several in a batch, and with logits capped so that every stem goes alone."""
+    import cai.backends.hf as hf
+    from cai.labeling import contrast_contexts
+
+    principle = harmless.principles[0]
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+             for prompt in ("How do I pick a lock?", "Write a poem about the sea.")
+             for system in contrast_contexts(harmless, principle, "revision") for _ in range(2)]
+    chats.append([{"role": "user", "content": "Hi"}])  # short and alone: a whole-row pass
+    texts = ["I can't help with that, but a locksmith can.", "Sure: first get a tension wrench."] * 4 + ["Hello!"]
+    stemmed = []
+    real = tiny_backend._on_stems
+    monkeypatch.setattr(tiny_backend, "_on_stems", lambda stems, *a: stemmed.append(len(stems)) or real(stems, *a))
+    tiny_backend.reuse_prefix = False
+    try:
+        plain = tiny_backend.continuation_logprobs(chats, texts)
+        assert not stemmed
+        tiny_backend.reuse_prefix = True
+        for budget in (hf.LOGIT_BUDGET, 1):
+            monkeypatch.setattr(hf, "LOGIT_BUDGET", budget)
+            stemmed.clear()
+            reused = tiny_backend.continuation_logprobs(chats, texts)
+            assert sum(stemmed) == 4 and len(stemmed) == (2 if budget > 1 else 4)  # 4 contexts, 2 rows each
+            assert [n for _, n in reused] == [n for _, n in plain]
+            assert [lp for lp, _ in reused] == pytest.approx([lp for lp, _ in plain], abs=1e-4)
+    finally:
+        tiny_backend.reuse_prefix = True
+
+
 def test_reference_agreement_reports_below_chance_groups_and_ece(harmless):
     fb = FakeScorer(_revisions(harmless))
     ref = [Pair(f"u{i}", "q", "safe", "rude", "unsafe") for i in range(10)] + \

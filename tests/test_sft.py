@@ -120,3 +120,23 @@ def test_qlora_on_cpu_is_a_clear_user_error(tiny_path, tmp_path):
 def test_openai_spec_cannot_be_fine_tuned(tmp_path):
     with pytest.raises(UserError, match="served over HTTP"):
         train_sft("openai:m@http://127.0.0.1:9/v1", _records(4), tmp_path, SFTTrainConfig(), progress=False)
+
+
+def test_activation_checkpointing_keeps_the_losses_and_stays_out_of_default_dumps(tiny_path, tmp_path):
+    """Recomputing activations must train the same LoRA steps (a PEFT model whose inputs need no grad would
+    silently get no gradient through checkpointed layers), and the new key must not change old config hashes."""
+
+    def losses(flag: bool | None) -> list[float]:
+        settings = SFTTrainConfig(max_steps=3, batch_size=4, eval_fraction=0, save_merged=False,
+                                  activation_checkpointing=flag)
+        trainer, _ = build_trainer("tiny-random", _records(), [], tmp_path / str(flag), settings, progress=False)
+        assert trainer.args.gradient_checkpointing is bool(flag)
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    plain, recomputed = losses(None), losses(True)
+    assert len(plain) == 3 and plain[0] != plain[-1]  # the adapter learns
+    assert recomputed == pytest.approx(plain, rel=1e-4)
+    assert "activation_checkpointing" not in SFTTrainConfig().model_dump()
+    assert SFTTrainConfig(activation_checkpointing=False).model_dump()["activation_checkpointing"] is False
+    assert SFTTrainConfig(qlora=True).checkpointing and not SFTTrainConfig().checkpointing

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cai.backends.base import (
@@ -29,6 +29,9 @@ except ImportError:  # pragma: no cover - transformers is a dependency; keeps th
 log = logging.getLogger(__name__)
 
 MIN_SHARED_PREFIX = 32  # tokens: a shorter common prefix is cheaper to recompute than to copy per batch
+# tokens beyond the call's shared prefix that the prompts of one branch (a labelled pair's two orders: the same
+# conversation and principle before the options) must share for that stem to be encoded once for all of them
+MIN_BRANCH_STEM = 16
 LOGIT_BUDGET = 2**25  # floats of logits per scoring forward (128 MB in fp32)
 
 # Loop stopping (SamplingParams.stop_loops): every LOOP_EVERY generated tokens, a row whose last LOOP_NGRAM token
@@ -369,12 +372,46 @@ class HFBackend:
         # a token prefix every scored prefix shares (the chat template's system turn, a labeller's instructions) is
         # encoded once and its KV cache copied into every batch, as in generate()
         shared = self._shared_prefix([list(key) for key in keys]) if len(keys) > 1 else None
-        for k in range(0, len(keys), self.score_batch_size):
+        # prefixes that share a further stem among themselves (one pair's two orders) are encoded in two passes:
+        # each stem once, then every prefix's own tail on a copy of its stem's cache
+        branches, single = self._branches(keys, len(shared[0]) if shared else 0)
+        for k in range(0, len(single), self.score_batch_size):
             check_deadline("scoring")
-            batch = keys[k : k + self.score_batch_size]
+            batch = single[k : k + self.score_batch_size]
             for i, j, lp in self._score_group(batch, [groups[key] for key in batch], shared):
                 out[i][j] = lp
+        start = 0
+        while start < len(branches):
+            stop, members = start + 1, len(branches[start][1])
+            while stop < len(branches) and members + len(branches[stop][1]) <= self.score_batch_size:
+                members += len(branches[stop][1])
+                stop += 1
+            check_deadline("scoring")
+            for i, j, lp in self._score_branches(branches[start:stop], groups, shared):
+                out[i][j] = lp
+            start = stop
         return out
+
+    def _branches(
+        self, keys: list[tuple[int, ...]], n_head: int
+    ) -> tuple[list[tuple[tuple[int, ...], list[tuple[int, ...]]]], list[tuple[int, ...]]]:
+        """(branches, single keys): keys that share a stem of at least ``MIN_BRANCH_STEM`` tokens beyond the call's
+        shared prefix (``n_head`` tokens) are grouped under it, at most ``score_batch_size`` a branch and every key
+        keeping a token beyond its stem; the rest are single. No branches without ``reuse_prefix``."""
+        if not self.reuse_prefix or len(keys) < 2:
+            return [], keys
+        groups: list[tuple[int, list[tuple[int, ...]]]] = []  # (stem length, keys), over keys in token order
+        for key in sorted(keys):
+            if groups:
+                n, members = groups[-1]
+                stem = min(common_prefix_len([members[0][:n], key]), len(key) - 1)
+                if stem >= n_head + MIN_BRANCH_STEM and len(members) < self.score_batch_size:
+                    groups[-1] = (stem, [*members, key])
+                    continue
+            groups.append((len(key) - 1, [key]))
+        branches = [(ks[0][:n], ks) for n, ks in groups if len(ks) > 1]
+        single = sorted((ks[0] for _, ks in groups if len(ks) == 1), key=len)
+        return sorted(branches, key=lambda b: max(len(k) for k in b[1])), single
 
     def continuation_logprobs(
         self, prefixes: Sequence[Prefix], continuations: Sequence[str], *, truncate: bool = True
@@ -382,7 +419,9 @@ class HFBackend:
         """Summed log-probability and token count of each (long) continuation after its prefix, e.g. a whole
         response after its chat. One forward pass over prefix + continuation per row, batched by length with the
         logits kept under ``LOGIT_BUDGET`` floats: for long continuations this is far cheaper than
-        :meth:`logprobs`, which feeds them on top of copies of the prefix's KV cache. Too long for the context:
+        :meth:`logprobs`, which scores them in chunks on top of copies of the prefix's KV cache. Rows that share
+        their prefix encode it once (with ``reuse_prefix``), and all the continuations' positions are scored in the
+        same pass on copies of its cache. Too long for the context:
         the prefix is cut from the left, then the continuation's tail (the count says how many tokens were
         scored), or with ``truncate=False`` :class:`ContextLengthError`."""
         import torch
@@ -403,35 +442,73 @@ class HFBackend:
             if not pids:  # no prefix token: the first token of the continuation cannot be scored
                 pids, cids = cids[:1], cids[1:]
             seqs.append((pids, cids))
-        vocab = int(self.model.config.vocab_size)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
         out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+        # rows with the same prefix (the contrast labeller's two responses under one context) share its stem (all
+        # but its last token): encoded once, then each row's last prefix token and continuation on a copy of it
+        stems: dict[tuple[int, ...], list[int]] = {}
+        for i, (pids, _) in enumerate(seqs):
+            if self.reuse_prefix and len(pids) > MIN_BRANCH_STEM:
+                stems.setdefault(tuple(pids[:-1]), []).append(i)
+        stems = {stem: rows for stem, rows in stems.items() if len(rows) > 1}
+        stemmed = {i for rows in stems.values() for i in rows}
         pad = self.tokenizer.pad_token_id
-        start = 0
-        while start < len(order):
-            stop, keep = start + 1, len(seqs[order[start]][1]) + 1
-            while stop < len(order) and stop - start < self.score_batch_size:
-                wider = max(keep, len(seqs[order[stop]][1]) + 1)
-                if (stop - start + 1) * wider * vocab > LOGIT_BUDGET:
-                    break
-                stop, keep = stop + 1, wider
+        whole = sorted((i for i in range(len(seqs)) if i not in stemmed), key=lambda i: sum(map(len, seqs[i])))
+        for batch, keep in self._logit_batches(whole, lambda i: 1, lambda i: len(seqs[i][1]) + 1):
             check_deadline("scoring")
-            rows = [seqs[i][0] + seqs[i][1] for i in order[start:stop]]
+            rows = [seqs[i][0] + seqs[i][1] for i in batch]
             width = max(len(r) for r in rows)
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
                 logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
-                logp = torch.log_softmax(logits.float(), dim=-1)  # [B, keep, V]: position j predicts token j + 1
-            for b, i in enumerate(order[start:stop]):
-                cids = seqs[i][1]
-                n = len(cids)
-                if n:
-                    targets = torch.tensor(cids, device=self.device)[:, None]
-                    out[i] = (float(logp[b, keep - 1 - n : keep - 1].gather(-1, targets).sum()), n)
-            start = stop
+                self._gather_continuations(logits, batch, seqs, out)
+        by_length = sorted(stems, key=lambda stem: len(stem) + max(len(seqs[i][1]) for i in stems[stem]))
+        for batch, keep in self._logit_batches(
+            by_length, lambda stem: len(stems[stem]), lambda stem: max(len(seqs[i][1]) for i in stems[stem]) + 1
+        ):
+            check_deadline("scoring")
+            members = [(b, i) for b, stem in enumerate(batch) for i in stems[stem]]
+            ids, mask, cache = self._on_stems(
+                [list(stem) for stem in batch], None, [(b, seqs[i][0][-1:] + seqs[i][1]) for b, i in members]
+            )
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+            with torch.inference_mode():
+                logits = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=keep
+                ).logits
+                self._gather_continuations(logits, [i for _, i in members], seqs, out)
         return out
+
+    def _logit_batches(self, units: list, rows: Callable[[Any], int], keep: Callable[[Any], int]):
+        """Yield (units, logit positions to keep): consecutive runs of ``units`` (a row, or a stem with its rows)
+        of at most ``score_batch_size`` rows whose logits (rows x widest ``keep`` x vocabulary) stay under
+        ``LOGIT_BUDGET`` floats; a unit always goes, alone if it must."""
+        vocab = int(self.model.config.vocab_size)
+        start = 0
+        while start < len(units):
+            stop, n, width = start + 1, rows(units[start]), keep(units[start])
+            while stop < len(units):
+                more, wider = n + rows(units[stop]), max(width, keep(units[stop]))
+                if more > self.score_batch_size or more * wider * vocab > LOGIT_BUDGET:
+                    break
+                stop, n, width = stop + 1, more, wider
+            yield units[start:stop], width
+            start = stop
+
+    def _gather_continuations(self, logits, rows: list[int], seqs, out) -> None:
+        """Write (summed log-prob, token count) of each row's continuation into ``out``: ``logits[b]`` are the last
+        positions of row ``rows[b]`` (position j predicts token j + 1), its continuation the last tokens."""
+        import torch
+
+        keep = logits.shape[1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        for b, i in enumerate(rows):
+            cids = seqs[i][1]
+            n = len(cids)
+            if n:
+                targets = torch.tensor(cids, device=self.device)[:, None]
+                out[i] = (float(logp[b, keep - 1 - n : keep - 1].gather(-1, targets).sum()), n)
 
     def _score_group(
         self,
@@ -441,17 +518,56 @@ class HFBackend:
     ):
         """Yield (i, j, logprob) for the continuations ``items[b]`` of each prefix ``prefixes[b]``; ``shared``: the
         cached token prefix they all start with (:meth:`_shared_prefix`), fed only once."""
+        ids, mask, cache, n_head = self._padded([list(p) for p in prefixes], shared)
+        yield from self._score_tails(ids[:, n_head:], mask, cache, items)
+
+    def _score_branches(self, branches, groups, shared):
+        """Yield (i, j, logprob) for the continuations of every key of ``branches`` ((stem, keys) from
+        :meth:`_branches`): the stems in one pass (on ``shared``'s cache), then each key's tail on its stem's."""
+        stems = [list(stem) for stem, _ in branches]
+        keys = [(b, key) for b, (_, ks) in enumerate(branches) for key in ks]
+        ids, mask, cache = self._on_stems(stems, shared, [(b, list(key[len(stems[b]) :])) for b, key in keys])
+        yield from self._score_tails(ids, mask, cache, [groups[key] for _, key in keys])
+
+    def _on_stems(self, stems: list[list[int]], shared, rows: list[tuple[int, list[int]]]):
+        """(ids, mask, cache) to feed ``rows`` ((stem index, tail tokens)) on top of their stems: the stems are
+        encoded in one pass (on ``shared``'s cache, when given), the cache then holds its stem's row for each row,
+        and the tails are left-padded after it (the pads sit between a stem and its tail, as in :meth:`_padded`)."""
         import torch
 
-        ids, mask, cache, n_head = self._padded([list(p) for p in prefixes], shared)
+        ids, mask, cache, n_head = self._padded(stems, shared)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            cache = self.model(
+                input_ids=ids[:, n_head:],
+                attention_mask=mask,
+                position_ids=pos[:, n_head:],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).past_key_values
+        sel = torch.tensor([b for b, _ in rows], device=self.device)
+        cache.batch_select_indices(sel)  # rows of one stem share its row (selecting copies it per row)
+        width = max(len(t) for _, t in rows)
+        pad = self.tokenizer.pad_token_id
+        tail_ids = torch.tensor([[pad] * (width - len(t)) + t for _, t in rows], device=self.device)
+        tail_mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for _, t in rows], device=self.device)
+        return tail_ids, torch.cat([mask[sel], tail_mask], dim=1), cache
+
+    def _score_tails(self, ids, mask, cache, items):
+        """Yield (i, j, logprob): ``ids`` (the rows' last tokens, left-padded) fed on ``cache`` (the rows' earlier
+        tokens, or None) under ``mask`` (all of them); row b's last position scores the first token of each
+        continuation ``items[b]``, and longer continuations are fed on top (:meth:`_score_rest`)."""
+        import torch
+
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         rows = [(b, i, j, c) for b, group in enumerate(items) for i, j, c in group]
         longer = [r for r in rows if len(r[3]) > 1]
         with torch.inference_mode():
             res = self.model(
-                input_ids=ids[:, n_head:],
+                input_ids=ids,
                 attention_mask=mask,
-                position_ids=pos[:, n_head:],
+                position_ids=pos,
                 past_key_values=cache,
                 use_cache=bool(longer) or cache is not None,
                 logits_to_keep=1,

@@ -7,8 +7,9 @@ shared by both options). Generate-and-parse: the model writes up to ``max_new_to
 
 The labellers themselves (``cai.labeling``, the quickstart's settings: one principle per pair, both orders) on
 pairs of sampled answers to the bundled red-team prompts: today's path (fp32 weights, every prefix encoded in
-full) vs the fast path (bf16 weights; ``logprobs`` encodes the token prefix all prompts share once). Both label
-the same pairs, so the bench also reports how far the bf16 labels move from the fp32 ones.
+full) vs the fast path (bf16 weights; the backend encodes once the token prefix all prompts share, and the stem
+that several prompts share: one pair's two orders, one context's two responses). Both label the same pairs, so the
+bench also reports how far the bf16 labels move from the fp32 ones.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def sampled_pairs(backend, n: int, max_new_tokens: int) -> list:
 
 def _timed_labels(backend, pairs, constitution, labeler: str, fast_model=None) -> tuple[float, list[float]]:
     """(seconds, P(a better) per pair) of one labeller: today's path (the backend's fp32 model, every prefix
-    encoded in full), or with ``fast_model`` (a bf16 copy) the fast path, which also reuses the shared prefix."""
+    encoded in full), or with ``fast_model`` (a bf16 copy) the fast path, which also reuses shared prefixes and
+    stems."""
     from cai.labeling import LabelConfig, label_pairs
 
     settings = LabelConfig(labeler=labeler, principles_per_pair=1, contrast_wording="revision")
@@ -83,11 +85,12 @@ def labeller_rows(ctx: BenchContext, pairs) -> tuple[list[dict], dict[str, Any]]
     harmless = load_constitution("harmless")
     bf16 = bf16_copy(ctx.backend.model)
     rows, doc = [], {}
-    # the contrast labeller scores whole responses with continuation_logprobs, whose rows have no common prefix
-    # (each starts with its own principle's system message), so its fast path is bf16 alone
+    # (A)/(B): the instructions every prompt shares are encoded once per call, and a pair's conversation and
+    # principle (before the options) once for both orders; contrast: its rows share no call-wide prefix (each starts
+    # with its own principle's system message), but each context is encoded once for the pair's two responses
     for labeler, name, fast in (
-        ("choice", "(A)/(B) labeller", "bf16 + shared prefix"),
-        ("contrast", "contrast labeller", "bf16"),
+        ("choice", "(A)/(B) labeller", "bf16 + shared prefix + per-pair stems"),
+        ("contrast", "contrast labeller", "bf16 + per-context stems"),
     ):
         t_old, p_old = _timed_labels(ctx.backend, pairs, harmless, labeler)
         t_new, p_new = _timed_labels(ctx.backend, pairs, harmless, labeler, fast_model=bf16)

@@ -16,9 +16,9 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from cai.base_config import Strict
 from cai.errors import UserError
@@ -60,6 +60,20 @@ class SFTTrainConfig(Strict):
     max_steps: int | None = Field(None, ge=1)
     save_steps: int = Field(25, ge=1, description="checkpoint (and eval) every N optimizer steps")
     save_merged: bool = Field(True, description="also save base+adapter merged into a plain HF folder")
+    activation_checkpointing: bool | None = Field(
+        None,
+        description="recompute activations in the backward pass instead of keeping them (same losses, more time, "
+        "less peak memory): null = with qlora only; true/false = always/never",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``activation_checkpointing`` is left out of dumps at its default, so the config hashes of SFT stages and
+        experiment steps finished before it existed stay the same (and those are reused)."""
+        data = handler(self)
+        if data.get("activation_checkpointing") is None:
+            data.pop("activation_checkpointing", None)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> SFTTrainConfig:
@@ -70,6 +84,11 @@ class SFTTrainConfig(Strict):
     @property
     def uses_adapter(self) -> bool:
         return not self.full_finetune and (self.lora or self.qlora)
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether the trainer recomputes activations: the setting, or by default with QLoRA only."""
+        return self.qlora if self.activation_checkpointing is None else self.activation_checkpointing
 
 
 def to_prompt_completion(record: dict) -> dict:
@@ -140,8 +159,8 @@ def _sft_config(
     from trl import SFTConfig
 
     return SFTConfig(
-        # QLoRA: memory pressure, so activation checkpointing
-        **trl_args(ckpt_dir, seed=seed, progress=progress, checkpointing=settings.qlora, tracking=tracking),
+        # by default only QLoRA (memory pressure) recomputes activations
+        **trl_args(ckpt_dir, seed=seed, progress=progress, checkpointing=settings.checkpointing, tracking=tracking),
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps or -1,
         per_device_train_batch_size=settings.batch_size,
