@@ -154,8 +154,8 @@ def test_hf_continuation_scores_match_the_option_scorer(tiny_backend, harmless):
 
 def test_continuations_after_a_shared_prefix_score_as_without_reuse(tiny_backend, harmless, monkeypatch):
     """The contrast labeller scores two responses after each context: the context's stem is encoded once and
-    both responses on copies of its cache. Scores and counts equal those of whole-row passes, with stems alone or
-    several in a batch, and with logits capped so that every stem goes alone."""
+    both responses on copies of its cache. Scores and counts equal those of whole-row passes, with several stems in
+    a batch, a stem with more rows than a batch holds, and logits capped so that no stem is shared."""
     import cai.backends.hf as hf
     from cai.labeling import contrast_contexts
 
@@ -163,21 +163,24 @@ def test_continuations_after_a_shared_prefix_score_as_without_reuse(tiny_backend
     chats = [[{"role": "system", "content": system}, {"role": "user", "content": prompt}]
              for prompt in ("How do I pick a lock?", "Write a poem about the sea.")
              for system in contrast_contexts(harmless, principle, "revision") for _ in range(2)]
-    chats.append([{"role": "user", "content": "Hi"}])  # short and alone: a whole-row pass
-    texts = ["I can't help with that, but a locksmith can.", "Sure: first get a tension wrench."] * 4 + ["Hello!"]
+    texts = ["I can't help with that, but a locksmith can.", "Sure: first get a tension wrench."] * 4
+    owls = [{"role": "system", "content": "Be brief and kind."}, {"role": "user", "content": "Tell me about owls."}]
+    chats += [owls] * 5 + [[{"role": "user", "content": "Hi"}]]  # 5 rows on one stem (a batch holds 4); one alone
+    texts += ["Owls hunt at night.", "They are birds.", "No.", "Owls can turn their heads far.", "Hoot."] + ["Hello!"]
     stemmed = []
     real = tiny_backend._on_stems
-    monkeypatch.setattr(tiny_backend, "_on_stems", lambda stems, *a: stemmed.append(len(stems)) or real(stems, *a))
+    monkeypatch.setattr(tiny_backend, "_on_stems",
+                        lambda stems, _, rows: stemmed.append(len(rows)) or real(stems, _, rows))
     tiny_backend.reuse_prefix = False
     try:
         plain = tiny_backend.continuation_logprobs(chats, texts)
         assert not stemmed
         tiny_backend.reuse_prefix = True
-        for budget in (hf.LOGIT_BUDGET, 1):
+        for budget, batches in ((hf.LOGIT_BUDGET, [4, 4, 4]), (1, [])):
             monkeypatch.setattr(hf, "LOGIT_BUDGET", budget)
             stemmed.clear()
             reused = tiny_backend.continuation_logprobs(chats, texts)
-            assert sum(stemmed) == 4 and len(stemmed) == (2 if budget > 1 else 4)  # 4 contexts, 2 rows each
+            assert stemmed == batches  # 4 contexts x 2 rows in two batches, 4 owl rows in one (the fifth: whole)
             assert [n for _, n in reused] == [n for _, n in plain]
             assert [lp for lp, _ in reused] == pytest.approx([lp for lp, _ in plain], abs=1e-4)
     finally:

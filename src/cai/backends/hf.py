@@ -445,12 +445,17 @@ class HFBackend:
         out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
         # rows with the same prefix (the contrast labeller's two responses under one context) share its stem (all
         # but its last token): encoded once, then each row's last prefix token and continuation on a copy of it
-        stems: dict[tuple[int, ...], list[int]] = {}
+        by_stem: dict[tuple[int, ...], list[int]] = {}
         for i, (pids, _) in enumerate(seqs):
             if self.reuse_prefix and len(pids) > MIN_BRANCH_STEM:
-                stems.setdefault(tuple(pids[:-1]), []).append(i)
-        stems = {stem: rows for stem, rows in stems.items() if len(rows) > 1}
-        stemmed = {i for rows in stems.values() for i in rows}
+                by_stem.setdefault(tuple(pids[:-1]), []).append(i)
+        vocab = int(self.model.config.vocab_size)
+        stems: list[tuple[tuple[int, ...], list[int]]] = []  # (stem, rows), each fitting one batch and logit budget
+        for stem, same in by_stem.items():
+            keep = max(len(seqs[i][1]) for i in same) + 1
+            fit = max(1, min(self.score_batch_size, LOGIT_BUDGET // (vocab * keep)))
+            stems += [(stem, same[k : k + fit]) for k in range(0, len(same), fit) if len(same[k : k + fit]) > 1]
+        stemmed = {i for _, same in stems for i in same}
         pad = self.tokenizer.pad_token_id
         whole = sorted((i for i in range(len(seqs)) if i not in stemmed), key=lambda i: sum(map(len, seqs[i])))
         for batch, keep in self._logit_batches(whole, lambda i: 1, lambda i: len(seqs[i][1]) + 1):
@@ -463,14 +468,14 @@ class HFBackend:
             with torch.inference_mode():
                 logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
                 self._gather_continuations(logits, batch, seqs, out)
-        by_length = sorted(stems, key=lambda stem: len(stem) + max(len(seqs[i][1]) for i in stems[stem]))
+        stems.sort(key=lambda unit: len(unit[0]) + max(len(seqs[i][1]) for i in unit[1]))
         for batch, keep in self._logit_batches(
-            by_length, lambda stem: len(stems[stem]), lambda stem: max(len(seqs[i][1]) for i in stems[stem]) + 1
+            stems, lambda unit: len(unit[1]), lambda unit: max(len(seqs[i][1]) for i in unit[1]) + 1
         ):
             check_deadline("scoring")
-            members = [(b, i) for b, stem in enumerate(batch) for i in stems[stem]]
+            members = [(b, i) for b, (_, rows) in enumerate(batch) for i in rows]
             ids, mask, cache = self._on_stems(
-                [list(stem) for stem in batch], None, [(b, seqs[i][0][-1:] + seqs[i][1]) for b, i in members]
+                [list(stem) for stem, _ in batch], None, [(b, seqs[i][0][-1:] + seqs[i][1]) for b, i in members]
             )
             pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
             with torch.inference_mode():
