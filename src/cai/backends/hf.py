@@ -380,16 +380,11 @@ class HFBackend:
             batch = single[k : k + self.score_batch_size]
             for i, j, lp in self._score_group(batch, [groups[key] for key in batch], shared):
                 out[i][j] = lp
-        start = 0
-        while start < len(branches):
-            stop, members = start + 1, len(branches[start][1])
-            while stop < len(branches) and members + len(branches[stop][1]) <= self.score_batch_size:
-                members += len(branches[stop][1])
-                stop += 1
+        # whole branches, at most score_batch_size prefixes a batch (one logit position each)
+        for batch, _ in self._logit_batches(branches, lambda branch: len(branch[1]), lambda branch: 1):
             check_deadline("scoring")
-            for i, j, lp in self._score_branches(branches[start:stop], groups, shared):
+            for i, j, lp in self._score_branches(batch, groups, shared):
                 out[i][j] = lp
-            start = stop
         return out
 
     def _branches(
