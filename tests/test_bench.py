@@ -172,6 +172,13 @@ def test_cai_bench_quick_writes_json_table_and_report(tmp_path, tiny_path):
             "(A)/(B)" if name == "choice" else "contrast"))
         assert speedup["value"] == pytest.approx(lab["fast_pairs_per_s"] / lab["today_pairs_per_s"], rel=0.02)
         assert 0 <= lab["same_side"] <= 4 and 0 <= lab["mean_abs_change"] <= lab["max_abs_change"] <= 1
+        # the fast path feeds fewer token positions (shared prefix and stems), and the matmul-bound estimate is
+        # that token ratio times bf16's measured speed-up on the model's own projections
+        assert 0 < lab["tokens_fed_fast"] < lab["tokens_fed_today"] and lab["bf16_over_fp32_layer_matmul"] > 0
+        bound = next(r for r in labels["rows"] if r["metric"].endswith("if the matmuls set the pace")
+                     and r["metric"].startswith("(A)/(B)" if name == "choice" else "contrast"))
+        assert bound["value"] == pytest.approx(lab["tokens_fed_today"] / lab["tokens_fed_fast"]
+                                               * lab["bf16_over_fp32_layer_matmul"], rel=0.01)
     sft = data["benchmarks"]["sft"]
     assert sft["padded"]["tokens"] == sft["padding_free"]["tokens"] > 0
     assert "batched ÷ naive" in res.stdout and "padding-free ÷ padded" in res.stdout
@@ -259,3 +266,18 @@ def test_bench_report_keeps_what_people_wrote_around_the_table():
     assert kept.startswith("intro\n" + BEGIN) and "| newer |" in kept and "| new |\n" not in kept
     assert kept.endswith(END + "\n## by hand\nfigures\n")
     assert merge_markdown("# P\n", "no markers here\n") == f"{BEGIN}\n# P\n{END}\n"
+
+
+def test_token_counter_counts_the_positions_fed_inside_its_block_only(backend):
+    import torch
+
+    from cai.bench.common import TokenCounter, layer_matmul_flops
+
+    ids = torch.ones(2, 5, dtype=torch.long)
+    with torch.inference_mode(), TokenCounter(backend.model) as fed:
+        backend.model(input_ids=ids)
+        backend.model(ids[:, :3])  # positional input_ids count too
+    with torch.inference_mode():
+        backend.model(input_ids=ids)  # after the block: not counted
+    assert fed.tokens == 10 + 6
+    assert layer_matmul_flops(backend.model, "float32", tokens=64, seconds=0.05) > 0

@@ -57,6 +57,53 @@ def matmul_flops(n: int = 1024, seconds: float = 2.0, dtype: str = "float32") ->
     return best
 
 
+def layer_matmul_flops(model, dtype: str, tokens: int = 2048, seconds: float = 1.0) -> float:
+    """FLOP/s of the model's own projections (every distinct ``nn.Linear`` weight shape but the vocabulary
+    head's, weighted by how often it occurs) applied to ``tokens`` rows in ``dtype``: the matmul speed a prefill
+    pass of this model can reach at that precision on this machine, best of repeats within ``seconds``."""
+    from collections import Counter
+
+    import torch
+
+    vocab = int(getattr(model.config, "vocab_size", 0))
+    shapes = Counter(
+        tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.shape[0] != vocab
+    )
+    dt = getattr(torch, dtype)
+    flops, spent = 0.0, 0.0
+    for (n_out, n_in), count in shapes.items():
+        x, w = torch.randn(tokens, n_in).to(dt), torch.randn(n_out, n_in).to(dt)
+        torch.nn.functional.linear(x, w)
+        best, t_end = float("inf"), time.perf_counter() + seconds / len(shapes)
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            best = min(best, time.perf_counter() - t0)
+        flops += count * 2 * tokens * n_in * n_out
+        spent += count * best
+    return flops / spent
+
+
+class TokenCounter:
+    """``with TokenCounter(model) as c: ...`` then ``c.tokens``: the input positions (pads included) of every
+    forward pass of ``model`` inside the block: the work a scoring path asks of the matmuls."""
+
+    def __init__(self, model) -> None:
+        self.model, self.tokens = model, 0
+
+    def _count(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            self.tokens += int(ids.numel())
+
+    def __enter__(self) -> TokenCounter:
+        self.handle = self.model.register_forward_pre_hook(self._count, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
 def machine() -> dict[str, Any]:
     """A description of the machine the figures were taken on."""
     import torch

@@ -17,7 +17,17 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from cai.bench.common import BenchContext, Timer, bf16_copy, greedy, rate, redteam_prompts, row
+from cai.bench.common import (
+    BenchContext,
+    Timer,
+    TokenCounter,
+    bf16_copy,
+    greedy,
+    layer_matmul_flops,
+    rate,
+    redteam_prompts,
+    row,
+)
 
 NAME = "labels"
 NOTE = (
@@ -60,21 +70,21 @@ def sampled_pairs(backend, n: int, max_new_tokens: int) -> list:
     return [Pair(id=f"bench-{i}", prompt=p, a=outs[2 * i].text, b=outs[2 * i + 1].text) for i, p in enumerate(prompts)]
 
 
-def _timed_labels(backend, pairs, constitution, labeler: str, fast_model=None) -> tuple[float, list[float]]:
-    """(seconds, P(a better) per pair) of one labeller: today's path (the backend's fp32 model, every prefix
-    encoded in full), or with ``fast_model`` (a bf16 copy) the fast path, which also reuses shared prefixes and
-    stems."""
+def _timed_labels(backend, pairs, constitution, labeler: str, fast_model=None) -> tuple[float, list[float], int]:
+    """(seconds, P(a better) per pair, token positions fed to the model) of one labeller: today's path (the
+    backend's fp32 model, every prefix encoded in full), or with ``fast_model`` (a bf16 copy) the fast path, which
+    also reuses shared prefixes and stems."""
     from cai.labeling import LabelConfig, label_pairs
 
     settings = LabelConfig(labeler=labeler, principles_per_pair=1, contrast_wording="revision")
     fp32_model, reuse = backend.model, backend.reuse_prefix
     backend.model, backend.reuse_prefix = fast_model or fp32_model, fast_model is not None
     try:
-        with Timer() as t:
+        with TokenCounter(backend.model) as fed, Timer() as t:
             labels = label_pairs(backend, pairs, constitution, settings)
     finally:
         backend.model, backend.reuse_prefix = fp32_model, reuse
-    return t.seconds, [lab.p_a for lab in labels]
+    return t.seconds, [lab.p_a for lab in labels], fed.tokens
 
 
 def labeller_rows(ctx: BenchContext, pairs) -> tuple[list[dict], dict[str, Any]]:
@@ -84,6 +94,8 @@ def labeller_rows(ctx: BenchContext, pairs) -> tuple[list[dict], dict[str, Any]]
 
     harmless = load_constitution("harmless")
     bf16 = bf16_copy(ctx.backend.model)
+    # what bf16 can buy at most: the model's own projections at prefill size, fp32 vs bf16, on this machine
+    matmul_gain = layer_matmul_flops(bf16, "bfloat16") / layer_matmul_flops(ctx.backend.model, "float32")
     rows, doc = [], {}
     # (A)/(B): the instructions every prompt shares are encoded once per call, and a pair's conversation and
     # principle (before the options) once for both orders; contrast: its rows share no call-wide prefix (each starts
@@ -92,9 +104,13 @@ def labeller_rows(ctx: BenchContext, pairs) -> tuple[list[dict], dict[str, Any]]
         ("choice", "(A)/(B) labeller", "bf16 + shared prefix + per-pair stems"),
         ("contrast", "contrast labeller", "bf16 + per-context stems"),
     ):
-        t_old, p_old = _timed_labels(ctx.backend, pairs, harmless, labeler)
-        t_new, p_new = _timed_labels(ctx.backend, pairs, harmless, labeler, fast_model=bf16)
+        t_old, p_old, fed_old = _timed_labels(ctx.backend, pairs, harmless, labeler)
+        t_new, p_new, fed_new = _timed_labels(ctx.backend, pairs, harmless, labeler, fast_model=bf16)
         old, new = rate(len(pairs), t_old), rate(len(pairs), t_new)
+        # fewer tokens × faster matmuls: the speed-up the fast path would show if all its time scaled like the
+        # matmuls (they take 78-85% of today's path and 69-73% of the fast path under torch.profiler on the 2-core
+        # CPU; attention, the largest rest, gains less from bf16), so the measured ratio sits at or below it
+        matmul_bound = fed_old / fed_new * matmul_gain if fed_new else 0.0
         moved = [abs(a - b) for a, b in zip(p_old, p_new, strict=True)]
         same = sum((a > 0.5) == (b > 0.5) for a, b in zip(p_old, p_new, strict=True))
         doc[labeler] = {
@@ -103,6 +119,10 @@ def labeller_rows(ctx: BenchContext, pairs) -> tuple[list[dict], dict[str, Any]]
             "mean_abs_change": round(sum(moved) / len(moved), 4),
             "max_abs_change": round(max(moved), 4),
             "same_side": same,
+            "tokens_fed_today": fed_old,
+            "tokens_fed_fast": fed_new,
+            "bf16_over_fp32_layer_matmul": round(matmul_gain, 3),
+            "matmul_bound": round(matmul_bound, 3),
         }
         rows += [
             row(
@@ -119,6 +139,13 @@ def labeller_rows(ctx: BenchContext, pairs) -> tuple[list[dict], dict[str, Any]]
                 3.0,
                 f"bf16 vs fp32 labels: mean change of p {doc[labeler]['mean_abs_change']:.3f}, same side of 0.5 on "
                 f"{same}/{len(pairs)}",
+            ),
+            row(
+                f"{name}: fast ÷ today if the matmuls set the pace",
+                matmul_bound,
+                "×",
+                note=f"token positions fed {fed_old} → {fed_new} ({fed_old / max(fed_new, 1):.2f}× fewer) × bf16 ÷ "
+                f"fp32 speed of the model's projections ({matmul_gain:.2f}×)",
             ),
         ]
     rules = LabelConfig(labeler="rules")
