@@ -85,6 +85,8 @@ def test_generate_killed_midway_resumes_exactly_once(tmp_path, tiny_path):
     (None, ["eval", "--prompts", "redteam", "--dtype", "int4", "--out", "{tmp}/e"],
      "--dtype 'int4': choose one of auto, float32, bfloat16, float16, int8"),
     (None, ["run", "--set", "models.dtype=int4"], "models.dtype: Input should be"),
+    (None, ["label", "--reference", "{tmp}/r.jsonl", "--labeler", "contrast", "--dtype", "fp8"],
+     "--dtype 'fp8': choose one of auto, float32, bfloat16, float16, int8"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, setup, args, needle):
     if setup:

@@ -327,3 +327,24 @@ def test_fetch_downloads_the_held_out_set_and_refuses_a_changed_file(tmp_path, m
     with pytest.raises(UserError, match="checksum mismatch"):
         external_sets.fetch(tmp_path)
     assert not path.exists() and not list(path.parent.glob("*.part"))  # nothing half-written is left
+
+
+def test_cai_label_dtype_loads_the_feedback_model_in_that_precision_and_says_so(tmp_path):
+    """`cai label --dtype bfloat16` labels with bf16 weights (the bench's fast path) and the report names them;
+    without it the CPU default (fp32) is used and named."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "No, sorry.", "rejected": f"Sure: step {i}."})
+                           + "\n" for i in range(3)))
+    for dtype, want in (("bfloat16", "bfloat16"), ("auto", "float32")):
+        report = tmp_path / f"{dtype}.json"
+        res = CliRunner().invoke(app, ["label", "--reference", str(ref), "--labeler", "contrast", "--model",
+                                       "tiny-random", "-k", "1", "--dtype", dtype, "--report", str(report)])
+        assert res.exit_code == 0, res.output
+        saved = json.loads(report.read_text())
+        assert saved["precision"] == want and saved["n"] == 3 and saved["model"] == "tiny-random"
