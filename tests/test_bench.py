@@ -280,4 +280,5 @@ def test_token_counter_counts_the_positions_fed_inside_its_block_only(backend):
     with torch.inference_mode():
         backend.model(input_ids=ids)  # after the block: not counted
     assert fed.tokens == 10 + 6
-    assert layer_matmul_flops(backend.model, "float32", tokens=64, seconds=0.05) > 0
+    speed = layer_matmul_flops(backend.model, ("float32", "bfloat16"), tokens=64, seconds=0.05)
+    assert set(speed) == {"float32", "bfloat16"} and min(speed.values()) > 0

@@ -95,7 +95,8 @@ def labeller_rows(ctx: BenchContext, pairs) -> tuple[list[dict], dict[str, Any]]
     harmless = load_constitution("harmless")
     bf16 = bf16_copy(ctx.backend.model)
     # what bf16 can buy at most: the model's own projections at prefill size, fp32 vs bf16, on this machine
-    matmul_gain = layer_matmul_flops(bf16, "bfloat16") / layer_matmul_flops(ctx.backend.model, "float32")
+    speed = layer_matmul_flops(ctx.backend.model, ("float32", "bfloat16"))
+    matmul_gain = speed["bfloat16"] / speed["float32"]
     rows, doc = [], {}
     # (A)/(B): the instructions every prompt shares are encoded once per call, and a pair's conversation and
     # principle (before the options) once for both orders; contrast: its rows share no call-wide prefix (each starts
