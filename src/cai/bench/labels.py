@@ -94,7 +94,7 @@ def labeller_rows(ctx: BenchContext, pairs) -> tuple[list[dict], dict[str, Any]]
 
     harmless = load_constitution("harmless")
     bf16 = bf16_copy(ctx.backend.model)
-    # what bf16 can buy at most: the model's own projections at prefill size, fp32 vs bf16, on this machine
+    # what bf16 buys the matmuls: the model's own projections at prefill size, fp32 vs bf16, on this machine
     speed = layer_matmul_flops(ctx.backend.model, ("float32", "bfloat16"))
     matmul_gain = speed["bfloat16"] / speed["float32"]
     rows, doc = [], {}
@@ -110,7 +110,7 @@ def labeller_rows(ctx: BenchContext, pairs) -> tuple[list[dict], dict[str, Any]]
         old, new = rate(len(pairs), t_old), rate(len(pairs), t_new)
         # fewer tokens × faster matmuls: the speed-up the fast path would show if all its time scaled like the
         # matmuls (they take 78-85% of today's path and 69-73% of the fast path under torch.profiler on the 2-core
-        # CPU; attention, the largest rest, gains less from bf16), so the measured ratio sits at or below it
+        # CPU; attention, the largest rest, gains less from bf16): the measured ratio has stayed below it
         matmul_bound = fed_old / fed_new * matmul_gain if fed_new else 0.0
         moved = [abs(a - b) for a, b in zip(p_old, p_new, strict=True)]
         same = sum((a > 0.5) == (b > 0.5) for a, b in zip(p_old, p_new, strict=True))
