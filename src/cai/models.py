@@ -272,6 +272,13 @@ def load_tokenizer(spec: str | ModelSpec):
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 
 
+def check_dtype_flag(dtype: str) -> None:
+    """The one-line error for a ``--dtype`` value that is not one of :data:`DTYPES` (commands check it before any
+    output is written)."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+
+
 def quantize_int8(model):
     """Dynamic int8 quantisation of every Linear layer, in place (weights int8; activations quantised per batch,
     accumulation in int32, outputs fp32). CPU inference only: a quantised model cannot be trained or merged.

@@ -48,12 +48,18 @@ def matmul_flops(n: int = 1024, seconds: float = 2.0, dtype: str = "float32") ->
     dt = getattr(torch, dtype)
     a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
     torch.matmul(a, b)
-    best, t_end = 0.0, time.perf_counter() + seconds
+    return 2 * n**3 / best_call_seconds(lambda: torch.matmul(a, b), seconds, calls_per_timing=4)
+
+
+def best_call_seconds(call, seconds: float, calls_per_timing: int = 1) -> float:
+    """The shortest time one ``call()`` took over repeats for ``seconds`` (each timing covers ``calls_per_timing``
+    calls, averaged); inf when no repeat fit."""
+    best, t_end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t0 = time.perf_counter()
-        for _ in range(4):
-            torch.matmul(a, b)
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+        for _ in range(calls_per_timing):
+            call()
+        best = min(best, (time.perf_counter() - t0) / calls_per_timing)
     return best
 
 
@@ -80,11 +86,9 @@ def layer_matmul_flops(
             x, w = torch.randn(tokens, n_in).to(getattr(torch, dt)), torch.randn(n_out, n_in).to(getattr(torch, dt))
             for _ in range(3):  # warm-up: the first calls of a kernel run slow
                 torch.nn.functional.linear(x, w)
-            best, t_end = float("inf"), time.perf_counter() + seconds / (len(shapes) * len(dtypes))
-            while time.perf_counter() < t_end:
-                t0 = time.perf_counter()
-                torch.nn.functional.linear(x, w)
-                best = min(best, time.perf_counter() - t0)
+            best = best_call_seconds(
+                lambda x=x, w=w: torch.nn.functional.linear(x, w), seconds / (len(shapes) * len(dtypes))
+            )
             flops += count * 2 * tokens * n_in * n_out
             spent += count * best
         out[dt] = flops / spent

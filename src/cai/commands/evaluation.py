@@ -71,11 +71,10 @@ def eval_(
     from cai.evaluation.evaluate import evaluate_model
     from cai.evaluation.judges import get_judge
     from cai.evaluation.standard_sets import load_eval_prompts
-    from cai.models import DTYPES
+    from cai.models import check_dtype_flag
     from cai.runs import StageDir
 
-    if dtype not in DTYPES:  # before the output folder is made
-        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_dtype_flag(dtype)  # before the output folder is made
     ks = _int_list(prefill_k, "--prefill-k") if prefill_k else []
     harmful = load_eval_prompts(prompts, field, split=split, limit=limit)
     benign_set = load_eval_prompts(benign, benign_field, split=split, limit=benign_limit) if benign else None

@@ -71,14 +71,13 @@ def label(
         read_reference,
         read_rows,
     )
-    from cai.models import DTYPES
+    from cai.models import check_dtype_flag
 
     if pairs is None and reference is None:
         raise UserError("pass --pairs FILE to label, --reference FILE to measure agreement, or both")
     if labeler not in LABELERS:
         raise UserError(f"--labeler {labeler!r} is not a labeler; choose one of: {', '.join(LABELERS)}")
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_dtype_flag(dtype)
     optional: dict[str, object] = {}  # left out when not given, so each labeler keeps its own default
     if temperature is not None:
         optional["rules_temperature" if labeler == "rules" else "contrast_temperature"] = temperature
