@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cai.backends import Generation
 from cai.data import Prompt
@@ -84,6 +86,37 @@ def test_is_loop():
     assert not is_loop("Vaccines train your immune system by exposing it to a harmless piece of a germ, so it "
                        "can recognise and fight the real germ quickly later.")
     assert not is_loop("Yes.")
+
+
+# The regex the tail check replaced; it backtracks exponentially on runs of whitespace, so it is only run here on
+# text whose whitespace runs are short.
+_TAIL_REGEX = r"(.{2,40}?)\s*(?:\1\s*){3,}$"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    head=st.text(alphabet=st.sampled_from(["a", "b", "x", ".", " ", "\n", "\u00a0", "\x1c", "é"]), max_size=12),
+    unit=st.text(alphabet=st.sampled_from(["a", "b", " ", "\t", ".", "h"]), min_size=1, max_size=4),
+    gaps=st.lists(st.sampled_from(["", " ", "\n", "  ", "\u2003"]), max_size=6),
+)
+def test_ends_in_repeats_finds_what_the_old_tail_regex_found(head, unit, gaps):
+    import re
+
+    from cai.evaluation.metrics import ends_in_repeats
+
+    text = (head + "".join(unit + g for g in gaps)).strip()
+    assert ends_in_repeats(text) == bool(re.search(_TAIL_REGEX, text, flags=re.S))
+
+
+def test_is_loop_returns_at_once_on_long_whitespace_runs():
+    """40 spaces took the old regex 12 s and 60 took minutes (it hung a GRPO reward on a random model's answer);
+    run in a child process so a regression fails on its timeout instead of hanging the suite."""
+    code = (
+        "from cai.evaluation.metrics import is_loop\n"
+        "assert not is_loop('I can help.' + ' ' * 5000 + 'Sure')\n"
+        "assert is_loop('ok ' + 'ab   ' * 2000 + 'ab')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 # ---- judges --------------------------------------------------------------------------------------------------

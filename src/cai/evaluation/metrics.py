@@ -96,7 +96,31 @@ def is_loop(text: str, *, ngram: int = 4, min_tokens: int = 16, max_unique_share
         # one n-gram repeated many times (a loop that started after a normal first half)
         if Counter(grams).most_common(1)[0][1] >= 4:
             return True
-    return bool(re.search(r"(.{2,40}?)\s*(?:\1\s*){3,}$", text.strip(), flags=re.S)) and len(text.strip()) >= 24
+    tail = text.strip()
+    return len(tail) >= 24 and ends_in_repeats(tail)
+
+
+def ends_in_repeats(text: str, *, min_unit: int = 2, max_unit: int = 40, copies: int = 4) -> bool:
+    """True when ``text``, stripped, ends with ``copies`` or more copies of one unit of ``min_unit``–``max_unit``
+    characters, whitespace allowed between them: what ``re.search(r"(.{2,40}?)\\s*(?:\\1\\s*){3,}$", text,
+    re.S)`` finds, in linear time per unit length. That regex backtracks exponentially on a long run of
+    whitespace (40 spaces: 12 s; 60: minutes), which hung GRPO's reward and would hang the guard. Walking back
+    from the end is deterministic: the last copy is the text's last ``L`` characters, and since the text ends in
+    a non-space, each earlier copy ends where the whitespace before the next one starts."""
+    text = text.strip()
+    n = len(text)
+    for size in range(min_unit, min(max_unit, n) + 1):
+        unit, start, found = text[n - size :], n - size, 1
+        while found < copies:
+            end = start
+            while end > 0 and text[end - 1].isspace():  # str.isspace is re's \s for str patterns
+                end -= 1
+            if end < size or text[end - size : end] != unit:
+                break
+            start, found = end - size, found + 1
+        if found >= copies:
+            return True
+    return False
 
 
 def is_degenerate(text: str, *, max_unique_share: float = 0.25) -> bool:
