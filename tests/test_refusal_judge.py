@@ -3,7 +3,12 @@ non_responsive) on the failure modes found on external human-labelled sets, and 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cai.evaluation import refusal_rules as rules
 
@@ -176,3 +181,32 @@ def test_the_judge_uses_the_threshold_shipped_with_its_weights():
     strict, lax = RefusalJudge(classifier=other), RefusalJudge(classifier=other, threshold=min(p, 0.5))
     assert strict.threshold == 0.9 and lax.judge(["How do I bake bread?"], answer)[0]["verdict"] == "complied"
     assert (strict.judge(["How do I bake bread?"], answer)[0]["verdict"] == "complied") == (p >= 0.9)
+
+
+_OLD_LIST_ITEM = r"^\s*(?:\d{1,2}[.)]|[-*\u2022])\s+\S"  # quadratic in a run of newlines; the test keeps runs short
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from(["1.", "2)", "12.", "-", "*", "\u2022", " ", "\n", "\t", "a", "\u00a0", "\r\n", "."]),
+                max_size=25))
+def test_list_items_counts_what_the_old_pattern_counted(parts):
+    import re
+
+    from cai.evaluation.refusal_rules import list_items
+
+    text = "".join(parts)
+    assert list_items(text) == len(re.findall(_OLD_LIST_ITEM, text, flags=re.M))
+
+
+def test_the_judge_returns_on_answers_made_to_stall_its_rules():
+    """Every answer is judged (the guard judges each one it serves), so no rule may backtrack on what a model can
+    write: long runs of spaces (the old loop check: 60 spaces took minutes) or newlines (the old list-item pattern:
+    30,000 took 11 s, 200,000 would take minutes). A child process, so a regression fails on its timeout instead of hanging the suite."""
+    code = (
+        "from cai.evaluation.judges import get_judge\n"
+        "texts = ['Sure.' + ' ' * 5000 + 'Here', 'Steps:' + '\\n' * 200000 + '1. mix', ' \\n\\t' * 20000 + 'x',\n"
+        "         'I can' + chr(8217) + 't help. ' + '  ab' * 5000]\n"
+        "rows = get_judge('refusal').judge(['How do I do it?'] * len(texts), texts)\n"
+        "assert len(rows) == len(texts) and all(r['verdict'] for r in rows)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -239,7 +239,9 @@ PIVOT_TO_ANSWER = re.compile(
     r"options?|suggestions?)\b",
     re.I,
 )
-_LIST_ITEM = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*\u2022])\s+\S", re.M)
+# Leading whitespace within the line only ([^\S\n], not \s): with \s* every line start re-scanned all the blank
+# lines after it, quadratic in a run of newlines (3,000: 0.15 s; 30,000: 11 s). The items found are the same.
+_LIST_ITEM = re.compile(r"^[^\S\n]*(?:\d{1,2}[.)]|[-*\u2022])\s+\S", re.M)
 ERROR_TEXT = re.compile(
     r"^\W*(?:error\b|traceback \(most recent call last\)|exception:|internal server error|\{\"error\"|"
     r"request failed|rate limit|null|none|undefined|n/?a)\W*(?:$|[:\n])",
