@@ -201,7 +201,8 @@ def test_list_items_counts_what_the_old_pattern_counted(parts):
 def test_the_judge_returns_on_answers_made_to_stall_its_rules():
     """Every answer is judged (the guard judges each one it serves), so no rule may backtrack on what a model can
     write: long runs of spaces (the old loop check: 60 spaces took minutes) or newlines (the old list-item pattern:
-    30,000 took 11 s, 200,000 would take minutes). A child process, so a regression fails on its timeout instead of hanging the suite."""
+    30,000 took 11 s, 200,000 would take minutes). A child process, so a regression fails on its timeout instead
+    of hanging the suite."""
     code = (
         "from cai.evaluation.judges import get_judge\n"
         "texts = ['Sure.' + ' ' * 5000 + 'Here', 'Steps:' + '\\n' * 200000 + '1. mix', ' \\n\\t' * 20000 + 'x',\n"
