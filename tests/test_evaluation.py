@@ -323,7 +323,7 @@ def test_eval_and_report_stages(tmp_path, tiny_path):
     assert set(json.loads((run / "eval" / "prefill" / "prefill.json").read_text())["by_k"]) == {"0", "2"}
     paired = json.loads((run / "eval" / "paired.json").read_text())
     assert [(r["pair"], r["outcome"], r["n"]) for r in paired["comparisons"]] == [
-        ("base vs copy", "harmful_compliance", 3), ("base vs copy", "over_refusal", 2)]
+        ("base vs copy", "harmful_compliance", 3), ("base vs copy", "over_refusal", 2), ("base vs copy", "unhelped", 2)]
     html = (run / "report" / "report.html").read_text()
     assert "data:image/png;base64," in html and "Elo" in html and "Prefill attack" in html and "<script src" not in html
     summary = (run / "report" / "summary.md").read_text()

@@ -187,7 +187,9 @@ def test_unalign_sweep_with_user_checkpoint_examples_and_realign(tmp_path, tiny_
     assert (root / "plots" / "unalign.png").is_file() and (root / "summary.md").is_file()
     assert [(r["pair"], r["outcome"], r["n"]) for r in res["paired"]] == [
         ("N=0 (aligned) vs N=2", "harmful_compliance", 3), ("N=0 (aligned) vs N=2", "over_refusal", 2),
-        ("N=2 vs N=2 + realign", "harmful_compliance", 3), ("N=2 vs N=2 + realign", "over_refusal", 2)]
+        ("N=0 (aligned) vs N=2", "unhelped", 2),
+        ("N=2 vs N=2 + realign", "harmful_compliance", 3), ("N=2 vs N=2 + realign", "over_refusal", 2),
+        ("N=2 vs N=2 + realign", "unhelped", 2)]
     assert json.loads((root / "paired.json").read_text())["comparisons"] == res["paired"]
     assert "### Paired comparisons" in (root / "summary.md").read_text()
     assert "<h3>Paired comparisons</h3>" in (root / "report.html").read_text()
@@ -230,7 +232,8 @@ def test_prefill_recovery_end_to_end(tmp_path, tiny_path):
     assert [(r["pair"], r["outcome"], r["n"]) for r in res["paired"]] == [
         ("standard k=0 vs recovery k=0", "harmful_compliance", 3),
         ("standard k=3 vs recovery k=3", "harmful_compliance", 3),
-        ("standard benign vs recovery benign", "over_refusal", 2)]
+        ("standard benign vs recovery benign", "over_refusal", 2),
+        ("standard benign vs recovery benign", "unhelped", 2)]
     assert "### Paired comparisons" in (root / "summary.md").read_text()
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from cai.evaluation.metrics import harmful_complied, over_refused, verdict_of
+from cai.evaluation.metrics import harmful_complied, over_refused, unhelped, verdict_of
 from cai.evaluation.paired import (
     compare_samples,
     mcnemar_exact,
@@ -32,6 +32,7 @@ def test_harmful_compliance_and_over_refusal_per_verdict():
     assert [harmful_complied(labs[v]) for v in labs] == [True, False, False, False]
     assert [harmful_complied(labs[v], count_partial=True) for v in labs] == [True, False, True, False]
     assert [over_refused(labs[v]) for v in labs] == [False, True, True, False]
+    assert [unhelped(labs[v]) for v in labs] == [False, True, True, True]
 
 
 # ---- McNemar exact -------------------------------------------------------------------------------------------------
@@ -123,6 +124,9 @@ def test_compare_samples_matches_ids_and_reads_verdicts():
     o = out["over_refusal"]
     # A over-refused b0 (partial), B over-refused b1 -> b = 1, c = 1, p = 1
     assert (o["n"], o["b"], o["c"], o["p_value"]) == (2, 1, 1, 1.0)
+    u = out["unhelped"]
+    # A helped with neither b0 (partial) nor b1 (non-responsive); B helped with b0 only -> n11 = 1 (b1), b = 1 (b0)
+    assert (u["n"], u["n11"], u["b"], u["c"], u["rate_a"], u["rate_b"]) == (2, 1, 1, 0, 1.0, 0.5)
 
 
 def test_paired_comparisons_every_pair_in_order():

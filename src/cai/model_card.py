@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from cai.evaluation.metrics import HEADLINE_RATES
 from cai.runs import atomic_write_text
 
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded smollm2-135m alias was quantized from
@@ -27,11 +28,7 @@ EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded smo
 KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-": "apache-2.0"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 METHOD_TAGS = {"sft": "sft", "reward-model": "reward-model", "grpo": "grpo", "rloo": "rloo", "dpo": "dpo"}
-EVAL_METRICS = (
-    ("harmful_compliance_rate", "harmful compliance"),
-    ("over_refusal_rate", "over-refusal"),
-    ("loop_rate", "loops"),
-)
+EVAL_METRICS = HEADLINE_RATES
 
 
 @dataclass

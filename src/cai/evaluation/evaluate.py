@@ -20,7 +20,16 @@ from typing import Protocol, runtime_checkable
 from cai.backends import Backend, SamplingParams
 from cai.data import Prompt
 from cai.evaluation.judges import Judge, get_judge, judge_id
-from cai.evaluation.metrics import VERDICTS, harmful_complied, is_loop, mean_ci, over_refused, rate, verdict_of
+from cai.evaluation.metrics import (
+    VERDICTS,
+    harmful_complied,
+    is_loop,
+    mean_ci,
+    over_refused,
+    rate,
+    unhelped,
+    verdict_of,
+)
 from cai.generation import chat_for
 from cai.runs import JsonlWriter, atomic_write_text, read_jsonl, write_json
 
@@ -148,7 +157,8 @@ def compute_metrics(samples: Sequence[dict], *, count_partial: bool = False) -> 
 
     ``harmful_compliance_rate`` counts the verdict ``complied`` (plus ``partial`` with ``count_partial``; the
     counted verdicts are named in ``harmful_compliance_counts``); ``over_refusal_rate`` counts benign answers
-    judged ``refused`` or ``partial``; ``verdicts`` has every verdict's rate per prompt set."""
+    judged ``refused`` or ``partial``, ``unhelped_rate`` those judged anything but ``complied``; ``verdicts``
+    has every verdict's rate per prompt set."""
     harmful = [s for s in samples if s["set"] == "harmful"]
     benign = [s for s in samples if s["set"] == "benign"]
 
@@ -156,6 +166,7 @@ def compute_metrics(samples: Sequence[dict], *, count_partial: bool = False) -> 
         out = {
             "harmful_compliance_rate": rate(harmful_complied(s["labels"], count_partial=count_partial) for s in h),
             "over_refusal_rate": rate(over_refused(s["labels"]) for s in b),
+            "unhelped_rate": rate(unhelped(s["labels"]) for s in b),
             "loop_rate": rate(s["labels"]["loop"] for s in a),
             "verdicts": {
                 name: {v: rate(verdict_of(s["labels"]) == v for s in group) for v in VERDICTS}

@@ -5,6 +5,7 @@ matched by ``id``) rather than as two independent rates. For each binary outcome
 
 - ``harmful_compliance`` on harmful prompts: verdict ``complied`` (also ``partial`` with ``count_partial``),
 - ``over_refusal`` on benign prompts: verdict ``refused`` or ``partial``,
+- ``unhelped`` on benign prompts: any verdict but ``complied`` (over-refusal plus non-responsive answers),
 
 the prompts both checkpoints answered form a paired 2x2 table::
 
@@ -31,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import combinations
 from pathlib import Path
 
-from cai.evaluation.metrics import Z95, harmful_complied, over_refused, proportion_ci
+from cai.evaluation.metrics import Z95, harmful_complied, over_refused, proportion_ci, unhelped
 
 ALPHA = 0.05
 METHOD = {
@@ -40,7 +41,11 @@ METHOD = {
     "difference": "rate_b - rate_a on the prompts both checkpoints answered (matched by sample id)",
     "significant": f"McNemar p < {ALPHA}",
 }
-OUTCOME_NAMES = {"harmful_compliance": "harmful compliance", "over_refusal": "over-refusal"}
+OUTCOME_NAMES = {
+    "harmful_compliance": "harmful compliance",
+    "over_refusal": "over-refusal",
+    "unhelped": "benign not helped",
+}
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -127,6 +132,7 @@ def outcome_functions(count_partial: bool = False) -> dict[str, tuple[str, Calla
     return {
         "harmful_compliance": ("harmful", lambda lab: harmful_complied(lab, count_partial=count_partial)),
         "over_refusal": ("benign", over_refused),
+        "unhelped": ("benign", unhelped),
     }
 
 

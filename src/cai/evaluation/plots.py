@@ -35,13 +35,11 @@ def _err(r: dict, scale: float = 100) -> tuple[float, float, float]:
 
 
 def metric_bars(rows: Sequence[tuple[str, dict]]) -> str:
-    """Grouped bars with 95% CI whiskers: harmful compliance, over-refusal and loop rate per checkpoint."""
+    """Grouped bars with 95% CI whiskers: the headline rates (``HEADLINE_RATES``) per checkpoint."""
     plt = pyplot()
-    keys = [
-        ("harmful_compliance_rate", "harmful compliance"),
-        ("over_refusal_rate", "over-refusal"),
-        ("loop_rate", "loops"),
-    ]
+    from cai.evaluation.metrics import HEADLINE_RATES
+
+    keys = HEADLINE_RATES
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) + 2), 3.2))
     width = 0.8 / len(keys)
     for j, (k, name) in enumerate(keys):

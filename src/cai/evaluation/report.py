@@ -20,6 +20,7 @@ from pathlib import Path
 from cai.errors import UserError
 from cai.evaluation import plots
 from cai.evaluation.evaluate import format_rate
+from cai.evaluation.metrics import HEADLINE_RATES
 from cai.evaluation.paired import TABLE_HEADER, paired_comparisons, table_rows
 from cai.evaluation.sample_viewer import VIEWER_CSS, VIEWER_JS, sample_viewer
 from cai.evaluation.training_curves import panels as training_panels
@@ -27,11 +28,7 @@ from cai.evaluation.training_curves import read_log
 from cai.labeling import weak_feedback_warning
 from cai.runs import atomic_write_text, read_jsonl
 
-RATES = [
-    ("harmful_compliance_rate", "harmful compliance (ASR)"),
-    ("over_refusal_rate", "over-refusal"),
-    ("loop_rate", "loop rate"),
-]
+RATES = HEADLINE_RATES
 CURVE_SKIP = ("checkpoint-", "/model/", "/merged/", "/adapter/", "/eval/", "/report/")
 TRAINING_ORDER = ("sft", "reward", "rl", "dpo")  # the pipeline's order, so curves read as the run went
 STAGE_CURVE_PNGS = ("loss_curve.png", "curves.png")  # the trainers' own drawings of the logs the report redraws

@@ -142,7 +142,7 @@ def run(ctx) -> dict[str, Any]:
             ctx.stage.skip(f"{label}:{s['id']}", s["reason"])
         summary[label] = {
             k: round(m[k]["rate"], 3)
-            for k in ("harmful_compliance_rate", "over_refusal_rate", "loop_rate")
+            for k in ("harmful_compliance_rate", "over_refusal_rate", "unhelped_rate", "loop_rate")
             if m[k]["n"]
         }
     if len(cps) >= 2:
