@@ -28,7 +28,6 @@ EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded smo
 KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-": "apache-2.0"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 METHOD_TAGS = {"sft": "sft", "reward-model": "reward-model", "grpo": "grpo", "rloo": "rloo", "dpo": "dpo"}
-EVAL_METRICS = HEADLINE_RATES
 
 
 @dataclass
@@ -195,12 +194,12 @@ def _evaluation_lines(evaluation: Mapping[str, Mapping[str, Any]], this: str | N
         "Rates with 95% confidence intervals on the run's held-out eval split (greedy decoding, the run's judge)"
         + (f"; this model is `{this}`." if this else "."),
         "",
-        "| checkpoint | " + " | ".join(name for _, name in EVAL_METRICS) + " |",
-        "|---|" + "---|" * len(EVAL_METRICS),
+        "| checkpoint | " + " | ".join(name for _, name in HEADLINE_RATES) + " |",
+        "|---|" + "---|" * len(HEADLINE_RATES),
     ]
     for label, m in evaluation.items():
         name = f"**{label}** (this model)" if label == this else label
-        lines.append(f"| {name} | " + " | ".join(_with_ci(m.get(k, {})) for k, _ in EVAL_METRICS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_with_ci(m.get(k, {})) for k, _ in HEADLINE_RATES) + " |")
     return lines + [""]
 
 

@@ -28,7 +28,6 @@ from cai.evaluation.training_curves import read_log
 from cai.labeling import weak_feedback_warning
 from cai.runs import atomic_write_text, read_jsonl
 
-RATES = HEADLINE_RATES
 CURVE_SKIP = ("checkpoint-", "/model/", "/merged/", "/adapter/", "/eval/", "/report/")
 TRAINING_ORDER = ("sft", "reward", "rl", "dpo")  # the pipeline's order, so curves read as the run went
 STAGE_CURVE_PNGS = ("loss_curve.png", "curves.png")  # the trainers' own drawings of the logs the report redraws
@@ -62,7 +61,7 @@ def summary_rows(run_dirs: Sequence[Path]) -> list[dict]:
                     "run": run.name,
                     "checkpoint": label,
                     "model": m.get("model", ""),
-                    **{name: format_rate(m.get(k, {})) for k, name in RATES},
+                    **{name: format_rate(m.get(k, {})) for k, name in HEADLINE_RATES},
                     "mean length": format_rate(m.get("mean_length", {}), pct=False),
                     "n": f"{m.get('n_harmful', 0)}+{m.get('n_benign', 0)}",
                 }
@@ -145,7 +144,9 @@ def _metrics_section(run_dirs: Sequence[Path]) -> str:
     cat_rows = []
     for name, m in named:
         for cat, r in sorted(m.get("per_category", {}).items()):
-            cat_rows.append({"checkpoint": name, "category": cat, **{n: format_rate(r.get(k, {})) for k, n in RATES}})
+            cat_rows.append(
+                {"checkpoint": name, "category": cat, **{n: format_rate(r.get(k, {})) for k, n in HEADLINE_RATES}}
+            )
     parts.append("<details><summary>per category</summary>" + _table(cat_rows) + "</details>")
     return "\n".join(parts)
 

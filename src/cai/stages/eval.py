@@ -76,6 +76,7 @@ def run(ctx) -> dict[str, Any]:
     from cai.constitution import load_constitution
     from cai.evaluation.evaluate import evaluate_model
     from cai.evaluation.judges import get_judge
+    from cai.evaluation.metrics import HEADLINE_RATES
     from cai.evaluation.standard_sets import load_eval_prompts
     from cai.runs import read_jsonl
     from cai.stages.model_cards import write_run_model_cards
@@ -140,11 +141,7 @@ def run(ctx) -> dict[str, Any]:
             loaded.pop(spec).close()
         for s in m["skipped"]:
             ctx.stage.skip(f"{label}:{s['id']}", s["reason"])
-        summary[label] = {
-            k: round(m[k]["rate"], 3)
-            for k in ("harmful_compliance_rate", "over_refusal_rate", "unhelped_rate", "loop_rate")
-            if m[k]["n"]
-        }
+        summary[label] = {k: round(m[k]["rate"], 3) for k, _ in HEADLINE_RATES if m[k]["n"]}
     if len(cps) >= 2:
         from cai.evaluation.paired import write_paired
 
