@@ -9,6 +9,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from cai.evaluation.metrics import HEADLINE_RATES
+
 
 def pyplot():
     """``matplotlib.pyplot`` on the non-interactive Agg backend (works without a display)."""
@@ -37,14 +39,11 @@ def _err(r: dict, scale: float = 100) -> tuple[float, float, float]:
 def metric_bars(rows: Sequence[tuple[str, dict]]) -> str:
     """Grouped bars with 95% CI whiskers: the headline rates (``HEADLINE_RATES``) per checkpoint."""
     plt = pyplot()
-    from cai.evaluation.metrics import HEADLINE_RATES
-
-    keys = HEADLINE_RATES
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) + 2), 3.2))
-    width = 0.8 / len(keys)
-    for j, (k, name) in enumerate(keys):
+    width = 0.8 / len(HEADLINE_RATES)
+    for j, (k, name) in enumerate(HEADLINE_RATES):
         vals = [_err(m.get(k, {})) for _, m in rows]
-        xs = [i + (j - 1) * width for i in range(len(rows))]
+        xs = [i + (j - (len(HEADLINE_RATES) - 1) / 2) * width for i in range(len(rows))]  # centred on the tick
         ax.bar(
             xs, [v[0] for v in vals], width, yerr=[[v[1] for v in vals], [v[2] for v in vals]], capsize=3, label=name
         )
