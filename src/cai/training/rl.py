@@ -31,7 +31,13 @@ class RLTrainConfig(Strict):
     prompts_per_step: int = Field(2, ge=1)
     num_generations: int = Field(4, ge=2, description="completions per prompt (the group for the baseline)")
     max_completion_length: int = Field(48, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="sampling temperature of the completions (TRL's default, 1.0). On the 135M model 0.7 gives harmful "
+        "prompts 2-3x more refusals to reinforce, but over 7 seeds of rl-demo it did not reliably make RL safer "
+        "(docs/rl-cai.md)",
+    )
     learning_rate: float = Field(5e-5, gt=0)
     beta: float = Field(0.04, ge=0, description="KL coefficient against the starting (SL) model; 0 disables KL")
     lora: bool = True
