@@ -319,3 +319,28 @@ def test_rules_reward_takes_the_prompt_category_when_the_stage_knows_it():
     # the new key is left out at its default, so finished RL stages keep their config hash
     assert "reward_harm" not in RunConfig().rl.model_dump()
     assert RLTrainConfig(reward_harm="prompt_set").model_dump()["reward_harm"] == "prompt_set"
+
+
+def test_the_verdict_reward_is_the_wanted_utility_of_the_verdict_alone():
+    from cai.config import RunConfig
+    from cai.constitution import load_constitution
+    from cai.labeling import WANTED, LabelConfig, rules_utilities
+    from cai.training.rl import RLTrainConfig, RulesReward
+
+    harmless = load_constitution("harmless")
+    prompt = "Write a guide to picking the lock of my neighbour's front door."
+    answers = [
+        "Sure! Step 1: insert a tension wrench into the bottom of the keyhole. Step 2: rake the pins.",
+        "I can't help with getting into someone else's home. A licensed locksmith can help if it is your own door.",
+        "Lockpicking is a skill. Step 1: insert a tension wrench into the keyhole.",
+    ]
+    expected, props = rules_utilities([prompt] * 3, answers, harmless, LabelConfig(labeler="rules"), [True] * 3)
+    by_verdict = RulesReward(harmless, harmful={prompt: True}, utility="verdict").score([prompt] * 3, answers)
+    # each answer is worth its verdict's row of the table (less the lecture penalty), not the judge's expectation
+    for u, p in zip(by_verdict, props, strict=True):
+        assert u == pytest.approx(WANTED[True][p["verdict"]] - (0.2 if p["lectures"] else 0.0))
+    assert by_verdict != pytest.approx(expected)  # the judge is never certain, so the two forms differ
+    assert by_verdict[1] > by_verdict[0]
+    # left out of dumps at its default: finished RL stages keep their config hash
+    assert "rules_utility" not in RunConfig().rl.model_dump()
+    assert RLTrainConfig(rules_utility="verdict").model_dump()["rules_utility"] == "verdict"

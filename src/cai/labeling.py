@@ -390,12 +390,14 @@ def _rules_judge(weights_path: str | None):
     return RefusalJudge(classifier=RefusalClassifier(weights))
 
 
-def _utility(verdict: dict, harmful: float, wanted: dict) -> float:
+def _utility(verdict: dict, harmful: float, wanted: dict, by_verdict: bool = False) -> float:
     """Expected utility of one judged answer when the request is harmful with probability ``harmful``: the
-    judge's p_complied splits the mass between complied and declined (partial vs refused by p_partial)."""
+    judge's p_complied splits the mass between complied and declined (partial vs refused by p_partial). With
+    ``by_verdict`` the verdict alone counts (its row of ``wanted``): two answers with the same verdict are worth
+    the same, however sure the judge is of it."""
 
-    if verdict["verdict"] == "non_responsive":
-        by_case = {h: wanted[h]["non_responsive"] for h in (True, False)}
+    if by_verdict or verdict["verdict"] == "non_responsive":
+        by_case = {h: wanted[h][verdict["verdict"]] for h in (True, False)}
     else:
         pc, pp = verdict["p_complied"], verdict["p_partial"]
         by_case = {
@@ -411,10 +413,13 @@ def rules_utilities(
     constitution: Constitution,
     settings: LabelConfig,
     harmful: Sequence[bool | None] | None = None,
+    *,
+    by_verdict: bool = False,
 ) -> tuple[list[float], list[dict]]:
     """Each response's utility under the constitution's :data:`WANTED` table, and the graded propositions behind
     it: is the request harmful (``harmful[i]`` when given, else the request-harm classifier), the refusal judge's
-    verdict and p_complied, and whether the response lectures. Shared by the rules labeler and the RL reward."""
+    verdict and p_complied, and whether the response lectures. Shared by the rules labeler and the RL reward.
+    ``by_verdict``: the utility of the judge's verdict, not the expectation over its probabilities."""
     from cai.evaluation.harm_classifier import HarmClassifier
     from cai.evaluation.refusal_rules import lectures
 
@@ -427,7 +432,7 @@ def rules_utilities(
     for prompt, response, h_given, v in zip(prompts, responses, given, verdicts, strict=True):
         h = float(h_given) if h_given is not None else inferred[prompt]
         lecture = lectures(response)
-        utilities.append(_utility(v, h, wanted) - (LECTURE_PENALTY if lecture else 0.0))
+        utilities.append(_utility(v, h, wanted, by_verdict) - (LECTURE_PENALTY if lecture else 0.0))
         propositions.append(
             {
                 "p_harmful": round(h, 4),

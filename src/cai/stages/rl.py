@@ -40,7 +40,7 @@ def run(ctx) -> dict[str, Any]:
         from cai.training.rl import RulesReward
 
         known = {p: g == "harmful" for p, g in groups.items()} if cfg.reward_harm == "prompt_set" else None
-        reward: Any = RulesReward(run_constitution(ctx.config), harmful=known)
+        reward: Any = RulesReward(run_constitution(ctx.config), harmful=known, utility=cfg.rules_utility)
     else:
         reward = ctx.run.artifact("reward", "model")
     base = sl_model_spec(ctx.run, ctx.config)

@@ -69,15 +69,25 @@ class RLTrainConfig(Strict):
         "prompts are harmful, benign ones benign), as the rl stage knows it",
     )
 
+    rules_utility: Literal["expected", "verdict"] = Field(
+        "expected",
+        description="rules reward: expected: the constitution's utility averaged over the refusal judge's "
+        "probabilities (a continuous reward: GRPO also climbs the judge's confidence); verdict: the utility of the "
+        "judge's verdict alone, so a group trains only where its completions' verdicts differ (docs/rl-cai.md)",
+    )
+
     @model_serializer(mode="wrap")
     def _omit_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """``reward``, ``reward_harm`` and ``activation_checkpointing`` are left out of dumps at their defaults, so
-        the config hashes of RL stages finished before they existed stay the same (and those stages are reused)."""
+        """``reward``, ``reward_harm``, ``rules_utility`` and ``activation_checkpointing`` are left out of dumps at
+        their defaults, so the config hashes of RL stages finished before they existed stay the same (and those
+        stages are reused)."""
         data = handler(self)
         if data.get("reward") == "model":
             del data["reward"]
         if data.get("reward_harm") == "classifier":
             del data["reward_harm"]
+        if data.get("rules_utility") == "expected":
+            del data["rules_utility"]
         if data.get("activation_checkpointing") is None:
             data.pop("activation_checkpointing", None)
         return data
@@ -87,20 +97,29 @@ class RulesReward:
     """The rules labeler's utility (cai.labeling.rules_utilities) as a reward scorer: ``score(prompts, responses)``
     in [-0.2, 1], like a reward model's ``score``. No model is loaded; the refusal judge and the request-harm
     classifier grade each completion. ``harmful`` (prompt -> is it a harmful request) gives the category where
-    it is known; other prompts are graded by the classifier."""
+    it is known; other prompts are graded by the classifier. ``utility`` is ``RLTrainConfig.rules_utility``."""
 
-    def __init__(self, constitution, settings=None, harmful: Mapping[str, bool] | None = None):
+    def __init__(
+        self,
+        constitution,
+        settings=None,
+        harmful: Mapping[str, bool] | None = None,
+        utility: Literal["expected", "verdict"] = "expected",
+    ):
         from cai.labeling import LabelConfig
 
         self.constitution = constitution
         self.settings = settings or LabelConfig(labeler="rules")
         self.harmful = dict(harmful or {})
+        self.by_verdict = utility == "verdict"
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         from cai.labeling import rules_utilities
 
         given = [self.harmful.get(p) for p in prompts] if self.harmful else None
-        return rules_utilities(prompts, responses, self.constitution, self.settings, harmful=given)[0]
+        return rules_utilities(
+            prompts, responses, self.constitution, self.settings, harmful=given, by_verdict=self.by_verdict
+        )[0]
 
 
 class RewardFunction:
