@@ -73,7 +73,8 @@ class RLTrainConfig(Strict):
         "expected",
         description="rules reward: expected: the constitution's utility averaged over the refusal judge's "
         "probabilities (a continuous reward: GRPO also climbs the judge's confidence); verdict: the utility of the "
-        "judge's verdict alone, so a group trains only where its completions' verdicts differ (docs/rl-cai.md)",
+        "judge's verdict alone, so a group trains only where its completions' verdicts differ. On the 135M model "
+        "verdict made RL less safe than expected on 3 of 3 seeds of rl-demo (docs/rl-cai.md)",
     )
 
     @model_serializer(mode="wrap")
