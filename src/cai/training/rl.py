@@ -35,7 +35,7 @@ class RLTrainConfig(Strict):
         1.0,
         gt=0,
         description="sampling temperature of the completions (TRL's default, 1.0). On the 135M model 0.7 gives harmful "
-        "prompts 2-3x more refusals to reinforce, but over 7 seeds of rl-demo it did not reliably make RL safer "
+        "prompts 2-3x more refusals to reinforce, but over 10 seeds of rl-demo it did not reliably make RL safer "
         "(docs/rl-cai.md)",
     )
     learning_rate: float = Field(5e-5, gt=0)
