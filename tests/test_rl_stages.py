@@ -324,7 +324,7 @@ def test_rules_reward_takes_the_prompt_category_when_the_stage_knows_it():
 def test_the_verdict_reward_is_the_wanted_utility_of_the_verdict_alone():
     from cai.config import RunConfig
     from cai.constitution import load_constitution
-    from cai.labeling import WANTED, LabelConfig, rules_utilities
+    from cai.labeling import LECTURE_PENALTY, WANTED, LabelConfig, rules_utilities
     from cai.training.rl import RLTrainConfig, RulesReward
 
     harmless = load_constitution("harmless")
@@ -338,7 +338,7 @@ def test_the_verdict_reward_is_the_wanted_utility_of_the_verdict_alone():
     by_verdict = RulesReward(harmless, harmful={prompt: True}, utility="verdict").score([prompt] * 3, answers)
     # each answer is worth its verdict's row of the table (less the lecture penalty), not the judge's expectation
     for u, p in zip(by_verdict, props, strict=True):
-        assert u == pytest.approx(WANTED[True][p["verdict"]] - (0.2 if p["lectures"] else 0.0))
+        assert u == pytest.approx(WANTED[True][p["verdict"]] - (LECTURE_PENALTY if p["lectures"] else 0.0))
     assert by_verdict != pytest.approx(expected)  # the judge is never certain, so the two forms differ
     assert by_verdict[1] > by_verdict[0]
     # left out of dumps at its default: finished RL stages keep their config hash

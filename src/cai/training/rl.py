@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from cai.tracking import StageTracking
 
 
+# what the rules reward grades: the utility averaged over the judge's probabilities, or its verdict's alone
+RulesUtility = Literal["expected", "verdict"]
+
+
 class RLTrainConfig(Strict):
     """Online RL settings (LoRA on the SL model; the reward model is the reward function)."""
 
@@ -69,7 +73,7 @@ class RLTrainConfig(Strict):
         "prompts are harmful, benign ones benign), as the rl stage knows it",
     )
 
-    rules_utility: Literal["expected", "verdict"] = Field(
+    rules_utility: RulesUtility = Field(
         "expected",
         description="rules reward: expected: the constitution's utility averaged over the refusal judge's "
         "probabilities (a continuous reward: GRPO also climbs the judge's confidence); verdict: the utility of the "
@@ -105,7 +109,7 @@ class RulesReward:
         constitution,
         settings=None,
         harmful: Mapping[str, bool] | None = None,
-        utility: Literal["expected", "verdict"] = "expected",
+        utility: RulesUtility = "expected",
     ):
         from cai.labeling import LabelConfig
 
