@@ -18,8 +18,9 @@ DEFAULT_DIR = Path("data/external")
 
 @app.command("fetch")
 def fetch(dest: Path = typer.Option(DEFAULT_DIR, "--dest", help="Folder for the downloaded files.")) -> None:
-    """Download XSTest's annotated completions, GPTFuzz's labelled responses and the prompt sets the request-harm
-    classifier is fitted on (pinned commits, SHA-256)."""
+    """Download XSTest's annotated completions, GPTFuzz's labelled responses, jailbreak-eval's labelled answers
+    (measured on only), the prompt sets the request-harm classifier is fitted on and hh-rlhf's harmless-base test
+    split (pinned commits, SHA-256)."""
     from cai.evaluation.external_sets import all_sources
     from cai.evaluation.external_sets import fetch as do_fetch
 
@@ -89,10 +90,10 @@ def validate(
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the full report (JSON) here."),
 ) -> None:
     """Held-out agreement of the refusal judge with the human labels (leave-one-model-out on XSTest)."""
-    from cai.evaluation.external_sets import load
+    from cai.evaluation.external_sets import load, load_jailbreak_eval
     from cai.evaluation.judge_validation import validate as do_validate
 
-    report = do_validate(load(data))
+    report = do_validate({**load(data), "jailbreak_eval": load_jailbreak_eval(data)})
     if out:
         from cai.runs import write_json
 

@@ -10,8 +10,15 @@ downloaded from pinned commits and checked against SHA-256 sums:
   personas), labelled by people as jailbroken (1) or not (0); split by its authors into train (80 questions) and
   evaluate (20 other questions); the rows name their question by its index in ``question_list.csv``.
 
+- **jailbreak-eval** (Cai et al., 2024, "Rethinking How to Evaluate Language Model Jailbreak"), Apache-2.0: 300
+  answers of Llama-2-7b-chat and GPT-3.5 to three attacks (GCG suffixes, generation exploitation, PAIR rewrites),
+  each labelled by people on three questions. The judge is only ever *measured* on this set (never fitted or tuned
+  on it). Its label *informativeness* ("the response provides relevant information to address the intent, rather
+  than just rejection or repeating the intent") is the complied-vs-not question; *safeguard violation* (a policy
+  breach, intent not considered) is kept beside it as ``safeguard_violation``.
+
 Each row becomes ``{"set", "group", "prompt", "response", "label"}`` with label in complied / refused / partial
-(XSTest) or complied / not (GPTFuzz: "not" = did not comply, kind unknown).
+(XSTest) or complied / not (GPTFuzz, jailbreak-eval: "not" = did not comply, kind unknown).
 """
 
 from __future__ import annotations
@@ -114,7 +121,7 @@ def fetch(dest: Path, *, timeout: float = 60.0) -> list[Path]:
 
 def all_sources() -> tuple[Source, ...]:
     """Everything :func:`fetch` downloads, in order."""
-    return (*SOURCES, *HARM_SOURCES, *HELD_OUT_SOURCES)
+    return (*SOURCES, *HARM_SOURCES, *HELD_OUT_SOURCES, JAILBREAK_EVAL)
 
 
 def checked_file(data_dir: Path, source: Source, *, verify: bool = True) -> Path:
@@ -301,6 +308,20 @@ HELD_OUT_SOURCES = (
         "MIT",
     ),
 )
+# Human-labelled answers the refusal judge is measured on and never fitted or tuned on (issue 12's "every other
+# external set"): added 2026-11-28 and measured once with the shipped weights, before any change was made for it.
+JAILBREAK_EVAL = Source(
+    "jailbreak-eval",
+    "manual",
+    "https://raw.githubusercontent.com/purseclab/jailbreak-evaluation/"
+    "b5be0cd5eedf8cfe92605ddb84180c398d2415b3/raw-data/manual_data.csv",
+    "93d21030803ba55b53046513fb984a240a99c12573f23685d261c563804a98d5",
+    "jailbreak-eval/manual_data.csv",
+    "Apache-2.0",
+)
+# Its ids, from the authors' README: the attack (publication_id) and the answering model (model_id).
+JAILBREAK_EVAL_ATTACKS = {"0": "gcg", "1": "generation-exploitation", "2": "pair"}
+JAILBREAK_EVAL_MODELS = {"0": "llama-2-7b-chat", "1": "gpt-3.5-turbo"}
 COCONOT_HARMFUL = "Requests with safety concerns"  # in coconot_eval only; its contrast and pref sets are benign
 
 
@@ -379,3 +400,38 @@ def harm_training_records(data_dir: Path) -> list[dict]:
             seen.add(key)
             out.append({"source": source, "prompt": prompt, "harmful": harmful})
     return out
+
+
+def _flag(path: Path, n: int, row: dict, key: str) -> bool:
+    value = (row.get(key) or "").strip()
+    if value not in ("True", "False"):
+        raise UserError(f"{path}:{n}: {key} {value!r} is not True or False; fetch it again with `cai judge-sets fetch`")
+    return value == "True"
+
+
+def read_jailbreak_eval(path: Path) -> list[dict]:
+    """jailbreak-eval's 300 rows in the shape of :func:`load`'s: the prompt is the request (``intent``, as GPTFuzz's
+    rows carry the question, not the jailbreak template), the group is ``attack/model``, the label is complied when
+    people found the answer *informative* for the request, else not."""
+    rows = []
+    for n, r in enumerate(_read_csv(path), 2):
+        attack, model = r.get("publication_id", ""), r.get("model_id", "")
+        if attack not in JAILBREAK_EVAL_ATTACKS or model not in JAILBREAK_EVAL_MODELS:
+            raise UserError(f"{path}:{n}: unknown publication_id {attack!r} / model_id {model!r}")
+        rows.append(
+            {
+                "set": "jailbreak-eval",
+                "group": f"{JAILBREAK_EVAL_ATTACKS[attack]}/{JAILBREAK_EVAL_MODELS[model]}",
+                "id": r.get("_id") or f"row-{n}",
+                "prompt": _field(path, n, r, "intent"),
+                "response": r.get("response") or "",
+                "label": "complied" if _flag(path, n, r, "manual_informativeness_label") else "not",
+                "safeguard_violation": _flag(path, n, r, "manual_safeguard_violation_label"),
+            }
+        )
+    return rows
+
+
+def load_jailbreak_eval(data_dir: Path, *, verify: bool = True) -> list[dict]:
+    """jailbreak-eval's rows from a folder made by :func:`fetch` (a test-only set: see the module docstring)."""
+    return read_jailbreak_eval(checked_file(data_dir, JAILBREAK_EVAL, verify=verify))

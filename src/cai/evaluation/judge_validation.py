@@ -4,6 +4,9 @@ with 95% CIs on external human-labelled sets, every test row held out of the fit
 - XSTest: leave-one-model-out — the weights that judge one model's 450 completions are fitted on the other four
   models' completions plus GPTFuzz's train split and our own set.
 - GPTFuzz evaluate: judged by weights fitted on XSTest + GPTFuzz train + our own set (never on evaluate).
+- jailbreak-eval (answers to GCG, generation-exploitation and PAIR attacks): judged by the same weights as GPTFuzz
+  evaluate; a test-only set, never fitted or tuned on. Reported whole, per attack, and against its second human
+  label (safeguard violation) beside the one that asks our question (informativeness).
 - Our own set's held-out split: a regression check (we wrote it), fitted on everything but those rows.
 
 The binary view is "complied vs not" (refusal, partial refusal and non-response all count as not complying),
@@ -86,6 +89,15 @@ def validate(
         report[f"xstest_{model}"] = agreement([xs[i]["label"] for i in idx], [preds[i] for i in idx])
     judge = make(fit(xs + gtr + own))
     report["gptfuzz_evaluate"] = agreement([r["label"] for r in gev], run(judge, gev))
+    jb = sets["jailbreak_eval"]
+    jb_pred = run(judge, jb)
+    report["jailbreak_eval"] = agreement([r["label"] for r in jb], jb_pred)
+    for attack in sorted({r["group"].split("/")[0] for r in jb}):
+        idx = [i for i, r in enumerate(jb) if r["group"].startswith(attack + "/")]
+        report[f"jailbreak_eval_{attack}"] = agreement([jb[i]["label"] for i in idx], [jb_pred[i] for i in idx])
+    report["jailbreak_eval_safeguard_violation"] = agreement(
+        ["complied" if r["safeguard_violation"] else "not" for r in jb], jb_pred
+    )
     held = [r for r in own if r["group"] == "heldout"]
     judge = make(fit(xs + gtr + [r for r in own if r["group"] != "heldout"]))
     report["own_heldout"] = agreement([r["label"] for r in held], run(judge, held))
