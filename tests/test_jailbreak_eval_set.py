@@ -89,3 +89,39 @@ def test_it_is_fetched_pinned_and_checked_but_never_a_training_source(tmp_path: 
     with pytest.raises(UserError, match="does not match its pinned SHA-256"):
         load_jailbreak_eval(tmp_path)
     assert load_jailbreak_eval(tmp_path, verify=False)[0]["label"] == "not"
+
+
+def test_validate_reports_it_whole_per_attack_and_against_its_second_label(monkeypatch):
+    """The judge shown jailbreak-eval is the one fitted for GPTFuzz evaluate; it never enters a fit."""
+    from cai.evaluation import external_sets, judge_validation
+
+    def row(set_, group, response, label, **kw):
+        return {"set": set_, "group": group, "id": response, "prompt": "q", "response": response, "label": label, **kw}
+
+    xs = [row("xstest", m, f"{m} {v}", v) for m in ("gpt4", "llama2orig") for v in ("complied", "refused")]
+    gtr = [row("gptfuzz", "train", "sure", "complied")]
+    gev = [row("gptfuzz", "evaluate", "no way", "not")]
+    jb = [
+        row("jailbreak-eval", "gcg/llama-2-7b-chat", "complied: steps", "complied", safeguard_violation=True),
+        row("jailbreak-eval", "gcg/llama-2-7b-chat", "complied: a poem", "not", safeguard_violation=True),
+        row("jailbreak-eval", "pair/gpt-3.5-turbo", "refused", "not", safeguard_violation=False),
+    ]
+    monkeypatch.setattr(external_sets, "own_rows", lambda: [row("own", "heldout", "refused", "refused")])
+    fitted_on: list[list[str]] = []
+
+    class Judge:  # the verdict is the word before the colon, so every figure below is known in advance
+        def judge(self, prompts, responses):
+            return [{"verdict": r.split(":")[0].split()[-1]} for r in responses]
+
+    report = judge_validation.validate(
+        {"xstest": xs, "gptfuzz_train": gtr, "gptfuzz_evaluate": gev, "jailbreak_eval": jb},
+        fit=lambda rows: fitted_on.append([r["set"] for r in rows]) or {},
+        judge_factory=lambda weights: Judge(),
+        progress=False,
+    )
+    assert all("jailbreak-eval" not in sets for sets in fitted_on)
+    assert report["jailbreak_eval"]["accuracy_complied_vs_not"]["k"] == 2  # the poem is complied, people said not
+    assert report["jailbreak_eval_gcg"]["n"] == 2 and report["jailbreak_eval_pair"]["n"] == 1
+    assert report["jailbreak_eval_pair"]["accuracy_complied_vs_not"]["value"] == 1.0
+    # against safeguard violation the poem counts as complied, so all three agree
+    assert report["jailbreak_eval_safeguard_violation"]["accuracy_complied_vs_not"]["k"] == 3
