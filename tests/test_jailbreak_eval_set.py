@@ -15,6 +15,7 @@ from cai.evaluation.external_sets import (
     HARM_SOURCES,
     JAILBREAK_EVAL,
     SOURCES,
+    TEST_ONLY_SOURCES,
     all_sources,
     load_jailbreak_eval,
     read_jailbreak_eval,
@@ -79,7 +80,7 @@ def test_a_damaged_row_is_a_one_line_error_naming_file_line_and_field(tmp_path: 
 
 
 def test_it_is_fetched_pinned_and_checked_but_never_a_training_source(tmp_path: Path):
-    assert JAILBREAK_EVAL in all_sources()
+    assert JAILBREAK_EVAL in all_sources() and TEST_ONLY_SOURCES == (JAILBREAK_EVAL,)
     assert JAILBREAK_EVAL not in SOURCES and JAILBREAK_EVAL not in HARM_SOURCES  # what `fit` / `fit-harm` read
     assert "b5be0cd5eedf8cfe92605ddb84180c398d2415b3" in JAILBREAK_EVAL.url and len(JAILBREAK_EVAL.sha256) == 64
     with pytest.raises(UserError, match="jailbreak-eval/manual_data.csv is missing; run `cai judge-sets fetch"):

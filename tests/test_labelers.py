@@ -318,6 +318,7 @@ def test_fetch_downloads_the_held_out_set_and_refuses_a_changed_file(tmp_path, m
     monkeypatch.setattr(external_sets, "SOURCES", ())
     monkeypatch.setattr(external_sets, "HARM_SOURCES", ())
     monkeypatch.setattr(external_sets, "HELD_OUT_SOURCES", (pinned,))
+    monkeypatch.setattr(external_sets, "TEST_ONLY_SOURCES", ())
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     (path,) = external_sets.fetch(tmp_path)
     assert path == tmp_path / "hh-rlhf" / "harmless-base-test.jsonl.gz" and path.read_bytes() == body

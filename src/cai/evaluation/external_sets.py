@@ -121,7 +121,7 @@ def fetch(dest: Path, *, timeout: float = 60.0) -> list[Path]:
 
 def all_sources() -> tuple[Source, ...]:
     """Everything :func:`fetch` downloads, in order."""
-    return (*SOURCES, *HARM_SOURCES, *HELD_OUT_SOURCES, JAILBREAK_EVAL)
+    return (*SOURCES, *HARM_SOURCES, *HELD_OUT_SOURCES, *TEST_ONLY_SOURCES)
 
 
 def checked_file(data_dir: Path, source: Source, *, verify: bool = True) -> Path:
@@ -319,6 +319,7 @@ JAILBREAK_EVAL = Source(
     "jailbreak-eval/manual_data.csv",
     "Apache-2.0",
 )
+TEST_ONLY_SOURCES = (JAILBREAK_EVAL,)
 # Its ids, from the authors' README: the attack (publication_id) and the answering model (model_id).
 JAILBREAK_EVAL_ATTACKS = {"0": "gcg", "1": "generation-exploitation", "2": "pair"}
 JAILBREAK_EVAL_MODELS = {"0": "llama-2-7b-chat", "1": "gpt-3.5-turbo"}
